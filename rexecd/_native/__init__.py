@@ -1,0 +1,125 @@
+"""Narrow kernel interface: the syscalls Python 3.11 lacks, each raising ``OSError`` with
+errno and the path involved.
+
+Every wrapper requires a Linux kernel with the call (unshare/setns: 3.8; openat2: 5.6;
+close_range: 5.9) and the privilege the kernel asks for (CAP_SYS_ADMIN for mount,
+pivot_root, unshare and setns of most namespace types; CAP_MKNOD for device nodes).
+"""
+
+from __future__ import annotations
+
+import os
+
+from rexecd._native._lowlevel import ffi, lib
+
+# Namespace flags (linux/sched.h).
+CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+# mount(2) flags (linux/mount.h).
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_NOATIME = 1024
+MS_BIND = 4096
+MS_MOVE = 8192
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MS_SLAVE = 1 << 19
+MS_STRICTATIME = 1 << 24
+MNT_DETACH = 2
+
+# openat2(2) resolve flags (linux/openat2.h).
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+RESOLVE_IN_ROOT = 0x10
+
+# close_range(2) and memfd_create(2) flags.
+CLOSE_RANGE_CLOEXEC = 1 << 2
+MFD_CLOEXEC = 1
+MFD_ALLOW_SEALING = 2
+
+
+def _check(ret: int, what: str, path: str | None = None) -> int:
+    if ret < 0:
+        err = ffi.errno
+        msg = f"{what}: {os.strerror(err)}"
+        raise OSError(err, msg, path) if path is not None else OSError(err, msg)
+    return ret
+
+
+def _b(s: str | bytes | None) -> bytes | object:
+    if s is None:
+        return ffi.NULL
+    return s if isinstance(s, bytes) else s.encode()
+
+
+def unshare(flags: int) -> None:
+    """unshare(2): detach the calling thread from the namespaces in ``flags``."""
+    _check(lib.rx_unshare(flags), "unshare")
+
+
+def setns(fd: int, nstype: int = 0) -> None:
+    """setns(2): join the namespace referred to by ``fd`` (a /proc/PID/ns/* file or pidfd)."""
+    _check(lib.rx_setns(fd, nstype), "setns")
+
+
+def mount(
+    source: str | None, target: str, fstype: str | None, flags: int = 0, data: str | None = None
+) -> None:
+    """mount(2). Raises OSError naming ``target``."""
+    _check(lib.rx_mount(_b(source), _b(target), _b(fstype), flags, _b(data)), "mount", target)
+
+
+def umount2(target: str, flags: int = 0) -> None:
+    """umount2(2). Raises OSError naming ``target``."""
+    _check(lib.rx_umount2(_b(target), flags), "umount", target)
+
+
+def pivot_root(new_root: str, put_old: str) -> None:
+    """pivot_root(2); ``pivot_root(".", ".")`` stacks the old root under the new one."""
+    _check(lib.rx_pivot_root(_b(new_root), _b(put_old)), "pivot_root", new_root)
+
+
+def openat2(dirfd: int, path: str | bytes, flags: int, mode: int = 0, resolve: int = 0) -> int:
+    """openat2(2): open ``path`` relative to ``dirfd`` under the ``RESOLVE_*`` constraints.
+
+    ``O_CLOEXEC`` is always added. Raises OSError naming ``path`` (EXDEV when the path
+    would leave ``dirfd``, ELOOP when it crosses a forbidden symlink).
+    """
+    p = path if isinstance(path, bytes) else path.encode()
+    return _check(
+        lib.rx_openat2(dirfd, p, flags | os.O_CLOEXEC, mode, resolve),
+        "openat2",
+        os.fsdecode(p),
+    )
+
+
+def close_range(first: int, last: int = 0xFFFFFFFF, flags: int = 0) -> None:
+    """close_range(2); with ``CLOSE_RANGE_CLOEXEC`` marks the fds close-on-exec instead."""
+    _check(lib.rx_close_range(first, last, flags), "close_range")
+
+
+def memfd_create(name: str, flags: int = MFD_CLOEXEC | MFD_ALLOW_SEALING) -> int:
+    """memfd_create(2): an anonymous file, sealable by default."""
+    return _check(lib.rx_memfd_create(_b(name), flags), "memfd_create", name)
+
+
+def mknodat(dirfd: int, path: str, mode: int, major: int, minor: int) -> None:
+    """mknodat(2) with an explicit major/minor pair (needs CAP_MKNOD)."""
+    _check(lib.rx_mknodat(dirfd, _b(path), mode, major, minor), "mknod", path)
+
+
+def sethostname(name: str) -> None:
+    """sethostname(2) in the caller's UTS namespace."""
+    raw = name.encode()
+    _check(lib.rx_sethostname(raw, len(raw)), "sethostname", name)

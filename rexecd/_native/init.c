@@ -1,0 +1,85 @@
+/*
+ * rexec-init: PID 1 of every rexecd container.
+ *
+ * It is not a Python interpreter: the spawner execs it from a sealed memfd, so no
+ * file of the host and no interpreter stays reachable from inside the container.
+ * It forks the container's command, forwards termination signals to it, reaps
+ * every orphan re-parented to it, and exits with the command's status
+ * (128 + signal when the command was killed by a signal).
+ *
+ * Usage: rexec-init PROGRAM [ARG...]   (PROGRAM is looked up in PATH when it has no '/')
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+static volatile sig_atomic_t child_pid = 0;
+
+static void forward(int sig) {
+    if (child_pid > 0)
+        kill(child_pid, sig);
+}
+
+int main(int argc, char **argv) {
+    static const int forwarded[] = {SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGWINCH};
+    sigset_t all, old;
+    struct sigaction sa;
+    pid_t pid;
+    int status = 0, code = 0;
+    size_t i;
+
+    if (argc < 2) {
+        fprintf(stderr, "rexec-init: no command given\n");
+        return 127;
+    }
+    /* Block signals across fork so the handlers cannot run before child_pid is set. */
+    sigfillset(&all);
+    sigprocmask(SIG_BLOCK, &all, &old);
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = forward;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = SA_RESTART;
+    for (i = 0; i < sizeof forwarded / sizeof forwarded[0]; i++)
+        sigaction(forwarded[i], &sa, NULL);
+
+    pid = fork();
+    if (pid < 0) {
+        perror("rexec-init: fork");
+        return 127;
+    }
+    if (pid == 0) {
+        /* The command starts with default dispositions and the caller's signal mask. */
+        sa.sa_handler = SIG_DFL;
+        for (i = 0; i < sizeof forwarded / sizeof forwarded[0]; i++)
+            sigaction(forwarded[i], &sa, NULL);
+        sigprocmask(SIG_SETMASK, &old, NULL);
+        /* Own process group, so a terminal's Ctrl-C reaches the command, not init. */
+        setpgid(0, 0);
+        execvp(argv[1], argv + 1);
+        fprintf(stderr, "rexec-init: exec %s: %s\n", argv[1], strerror(errno));
+        _exit(errno == ENOENT ? 127 : 126);
+    }
+    child_pid = pid;
+    sigprocmask(SIG_SETMASK, &old, NULL);
+
+    for (;;) {
+        pid_t got = waitpid(-1, &status, 0);
+        if (got < 0) {
+            if (errno == EINTR)
+                continue;
+            break; /* ECHILD: nothing left */
+        }
+        if (got == pid) {
+            code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+            child_pid = 0;
+            /* Orphans of the command die with the pid namespace when init exits. */
+            return code;
+        }
+    }
+    return code;
+}
