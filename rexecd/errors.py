@@ -94,9 +94,7 @@ class RuntimeFailure(RexecError):
 
     code = "runtime_failure"
 
-    def __init__(
-        self, step: str, message: str, errno: int | None = None, **extra: Any
-    ) -> None:
+    def __init__(self, step: str, message: str, errno: int | None = None, **extra: Any) -> None:
         super().__init__(f"{step}: {message}", **extra)
         self.step = step
         self.errno = errno
@@ -110,7 +108,7 @@ class RuntimeFailure(RexecError):
 
 
 class ChildSetupError(RuntimeFailure):
-    """A container child failed while setting itself up; it reported the step over the sync socket."""
+    """A container child failed during set-up and reported the step over the sync socket."""
 
     code = "child_setup"
 

@@ -19,4 +19,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if "/tests/integration/" in str(item.path):
             item.add_marker(pytest.mark.root)
         if item.get_closest_marker("root") and os.geteuid() != 0:
-            item.add_marker(pytest.mark.skip(reason="needs root (real namespaces, mounts, cgroups)"))
+            item.add_marker(
+                pytest.mark.skip(reason="needs root (real namespaces, mounts, cgroups)")
+            )

@@ -57,9 +57,11 @@ def _check(ret: int, what: str, path: str | None = None) -> int:
     return ret
 
 
-def _b(s: str | bytes | None) -> bytes | object:
+def _b(s: str | bytes | None) -> object:
+    """A C string argument: bytes as given, str encoded, None as NULL."""
     if s is None:
-        return ffi.NULL
+        null: object = ffi.NULL
+        return null
     return s if isinstance(s, bytes) else s.encode()
 
 

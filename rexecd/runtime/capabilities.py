@@ -1,0 +1,64 @@
+"""Capability sets of container processes: the default set and the drop done before exec.
+
+Requires CAP_SETPCAP in the calling process (to shrink the bounding set); runs in
+a spawner child, after every privileged set-up step.
+"""
+
+from __future__ import annotations
+
+import os
+
+import prctl
+
+# Docker's default set. CAP_MKNOD is only safe while a devices controller forbids
+# opening the nodes made with it (cgroup v1 devices allow-list); the runtime removes
+# it where no such controller exists.
+DEFAULT_CAPS: tuple[str, ...] = (
+    "chown",
+    "dac_override",
+    "fsetid",
+    "fowner",
+    "mknod",
+    "net_raw",
+    "setgid",
+    "setuid",
+    "setfcap",
+    "setpcap",
+    "net_bind_service",
+    "sys_chroot",
+    "kill",
+    "audit_write",
+)
+
+
+def cap_number(name: str) -> int:
+    try:
+        value: int = getattr(prctl, "CAP_" + name.upper())
+    except AttributeError:
+        raise ValueError(f"unknown capability {name!r}") from None
+    return value
+
+
+def last_cap() -> int:
+    """The highest capability the running kernel knows (may exceed python-prctl's table)."""
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        return int(f.read())
+
+
+def drop_bounding(keep: list[str], last: int) -> None:
+    """Remove every capability not in ``keep`` from the bounding set, up to ``last``."""
+    keep_nums = {cap_number(n) for n in keep}
+    for cap in range(last + 1):
+        if cap not in keep_nums:
+            prctl.capbset_drop(cap)
+
+
+def limit_sets(keep: list[str]) -> None:
+    """Cut permitted and effective to ``keep`` and clear inheritable (which clears ambient).
+
+    Only meaningful while still uid 0: a switch to another uid has already cleared them.
+    """
+    prctl.cap_inheritable.limit()
+    if os.geteuid() == 0:
+        prctl.cap_effective.limit(*keep)
+        prctl.cap_permitted.limit(*keep)

@@ -1,0 +1,218 @@
+"""What a spawner child does between fork and execve, for a new container or an exec.
+
+Runs only in a process the single-threaded spawner has just forked, already in its
+final pid namespace. It marks itself non-dumpable first, joins the container's
+cgroup, unshares (new container) or joins (exec) the other namespaces, builds the
+root or opens a PTY, drops privileges and execs. Any failure is sent to the caller
+as ``ChildError(step, errno, message)``; nothing here ever returns.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import socket
+import struct
+import termios
+from typing import NoReturn
+
+import prctl
+
+from rexecd import _native as n
+from rexecd.runtime import capabilities, rootfs, sync
+from rexecd.runtime.spec import ContainerSpec, ExecSpec, ProcessSpec
+
+NEW_CONTAINER_NS = (
+    n.CLONE_NEWNS
+    | n.CLONE_NEWUTS
+    | n.CLONE_NEWIPC
+    | n.CLONE_NEWNET
+    | n.CLONE_NEWCGROUP
+    | n.CLONE_NEWPID
+)
+_SIOCGIFFLAGS = 0x8913
+_SIOCSIFFLAGS = 0x8914
+_IFF_UP = 0x1
+
+
+class _Step:
+    """The name of the set-up step under way, reported with any failure."""
+
+    def __init__(self) -> None:
+        self.name = "start"
+
+
+def _fail(sock: socket.socket, step: str, exc: BaseException) -> NoReturn:
+    errno = exc.errno if isinstance(exc, OSError) else None
+    msg = str(exc)
+    try:
+        sync.send(sock, sync.ChildError(step=step, errno=errno, message=msg))
+    finally:
+        os._exit(126)
+
+
+def _reset_signals() -> None:
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGPIPE, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+
+
+def _take_stdio(stdio: list[int]) -> None:
+    for target, fd in enumerate(stdio[:3]):
+        if fd != target:
+            os.dup2(fd, target)
+    for fd in stdio:
+        if fd > 2:
+            os.close(fd)
+
+
+def _join_cgroup(paths: list[str]) -> None:
+    for path in paths:
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)
+
+
+def enter(body: ContainerSpec | ExecSpec, stdio: list[int], step: _Step, pidfd: int = -1) -> None:
+    """First steps of every child: the spawner has already placed it in the right pid
+    namespace (pid 1 of a fresh one for a container, the container's for an exec)."""
+    step.name = "signals"
+    _reset_signals()
+    step.name = "prctl dumpable"
+    prctl.set_dumpable(False)
+    step.name = "stdio"
+    _take_stdio(stdio)
+    step.name = "cgroup join"
+    _join_cgroup(body.cgroup_procs)
+    if isinstance(body, ContainerSpec):
+        step.name = "unshare namespaces"
+        n.unshare(NEW_CONTAINER_NS & ~n.CLONE_NEWPID)
+    else:
+        # ``pidfd`` was opened by the spawner, which already joined the pid namespace.
+        step.name = "join container namespaces"
+        try:
+            n.setns(pidfd, NEW_CONTAINER_NS & ~n.CLONE_NEWPID)
+        finally:
+            os.close(pidfd)
+
+
+def _loopback_up() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        ifr = struct.pack("16sH22x", b"lo", 0)
+        flags = struct.unpack("16sH22x", fcntl.ioctl(s, _SIOCGIFFLAGS, ifr))[1]
+        fcntl.ioctl(s, _SIOCSIFFLAGS, struct.pack("16sH22x", b"lo", flags | _IFF_UP))
+
+
+def _finish_process(proc: ProcessSpec, step: _Step, keep_caps: list[str], last: int) -> None:
+    """Drop privileges and close descriptors: the last steps before execve."""
+    step.name = "capabilities"
+    capabilities.drop_bounding(keep_caps, last)
+    step.name = "set user"
+    if proc.uid != 0 or proc.gid != 0 or proc.additional_gids:
+        os.setgroups(proc.additional_gids)
+        os.setresgid(proc.gid, proc.gid, proc.gid)
+        os.setresuid(proc.uid, proc.uid, proc.uid)
+    step.name = "capabilities"
+    capabilities.limit_sets(keep_caps)
+    if proc.no_new_privs:
+        step.name = "no_new_privs"
+        prctl.set_no_new_privs(True)
+    step.name = "chdir"
+    os.chdir(proc.cwd)
+    step.name = "close fds"
+    # Everything above stdio becomes close-on-exec; the sync socket closing is how
+    # the caller learns that execve succeeded.
+    n.close_range(3, 0xFFFFFFFF, n.CLOSE_RANGE_CLOEXEC)
+    os.umask(0o022)
+
+
+def container_init(
+    spec: ContainerSpec, sock: socket.socket, stdio: list[int], init_fd: int
+) -> NoReturn:
+    """A new container's pid 1, from fork until it execs rexec-init."""
+    step = _Step()
+    try:
+        enter(spec, stdio, step)
+        os.umask(0)
+        step.name = "setsid"
+        os.setsid()
+        step.name = "loopback up"
+        _loopback_up()
+        step.name = "sethostname"
+        n.sethostname(spec.hostname)
+        last = capabilities.last_cap()
+        sync.send(sock, sync.Ready())
+        step.name = "mount rootfs"
+        rootfd = rootfs.mount_root(spec)
+        step.name = "mount /dev"
+        rootfs.mount_dev(rootfd)
+        step.name = "mount /proc and /sys"
+        rootfs.mount_proc_sys(rootfd)
+        step.name = "mask paths"
+        rootfs.mask_paths(rootfd, spec.masked_paths, spec.readonly_paths)
+        step.name = "bind mounts"
+        rootfs.bind_mounts(rootfd, spec.mounts)
+        os.close(rootfd)
+        step.name = "pivot_root"
+        rootfs.pivot(spec.rootfs.target)
+        if spec.wait_for_go:
+            step.name = "wait for go"
+            msg, fds = sync.recv(sock)
+            for fd in fds:
+                os.close(fd)
+            if not isinstance(msg, sync.Go):
+                os._exit(125)  # the caller gave up: nothing to report to
+        _finish_process(spec.process, step, spec.process.capabilities, last)
+        step.name = "exec init"
+        os.execve(init_fd, ["rexec-init", *spec.process.args], _env_dict(spec.process.env))
+    except BaseException as exc:
+        _fail(sock, step.name, exc)
+
+
+def _env_dict(env: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in env:
+        key, sep, value = item.partition("=")
+        if sep and key:
+            out[key] = value
+    return out
+
+
+def _open_pty(sock: socket.socket, cols: int = 80, rows: int = 24) -> None:
+    """Allocate a PTY from the container's devpts (we are in its mount namespace), hand
+    the master to the caller, and make the slave our controlling terminal and stdio."""
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+    sync.send(sock, sync.PtyMaster(pts=os.ttyname(slave)), [master])
+    os.close(master)
+    fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+    for fd in (0, 1, 2):
+        os.dup2(slave, fd)
+    if slave > 2:
+        os.close(slave)
+
+
+def exec_in_container(
+    spec: ExecSpec, sock: socket.socket, stdio: list[int], pidfd: int
+) -> NoReturn:
+    """A process inside a running container's namespaces, from fork until it execs."""
+    step = _Step()
+    try:
+        enter(spec, stdio, step, pidfd)
+        os.umask(0o022)
+        step.name = "setsid"
+        os.setsid()
+        last = capabilities.last_cap()
+        if spec.process.tty:
+            step.name = "open pty"
+            _open_pty(sock)
+        _finish_process(spec.process, step, spec.process.capabilities, last)
+        step.name = "exec"
+        env = _env_dict(spec.process.env)
+        os.execvpe(spec.process.args[0], spec.process.args, env)
+    except BaseException as exc:
+        _fail(sock, step.name, exc)

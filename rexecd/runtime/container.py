@@ -1,0 +1,308 @@
+"""Container lifecycle on this host: directories, cgroup, spawn, the Ready/Go hand-shake,
+signals, exec and removal. Sync code: the daemon calls it from worker threads.
+
+The container's overlay root is mounted inside its own mount namespace, so it
+disappears with the container and never needs unmounting; the host keeps only
+the upper/work directories (the container's data) and the cgroup.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from rexecd.errors import ChildSetupError, NotFound, RuntimeFailure
+from rexecd.runtime import sync
+from rexecd.runtime.capabilities import DEFAULT_CAPS
+from rexecd.runtime.cgroups import Cgroup, CgroupDriver, CgroupLimits
+from rexecd.runtime.spawner import Child, Spawner
+from rexecd.runtime.spec import BindMount, ContainerSpec, ExecSpec, ProcessSpec, RootfsSpec
+from rexecd.runtime.users import resolve_user
+
+DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+@dataclass(frozen=True)
+class ContainerDirs:
+    """Where one container lives on the host: data under the state dir, mount point under run."""
+
+    base: Path
+    upper: Path
+    work: Path
+    rootfs: Path
+
+
+@dataclass(frozen=True)
+class ImageView:
+    """The parts of an image the runtime needs (kept free of the image store's models)."""
+
+    layers: list[Path]
+    env: list[str]
+    entrypoint: list[str] | None
+    cmd: list[str] | None
+    working_dir: str
+    user: str
+
+
+def merge_env(base: list[str], extra: list[str]) -> list[str]:
+    """``extra`` overrides ``base`` key by key; order of first appearance is kept."""
+    out: dict[str, str] = {}
+    for item in [*base, *extra]:
+        key, _, value = item.partition("=")
+        out[key] = value
+    if "PATH" not in out:
+        out["PATH"] = DEFAULT_PATH.partition("=")[2]
+    return [f"{k}={v}" for k, v in out.items()]
+
+
+class Runtime:
+    """Creates, starts, enters and removes containers through one spawner."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        run_dir: Path,
+        cgroups: CgroupDriver | None,
+        spawner: Spawner,
+    ) -> None:
+        self.state_dir = state_dir
+        self.run_dir = run_dir
+        self.cgroups = cgroups
+        self.spawner = spawner
+        for d in (state_dir / "containers", run_dir / "containers"):
+            d.mkdir(parents=True, exist_ok=True)
+            os.chmod(d, 0o700)
+
+    # ------------------------------------------------------------ layout
+
+    def dirs(self, cid: str, ephemeral: bool = False) -> ContainerDirs:
+        """``ephemeral`` keeps the upper dir on the run dir (tmpfs) for throw-away runs."""
+        base = (self.run_dir if ephemeral else self.state_dir) / "containers" / cid
+        return ContainerDirs(
+            base=base,
+            upper=base / "upper",
+            work=base / "work",
+            rootfs=self.run_dir / "containers" / cid / "rootfs",
+        )
+
+    def capabilities(self) -> list[str]:
+        """Docker's default set, less CAP_MKNOD where no devices controller guards nodes."""
+        caps = list(DEFAULT_CAPS)
+        if self.cgroups is None or not self.cgroups.available().get("devices", False):
+            caps.remove("mknod")
+        return caps
+
+    def build_spec(
+        self,
+        cid: str,
+        hostname: str,
+        image: ImageView,
+        dirs: ContainerDirs,
+        *,
+        args: list[str] | None = None,
+        env: list[str] | None = None,
+        user: str | None = None,
+        workdir: str | None = None,
+        mounts: list[BindMount] | None = None,
+        tty: bool = False,
+    ) -> ContainerSpec:
+        """A spec honouring the image config (Env, Entrypoint, Cmd, WorkingDir, User)."""
+        entry = list(image.entrypoint or [])
+        argv = entry + (list(args) if args else list(image.cmd or []))
+        if not argv:
+            argv = ["/bin/sh"]
+        ident = resolve_user(user if user is not None else image.user, image.layers)
+        proc_env = merge_env(
+            image.env, [f"HOME={ident.home}", f"HOSTNAME={hostname}", *(env or [])]
+        )
+        return ContainerSpec(
+            id=cid,
+            hostname=hostname,
+            rootfs=RootfsSpec(
+                lowerdirs=[str(p) for p in image.layers],
+                upperdir=str(dirs.upper),
+                workdir=str(dirs.work),
+                target=str(dirs.rootfs),
+            ),
+            process=ProcessSpec(
+                args=argv,
+                env=proc_env,
+                cwd=workdir or image.working_dir or "/",
+                uid=ident.uid,
+                gid=ident.gid,
+                additional_gids=ident.additional_gids,
+                capabilities=self.capabilities(),
+                tty=tty,
+            ),
+            mounts=list(mounts or []),
+        )
+
+    def create_dirs(self, dirs: ContainerDirs) -> None:
+        dirs.base.mkdir(mode=0o700, parents=True, exist_ok=True)
+        dirs.upper.mkdir(mode=0o755, exist_ok=True)
+        dirs.work.mkdir(mode=0o700, exist_ok=True)
+        dirs.rootfs.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(
+        self,
+        spec: ContainerSpec,
+        limits: CgroupLimits | None,
+        *,
+        on_ready: Callable[[int], None] | None = None,
+        stdio: list[int] | None = None,
+    ) -> int:
+        """Start the container's init and return its host pid once it has exec'd.
+
+        ``on_ready(pid)`` runs while the child waits between Ready and Go (network set-up
+        into ``/proc/PID/ns/net``). On any failure everything made here is undone and
+        the error names the step that failed.
+        """
+        with contextlib.ExitStack() as undo:
+            cg = self._cgroup(spec.id, limits, undo)
+            if cg is not None:
+                spec = replace(spec, cgroup_procs=cg.join_paths())
+            child = self.spawner.run(spec, stdio)
+            undo.callback(child.close)
+            undo.callback(self._kill_and_reap, child.pid)
+            child.expect(sync.Ready)
+            if on_ready is not None:
+                on_ready(child.pid)
+            sync.send(child.sock, sync.Go())
+            child.wait_exec()
+            undo.pop_all()
+            child.close()
+            return child.pid
+        raise AssertionError("unreachable")
+
+    def _cgroup(
+        self, cid: str, limits: CgroupLimits | None, undo: contextlib.ExitStack
+    ) -> Cgroup | None:
+        if self.cgroups is None:
+            return None
+        try:
+            cg = self.cgroups.create(cid, limits or CgroupLimits())
+        except OSError as exc:
+            raise RuntimeFailure.from_oserror("cgroup create", exc) from exc
+        undo.callback(cg.destroy)
+        return cg
+
+    def _kill_and_reap(self, pid: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        self.spawner.wait(pid, timeout=10)
+
+    def cgroup(self, cid: str) -> Cgroup | None:
+        """The container's cgroup, if this host has a driver and it exists."""
+        if self.cgroups is None:
+            return None
+        try:
+            return self.cgroups.open(cid)
+        except NotFound:
+            return None
+
+    def exec(
+        self,
+        cid: str,
+        pid: int,
+        process: ProcessSpec,
+        stdio: list[int] | None = None,
+    ) -> tuple[Child, int | None]:
+        """Start ``process`` inside the running container whose init is ``pid``.
+
+        Returns the child (its sync socket still open) and, for a tty process, the PTY
+        master fd allocated in the container's devpts. The caller reads the exit status
+        from ``spawner.wait(child.pid)``.
+        """
+        cg = self.cgroup(cid)
+        spec = ExecSpec(
+            container_pid=pid,
+            process=replace(process, capabilities=process.capabilities or self.capabilities()),
+            cgroup_procs=cg.join_paths() if cg is not None else [],
+        )
+        child = self.spawner.exec(spec, stdio)
+        master: int | None = None
+        try:
+            if process.tty:
+                _msg, fds = child.expect(sync.PtyMaster)
+                if not fds:
+                    raise ChildSetupError("open pty", "no PTY master received")
+                master = fds[0]
+            child.wait_exec()
+        except BaseException:
+            if master is not None:
+                os.close(master)
+            self._kill_and_reap(child.pid)
+            child.close()
+            raise
+        child.close()
+        return child, master
+
+    def stop(self, cid: str, pid: int, timeout: float = 10.0) -> int | None:
+        """SIGTERM to init, then SIGKILL to every process of the container after
+        ``timeout`` seconds. Returns init's exit status when the spawner reaped it."""
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self._kill_cgroup(cid)
+            return self.spawner.poll(pid)
+        try:
+            signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+            if not _wait_pidfd(pidfd, timeout):
+                self._kill_cgroup(cid)
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                _wait_pidfd(pidfd, 10.0)
+        except ProcessLookupError:
+            pass
+        finally:
+            os.close(pidfd)
+        self._kill_cgroup(cid)
+        return self.spawner.wait(pid, timeout=1.0)
+
+    def _kill_cgroup(self, cid: str) -> None:
+        cg = self.cgroup(cid)
+        if cg is not None:
+            cg.kill()
+
+    def release(self, cid: str) -> None:
+        """Remove the cgroup and the mount point of a stopped container; data stays."""
+        cg = self.cgroup(cid)
+        if cg is not None:
+            cg.destroy()
+        shutil.rmtree(self.run_dir / "containers" / cid, ignore_errors=True)
+
+    def remove(self, cid: str, ephemeral: bool = False) -> None:
+        """Remove everything of a stopped container, its data included."""
+        self.release(cid)
+        shutil.rmtree(self.dirs(cid, ephemeral).base, ignore_errors=True)
+
+
+def _wait_pidfd(pidfd: int, timeout: float) -> bool:
+    """True once the process behind ``pidfd`` has exited (readable pidfd)."""
+    import select
+
+    deadline = time.monotonic() + timeout
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        if poller.poll(left * 1000):
+            return True
+
+
+@contextlib.contextmanager
+def spawner_running() -> Iterator[Spawner]:
+    sp = Spawner()
+    try:
+        yield sp
+    finally:
+        sp.close()

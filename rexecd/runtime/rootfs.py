@@ -1,0 +1,183 @@
+"""The container's root file system, built inside the child's private mount namespace.
+
+Requires CAP_SYS_ADMIN and CAP_MKNOD, a private mount namespace (the caller has
+unshared CLONE_NEWNS), a new pid namespace for /proc, and a new network namespace
+for /sys. Every mount target is resolved inside the new root with openat2
+(RESOLVE_IN_ROOT) and mounted through /proc/self/fd, so a symlink in the image can
+never redirect a mount onto the host.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from rexecd import _native as n
+from rexecd.runtime.spec import BindMount, ContainerSpec
+
+_IN_ROOT = n.RESOLVE_IN_ROOT | n.RESOLVE_NO_MAGICLINKS
+_NOSUID_NODEV_NOEXEC = n.MS_NOSUID | n.MS_NODEV | n.MS_NOEXEC
+
+# (name, major, minor): the only device nodes a container gets.
+DEVICES: tuple[tuple[str, int, int], ...] = (
+    ("null", 1, 3),
+    ("zero", 1, 5),
+    ("full", 1, 7),
+    ("random", 1, 8),
+    ("urandom", 1, 9),
+    ("tty", 5, 0),
+)
+_DEV_LINKS = (
+    ("ptmx", "pts/ptmx"),
+    ("fd", "/proc/self/fd"),
+    ("stdin", "/proc/self/fd/0"),
+    ("stdout", "/proc/self/fd/1"),
+    ("stderr", "/proc/self/fd/2"),
+)
+
+
+def _fdpath(fd: int) -> str:
+    return f"/proc/self/fd/{fd}"
+
+
+@contextmanager
+def _opened(fd: int) -> Iterator[int]:
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def open_dir_in_root(rootfd: int, rel: str, *, create: bool, strict: bool = False) -> int:
+    """An O_PATH fd of directory ``rel`` resolved inside ``rootfd``, created if missing.
+
+    ``strict`` refuses symlinks anywhere on the path (used for /proc, /sys and /dev,
+    whose masking must not be redirected by the image).
+    """
+    resolve = _IN_ROOT | (n.RESOLVE_NO_SYMLINKS if strict else 0)
+    rel = rel.strip("/") or "."
+    try:
+        return n.openat2(rootfd, rel, os.O_PATH | os.O_DIRECTORY, resolve=resolve)
+    except FileNotFoundError:
+        if not create or rel == ".":
+            raise
+    parent, _, name = rel.rpartition("/")
+    with _opened(open_dir_in_root(rootfd, parent, create=True, strict=strict)) as pfd:
+        try:
+            os.mkdir(name, 0o755, dir_fd=pfd)
+        except FileExistsError:
+            pass
+        return n.openat2(
+            pfd, name, os.O_PATH | os.O_DIRECTORY, resolve=n.RESOLVE_BENEATH | n.RESOLVE_NO_SYMLINKS
+        )
+
+
+def _overlay_options(spec: ContainerSpec) -> str:
+    r = spec.rootfs
+    # overlayfs lists the uppermost lower layer first.
+    lower = ":".join(reversed(r.lowerdirs))
+    opts = f"lowerdir={lower},upperdir={r.upperdir},workdir={r.workdir}"
+    if len(opts) >= 4000:
+        raise OSError(7, "overlay options exceed one page (too many layers)", r.target)
+    return opts
+
+
+def mount_root(spec: ContainerSpec) -> int:
+    """Make every mount private, mount the overlay root; returns an O_PATH fd of it."""
+    n.mount(None, "/", None, n.MS_REC | n.MS_PRIVATE)
+    n.mount("overlay", spec.rootfs.target, "overlay", 0, _overlay_options(spec))
+    return os.open(spec.rootfs.target, os.O_PATH | os.O_DIRECTORY)
+
+
+def mount_dev(rootfd: int) -> None:
+    """/dev as a small tmpfs with the safe device nodes, its own devpts, shm and mqueue."""
+    with _opened(open_dir_in_root(rootfd, "dev", create=True, strict=True)) as dfd:
+        n.mount(
+            "tmpfs", _fdpath(dfd), "tmpfs", n.MS_NOSUID | n.MS_STRICTATIME, "mode=755,size=65536k"
+        )
+    with _opened(n.openat2(rootfd, "dev", os.O_DIRECTORY | os.O_RDONLY, resolve=_IN_ROOT)) as dev:
+        for name, major, minor in DEVICES:
+            n.mknodat(dev, name, stat.S_IFCHR | 0o666, major, minor)
+            os.chmod(name, 0o666, dir_fd=dev)
+        for name, target in _DEV_LINKS:
+            os.symlink(target, name, dir_fd=dev)
+        for sub in ("pts", "shm", "mqueue"):
+            os.mkdir(sub, 0o755, dir_fd=dev)
+        with _opened(n.openat2(dev, "pts", os.O_PATH, resolve=n.RESOLVE_BENEATH)) as fd:
+            n.mount(
+                "devpts",
+                _fdpath(fd),
+                "devpts",
+                n.MS_NOSUID | n.MS_NOEXEC,
+                "newinstance,ptmxmode=0666,mode=0620,gid=5",
+            )
+        with _opened(n.openat2(dev, "shm", os.O_PATH, resolve=n.RESOLVE_BENEATH)) as fd:
+            n.mount("shm", _fdpath(fd), "tmpfs", _NOSUID_NODEV_NOEXEC, "mode=1777,size=65536k")
+        with _opened(n.openat2(dev, "mqueue", os.O_PATH, resolve=n.RESOLVE_BENEATH)) as fd:
+            n.mount("mqueue", _fdpath(fd), "mqueue", _NOSUID_NODEV_NOEXEC)
+
+
+def mount_proc_sys(rootfd: int) -> None:
+    """A /proc of the container's pid namespace and a read-only /sys of its net namespace."""
+    with _opened(open_dir_in_root(rootfd, "proc", create=True, strict=True)) as fd:
+        n.mount("proc", _fdpath(fd), "proc", _NOSUID_NODEV_NOEXEC)
+    with _opened(open_dir_in_root(rootfd, "sys", create=True, strict=True)) as fd:
+        n.mount("sysfs", _fdpath(fd), "sysfs", _NOSUID_NODEV_NOEXEC | n.MS_RDONLY)
+
+
+def _open_existing(rootfd: int, path: str) -> int | None:
+    try:
+        return n.openat2(rootfd, path.lstrip("/"), os.O_PATH | os.O_NOFOLLOW, resolve=_IN_ROOT)
+    except FileNotFoundError:
+        return None
+
+
+def mask_paths(rootfd: int, masked: list[str], readonly: list[str]) -> None:
+    """Hide ``masked`` (files behind /dev/null, dirs behind an empty read-only tmpfs) and
+    make ``readonly`` read-only; paths the kernel does not have are skipped."""
+    with _opened(n.openat2(rootfd, "dev/null", os.O_PATH, resolve=_IN_ROOT)) as null:
+        for path in masked:
+            fd = _open_existing(rootfd, path)
+            if fd is None:
+                continue
+            with _opened(fd):
+                if stat.S_ISDIR(os.fstat(fd).st_mode):
+                    n.mount("tmpfs", _fdpath(fd), "tmpfs", n.MS_RDONLY, "size=0")
+                else:
+                    n.mount(_fdpath(null), _fdpath(fd), None, n.MS_BIND)
+    for path in readonly:
+        fd = _open_existing(rootfd, path)
+        if fd is None:
+            continue
+        with _opened(fd):
+            n.mount(_fdpath(fd), _fdpath(fd), None, n.MS_BIND | n.MS_REC)
+        # Re-resolve: the bind above stacked a new mount over the old dentry.
+        fd2 = _open_existing(rootfd, path)
+        if fd2 is None:
+            continue
+        with _opened(fd2):
+            n.mount(
+                None,
+                _fdpath(fd2),
+                None,
+                n.MS_BIND | n.MS_REMOUNT | n.MS_RDONLY | _NOSUID_NODEV_NOEXEC,
+            )
+
+
+def bind_mounts(rootfd: int, mounts: list[BindMount]) -> None:
+    """Bind host directories (volumes) into the root at targets resolved inside it."""
+    for m in mounts:
+        with _opened(open_dir_in_root(rootfd, m.target, create=True)) as fd:
+            n.mount(m.source, _fdpath(fd), None, n.MS_BIND | n.MS_REC)
+            if m.readonly:
+                n.mount(None, _fdpath(fd), None, n.MS_BIND | n.MS_REMOUNT | n.MS_RDONLY)
+
+
+def pivot(target: str) -> None:
+    """Make ``target`` the root and detach the old one, leaving no path to the host."""
+    os.chdir(target)
+    n.pivot_root(".", ".")
+    n.umount2(".", n.MNT_DETACH)
+    os.chdir("/")

@@ -1,0 +1,335 @@
+"""The spawner: a single-threaded helper process that forks every container child.
+
+The daemon is multi-threaded and must never fork itself, so at start-up it runs
+``python -m rexecd.runtime.spawner FD`` (through subprocess, which execs at once)
+and sends it requests over a SEQPACKET socket. The spawner is a child subreaper:
+container inits and exec'd processes re-parent to it, it reaps them and reports
+``Exited(pid, status)``. It dies with its parent (PDEATHSIG and EOF), which leaves
+running containers alive for a new daemon to re-adopt.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+
+from rexecd import _native as n
+from rexecd.errors import ChildSetupError, RuntimeUnavailable
+from rexecd.runtime import sync
+from rexecd.runtime.spec import ContainerSpec, ExecSpec
+
+# ---------------------------------------------------------------- server side
+
+
+def load_init_memfd() -> int:
+    """rexec-init in a sealed memfd: containers exec it without any host path, and a
+    process inside can never write to it through /proc/1/exe."""
+    path = resources.files("rexecd._native").joinpath("rexec-init")
+    data = path.read_bytes()
+    fd = n.memfd_create("rexec-init")
+    os.write(fd, data)
+    fcntl.fcntl(
+        fd,
+        fcntl.F_ADD_SEALS,
+        fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE,
+    )
+    return fd
+
+
+class _Server:
+    def __init__(self, ctrl: socket.socket) -> None:
+        self.ctrl = ctrl
+        self.init_fd = load_init_memfd()
+        self.own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        self.pid = os.getpid()
+        self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def serve(self) -> None:
+        while True:
+            try:
+                ready, _, _ = select.select([self.ctrl.fileno(), self.wake_r], [], [])
+            except InterruptedError:
+                continue
+            if self.wake_r in ready:
+                try:
+                    while os.read(self.wake_r, 512):
+                        pass
+                except BlockingIOError:
+                    pass
+                self.reap()
+            if self.ctrl.fileno() in ready:
+                msg, fds = sync.recv(self.ctrl)
+                if msg is None:
+                    return  # the daemon went away: leave containers running
+                if isinstance(msg, sync.Request):
+                    self.handle(msg, fds)
+                else:
+                    for fd in fds:
+                        os.close(fd)
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            sync.send(self.ctrl, sync.Exited(pid=pid, status=sync.exit_status(status)))
+
+    def handle(self, req: sync.Request, fds: list[int]) -> None:
+        # fds[0] is the child's end of the caller's sync socket; the rest are stdio.
+        if not fds:
+            sync.send(self.ctrl, sync.Reply(rid=req.rid, pid=None, error="no sync socket"))
+            return
+        child_sock = socket.socket(fileno=fds[0])
+        stdio = fds[1:]
+        try:
+            pid = self.fork_child(req, child_sock, stdio)
+            sync.send(self.ctrl, sync.Reply(rid=req.rid, pid=pid))
+        except Exception as exc:
+            sync.send(self.ctrl, sync.Reply(rid=req.rid, pid=None, error=str(exc)))
+        finally:
+            child_sock.close()
+            for fd in stdio:
+                os.close(fd)
+
+    def fork_child(self, req: sync.Request, sock: socket.socket, stdio: list[int]) -> int:
+        """Fork one child straight into its final pid namespace.
+
+        ``unshare(CLONE_NEWPID)`` (or ``setns`` into a container's pid namespace) only
+        changes where the spawner's *next* child is born, so a container needs a single
+        fork; the spawner then resets that to its own namespace so no later fork can
+        land in a container by mistake.
+        """
+        from rexecd.runtime import child
+
+        body: ContainerSpec | ExecSpec
+        pidfd = -1
+        if req.op == "run":
+            body = ContainerSpec.from_dict(req.body)
+            n.unshare(n.CLONE_NEWPID)
+        elif req.op == "exec":
+            body = ExecSpec.from_dict(req.body)
+            # Opened here: the child is born inside the container's pid namespace,
+            # where the host pid means nothing. It inherits this fd to join the rest.
+            pidfd = os.pidfd_open(body.container_pid)
+            n.setns(pidfd, n.CLONE_NEWPID)
+        else:
+            raise ValueError(f"unknown op {req.op!r}")
+        try:
+            pid = os.fork()
+        except OSError:
+            n.setns(self.own_pidns, n.CLONE_NEWPID)
+            raise
+        finally:
+            if pidfd >= 0 and os.getpid() == self.pid:
+                os.close(pidfd)
+        if pid == 0:
+            try:
+                self.ctrl.close()
+                if isinstance(body, ContainerSpec):
+                    child.container_init(body, sock, stdio, self.init_fd)
+                else:
+                    child.exec_in_container(body, sock, stdio, pidfd)
+            finally:
+                os._exit(126)
+        n.setns(self.own_pidns, n.CLONE_NEWPID)
+        return pid
+
+
+def main(argv: list[str]) -> None:
+    import prctl
+
+    prctl.set_name("rexecd-spawner")
+    prctl.set_child_subreaper(True)
+    prctl.set_pdeathsig(signal.SIGKILL)
+    ctrl = socket.socket(fileno=int(argv[1]))
+    os.set_inheritable(ctrl.fileno(), False)
+    if os.getppid() == 1:
+        return  # parent already gone
+    _Server(ctrl).serve()
+
+
+# ---------------------------------------------------------------- client side
+
+
+@dataclass
+class Child:
+    """A freshly spawned process: its host pid and the caller's end of the sync socket."""
+
+    pid: int
+    sock: socket.socket
+
+    def expect(self, kind: type[sync.Message]) -> tuple[sync.Message, list[int]]:
+        """Wait for message ``kind``; a ChildError becomes ChildSetupError naming its step."""
+        msg, fds = sync.recv(self.sock)
+        if isinstance(msg, sync.ChildError):
+            raise ChildSetupError(msg.step, msg.message, msg.errno)
+        if msg is None:
+            raise ChildSetupError("sync", "child exited before it was ready")
+        if not isinstance(msg, kind):
+            raise ChildSetupError("sync", f"unexpected message {msg.type!r}")
+        return msg, fds
+
+    def wait_exec(self) -> None:
+        """Return once the child has exec'd (its end closed), or raise its error."""
+        msg, fds = sync.recv(self.sock)
+        for fd in fds:
+            os.close(fd)
+        if isinstance(msg, sync.ChildError):
+            raise ChildSetupError(msg.step, msg.message, msg.errno)
+        if msg is not None:
+            raise ChildSetupError("sync", f"unexpected message {msg.type!r}")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Spawner:
+    """Client of the spawner process; thread-safe. Exit statuses arrive as events."""
+
+    def __init__(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._sock = ours
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "rexecd.runtime.spawner", str(theirs.fileno())],
+            pass_fds=[theirs.fileno()],
+            close_fds=True,
+        )
+        theirs.close()
+        self._send_lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._rid = 0
+        self._replies: dict[int, sync.Reply] = {}
+        self._exits: dict[int, int] = {}
+        self._listeners: list[Callable[[int, int], None]] = []
+        self._closed = False
+        self._reader = threading.Thread(target=self._read_loop, name="spawner-reader", daemon=True)
+        self._reader.start()
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def add_exit_listener(self, fn: Callable[[int, int], None]) -> None:
+        """``fn(pid, status)`` is called from the reader thread for every reaped process."""
+        with self._cond:
+            self._listeners.append(fn)
+
+    def _read_loop(self) -> None:
+        while True:
+            try:
+                msg, fds = sync.recv(self._sock)
+            except OSError:
+                msg, fds = None, []
+            for fd in fds:
+                os.close(fd)
+            with self._cond:
+                if msg is None:
+                    self._closed = True
+                    self._cond.notify_all()
+                    return
+                if isinstance(msg, sync.Reply):
+                    self._replies[msg.rid] = msg
+                elif isinstance(msg, sync.Exited):
+                    self._exits[msg.pid] = msg.status
+                    listeners = list(self._listeners)
+                else:
+                    continue
+                self._cond.notify_all()
+            if isinstance(msg, sync.Exited):
+                for fn in listeners:
+                    fn(msg.pid, msg.status)
+
+    def _request(self, op: str, body: dict[str, object], stdio: list[int] | None) -> Child:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            with self._cond:
+                if self._closed:
+                    raise RuntimeUnavailable("spawner process is not running")
+                self._rid += 1
+                rid = self._rid
+            with self._send_lock:
+                sync.send(
+                    self._sock,
+                    sync.Request(op=op, rid=rid, body=body),
+                    [theirs.fileno(), *(stdio or [])],
+                )
+        except OSError as exc:
+            ours.close()
+            raise RuntimeUnavailable(f"spawner unreachable: {exc}") from exc
+        finally:
+            theirs.close()
+        with self._cond:
+            while rid not in self._replies and not self._closed:
+                self._cond.wait()
+            reply = self._replies.pop(rid, None)
+        if reply is None:
+            ours.close()
+            raise RuntimeUnavailable("spawner process exited")
+        if reply.pid is None:
+            # The child may have said why before it died.
+            try:
+                Child(0, ours).expect(sync.Ready)
+            finally:
+                ours.close()
+            raise ChildSetupError("spawn", reply.error or "child exited during set-up")
+        return Child(reply.pid, ours)
+
+    def run(self, spec: ContainerSpec, stdio: list[int] | None = None) -> Child:
+        """Start a new container's init; the caller then expects Ready, sends Go, waits exec."""
+        return self._request("run", spec.to_dict(), stdio)
+
+    def exec(self, spec: ExecSpec, stdio: list[int] | None = None) -> Child:
+        """Start a process inside a running container."""
+        return self._request("exec", spec.to_dict(), stdio)
+
+    def wait(self, pid: int, timeout: float | None = None) -> int | None:
+        """The exit status of ``pid`` once the spawner reaped it (None on timeout)."""
+        with self._cond:
+            ok = self._cond.wait_for(lambda: pid in self._exits or self._closed, timeout)
+            if not ok:
+                return None
+            return self._exits.pop(pid, None)
+
+    def poll(self, pid: int) -> int | None:
+        with self._cond:
+            return self._exits.get(pid)
+
+    def forget(self, pid: int) -> None:
+        with self._cond:
+            self._exits.pop(pid, None)
+
+    def close(self) -> None:
+        """Stop the spawner; running containers are left alone."""
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError as exc:
+            if exc.errno != errno.ENOTCONN:
+                raise
+        self._sock.close()
+        try:
+            self._proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._reader.join(timeout=5)
+
+
+if __name__ == "__main__":
+    main(sys.argv)

@@ -1,0 +1,128 @@
+"""What the runtime is asked to run: container, process and exec specs passed to the spawner.
+
+These are internal IPC messages between the runtime and its spawner, not API or
+state models: plain frozen dataclasses, so that the spawner (whose size is paid
+on every fork) never imports pydantic. The API layer validates user input before
+anything here is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+
+def _build(cls: type[Any], data: dict[str, Any]) -> Any:
+    known = {f.name for f in fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
+    return cls(**data)
+
+
+@dataclass(frozen=True)
+class ProcessSpec:
+    """The program to exec and the identity and environment it runs with."""
+
+    args: list[str]
+    env: list[str] = field(default_factory=list)
+    cwd: str = "/"
+    uid: int = 0
+    gid: int = 0
+    additional_gids: list[int] = field(default_factory=list)
+    # Capability names as python-prctl spells them ("chown", "net_bind_service", ...).
+    capabilities: list[str] = field(default_factory=list)
+    no_new_privs: bool = True
+    tty: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.args:
+            raise ValueError("ProcessSpec.args must not be empty")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ProcessSpec:
+        spec: ProcessSpec = _build(cls, data)
+        return spec
+
+
+@dataclass(frozen=True)
+class BindMount:
+    """A host directory bind-mounted at ``target`` (resolved inside the container root)."""
+
+    source: str
+    target: str
+    readonly: bool = False
+
+
+@dataclass(frozen=True)
+class RootfsSpec:
+    """An overlay root: read-only image layers (lowest first) under a private upper dir."""
+
+    lowerdirs: list[str]
+    upperdir: str
+    workdir: str
+    target: str
+
+
+DEFAULT_READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
+DEFAULT_MASKED_PATHS = (
+    "/proc/acpi",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+)
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """Everything the spawner's child needs to build and enter a new container."""
+
+    id: str
+    hostname: str
+    rootfs: RootfsSpec
+    process: ProcessSpec
+    mounts: list[BindMount] = field(default_factory=list)
+    # cgroup.procs files the child writes its own pid to before it unshares the
+    # cgroup namespace, so the container sees its cgroup as "/".
+    cgroup_procs: list[str] = field(default_factory=list)
+    readonly_paths: list[str] = field(default_factory=lambda: list(DEFAULT_READONLY_PATHS))
+    masked_paths: list[str] = field(default_factory=lambda: list(DEFAULT_MASKED_PATHS))
+    # Wait for the caller's Go before exec (network set-up happens in between).
+    wait_for_go: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ContainerSpec:
+        d = dict(data)
+        d["rootfs"] = _build(RootfsSpec, d["rootfs"])
+        d["process"] = ProcessSpec.from_dict(d["process"])
+        d["mounts"] = [_build(BindMount, m) for m in d.get("mounts", [])]
+        spec: ContainerSpec = _build(cls, d)
+        return spec
+
+
+@dataclass(frozen=True)
+class ExecSpec:
+    """A process to start inside an existing container (exec and terminals)."""
+
+    container_pid: int
+    process: ProcessSpec
+    cgroup_procs: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ExecSpec:
+        d = dict(data)
+        d["process"] = ProcessSpec.from_dict(d["process"])
+        spec: ExecSpec = _build(cls, d)
+        return spec

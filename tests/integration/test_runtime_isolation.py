@@ -1,0 +1,365 @@
+"""Each isolation point of a container, checked from inside a real one."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from rexecd.errors import ChildSetupError
+from rexecd.runtime.capabilities import DEFAULT_CAPS
+from rexecd.runtime.cgroups import CgroupLimits, open_driver
+from rexecd.runtime.container import ImageView, Runtime
+from rexecd.runtime.spawner import Spawner
+from rexecd.runtime.spec import BindMount, ProcessSpec
+from tests.integration.conftest import Result, make_busybox_layer
+
+
+@pytest.fixture
+def runtime(tmp_path: Path, spawner: Spawner, cgroup_parent: str) -> Iterator[Runtime]:
+    rt = Runtime(tmp_path / "state", tmp_path / "run", open_driver(cgroup_parent), spawner)
+    yield rt
+
+
+def image(layer: Path, user: str = "") -> ImageView:
+    return ImageView(
+        layers=[layer], env=["PATH=/bin"], entrypoint=None, cmd=["sh"], working_dir="/", user=user
+    )
+
+
+def run(
+    rt: Runtime,
+    img: ImageView,
+    script: str,
+    *,
+    hostname: str = "box",
+    user: str | None = None,
+    mounts: list[BindMount] | None = None,
+) -> Result:
+    """Run ``sh -c script`` to completion; return its status and combined output."""
+    cid = uuid.uuid4().hex * 2
+    dirs = rt.dirs(cid)
+    rt.create_dirs(dirs)
+    r, w = os.pipe()
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    try:
+        spec = rt.build_spec(
+            cid, hostname, img, dirs, args=["sh", "-c", script], user=user, mounts=mounts
+        )
+        pid = rt.start(spec, CgroupLimits(), stdio=[devnull, w, w])
+        os.close(w)
+        w = -1
+        chunks = []
+        while chunk := os.read(r, 65536):
+            chunks.append(chunk)
+        status = rt.spawner.wait(pid, timeout=30)
+        assert status is not None, "container did not exit"
+        return Result(status, b"".join(chunks).decode(errors="replace"))
+    finally:
+        os.close(r)
+        os.close(devnull)
+        if w >= 0:
+            os.close(w)
+        rt.remove(cid)
+
+
+def test_pid_namespace_shows_no_host_process(runtime: Runtime, busybox_layer: Path) -> None:
+    res = run(runtime, image(busybox_layer), "echo $$; ls /proc")
+    lines = res.out.split()
+    assert res.status == 0
+    assert lines[0] == "2"  # pid 1 is rexec-init
+    pids = sorted(int(x) for x in lines[1:] if x.isdigit())
+    assert pids[:2] == [1, 2] and max(pids) < 10, pids
+
+
+def test_hostname_and_uts(runtime: Runtime, busybox_layer: Path) -> None:
+    res = run(runtime, image(busybox_layer), "hostname", hostname="my-box")
+    assert res.out.strip() == "my-box"
+    assert os.uname().nodename != "my-box"
+
+
+def test_network_namespace_has_only_loopback(runtime: Runtime, busybox_layer: Path) -> None:
+    res = run(runtime, image(busybox_layer), "ip -o link")
+    links = [line.split(":")[1].strip() for line in res.out.splitlines() if line.strip()]
+    assert links == ["lo"]
+    assert "UP" in res.out
+
+
+def test_mount_is_refused(runtime: Runtime, busybox_layer: Path) -> None:
+    res = run(runtime, image(busybox_layer), "mount -t tmpfs none /tmp && echo MOUNTED; echo rc=$?")
+    assert "MOUNTED" not in res.out
+    assert "rc=" in res.out and "rc=0" not in res.out
+
+
+def test_module_loading_is_refused(runtime: Runtime, busybox_layer: Path) -> None:
+    res = run(
+        runtime,
+        image(busybox_layer),
+        "echo junk > /tmp/x.ko; insmod /tmp/x.ko; echo rc=$?; grep CapBnd /proc/self/status",
+    )
+    assert "rc=0" not in res.out
+    bounding = int(res.out.split("CapBnd:")[1].split()[0], 16)
+    import prctl
+
+    assert not bounding & (1 << prctl.CAP_SYS_MODULE)
+    if os.path.exists("/proc/modules"):
+        assert "not permitted" in res.out.lower()
+    else:
+        # A kernel built without module support answers ENOSYS to everyone; the
+        # missing capability above is what refuses it on kernels that have it.
+        assert "not support" in res.out.lower()
+
+
+def test_proc_sys_is_read_only(runtime: Runtime, busybox_layer: Path) -> None:
+    res = run(
+        runtime,
+        image(busybox_layer),
+        "echo evil > /proc/sys/kernel/hostname; echo rc=$?; echo c > /proc/sysrq-trigger; "
+        "echo rc2=$?; hostname",
+    )
+    assert "Read-only file system" in res.out
+    assert "rc=0" not in res.out and "rc2=0" not in res.out
+    assert res.out.strip().endswith("box")
+
+
+def test_masked_proc_paths_read_empty(runtime: Runtime, busybox_layer: Path) -> None:
+    masked = [p for p in ("/proc/kcore", "/proc/keys", "/proc/timer_list") if os.path.exists(p)]
+    assert masked, "the host shows none of the masked files"
+    script = "; ".join(f"echo {p}=$(cat {p} 2>/dev/null | wc -c)" for p in masked)
+    res = run(runtime, image(busybox_layer), script)
+    for p in masked:
+        assert f"{p}=0" in res.out, res.out
+    mounts = run(runtime, image(busybox_layer), "cat /proc/self/mountinfo").out
+    assert " /sys/firmware " in mounts
+
+
+def test_sys_is_read_only(runtime: Runtime, busybox_layer: Path) -> None:
+    res = run(
+        runtime,
+        image(busybox_layer),
+        "grep ' /sys ' /proc/mounts; echo 1 > /sys/kernel/uevent_helper; echo rc=$?",
+    )
+    assert re.search(r"sysfs /sys sysfs ro,", res.out), res.out
+    assert "rc=0" not in res.out
+
+
+def test_dev_has_only_safe_nodes_and_own_devpts(runtime: Runtime, busybox_layer: Path) -> None:
+    res = run(runtime, image(busybox_layer), "ls /dev; echo ---; ls /dev/pts")
+    dev, pts = res.out.split("---")
+    assert set(dev.split()) == {
+        "full",
+        "null",
+        "random",
+        "tty",
+        "urandom",
+        "zero",
+        "ptmx",
+        "fd",
+        "stdin",
+        "stdout",
+        "stderr",
+        "pts",
+        "shm",
+        "mqueue",
+    }
+    assert pts.split() == ["ptmx"]
+
+
+def test_capabilities_are_docker_default(runtime: Runtime, busybox_layer: Path) -> None:
+    res = run(runtime, image(busybox_layer), "grep -E '^(Cap|NoNewPrivs)' /proc/self/status")
+    fields = dict(line.split(":\t") for line in res.out.strip().splitlines())
+    import prctl
+
+    caps = runtime.capabilities()
+    expect = sum(1 << getattr(prctl, "CAP_" + c.upper()) for c in caps)
+    assert int(fields["CapBnd"], 16) == expect
+    assert int(fields["CapEff"], 16) == expect
+    assert int(fields["CapInh"], 16) == 0 and int(fields["CapAmb"], 16) == 0
+    assert fields["NoNewPrivs"].strip() == "1"
+    assert set(caps) <= set(DEFAULT_CAPS)
+
+
+def test_non_root_user_has_no_capabilities(runtime: Runtime, busybox_layer: Path) -> None:
+    res = run(
+        runtime, image(busybox_layer), "id -u; id -g; grep CapEff /proc/self/status", user="user"
+    )
+    lines = res.out.split("\n")
+    assert lines[0] == "1000" and lines[1] == "1000"
+    assert lines[2].split()[1] == "0000000000000000"
+
+
+def test_only_stdio_is_open(runtime: Runtime, busybox_layer: Path) -> None:
+    # A background sleep holds exactly what the container's command inherited.
+    res = run(
+        runtime, image(busybox_layer), "sleep 5 & ls /proc/1/fd; echo ---; ls /proc/$!/fd; kill $!"
+    )
+    init_fds, cmd_fds = res.out.split("---")
+    assert set(init_fds.split()) == {"0", "1", "2"}
+    assert set(cmd_fds.split()) == {"0", "1", "2"}
+
+
+def test_init_is_sealed_memfd_not_host_binary(runtime: Runtime, busybox_layer: Path) -> None:
+    res = run(
+        runtime,
+        image(busybox_layer),
+        "readlink /proc/1/exe; echo junk > /proc/1/exe; echo rc=$?; ls /proc/1/root/ | head -3",
+    )
+    assert "memfd:rexec-init" in res.out
+    assert "rc=0" not in res.out
+    # The interpreter that forked the child is nowhere to be seen.
+    assert "python" not in res.out.lower()
+
+
+def test_no_host_paths_reachable(runtime: Runtime, busybox_layer: Path, tmp_path: Path) -> None:
+    marker = tmp_path / f"host-marker-{uuid.uuid4().hex}"
+    marker.write_text("host")
+    res = run(
+        runtime,
+        image(busybox_layer),
+        f"cat {marker} /proc/1/root{marker} 2>/dev/null; echo rc=$?; cat /proc/mounts",
+    )
+    assert res.out.startswith("rc=1\n"), res.out
+    # The only host paths a container sees are the overlay's own options.
+    rest = [line for line in res.out.splitlines()[1:] if not line.startswith("overlay / ")]
+    assert not any(str(tmp_path) in line for line in rest), rest
+
+
+def test_exit_status_and_signals(runtime: Runtime, busybox_layer: Path) -> None:
+    assert run(runtime, image(busybox_layer), "exit 3").status == 3
+    assert run(runtime, image(busybox_layer), "kill -9 $$").status == 128 + 9
+    assert run(runtime, image(busybox_layer), "nonexistent-cmd").status == 127
+
+
+def test_init_reaps_orphans(runtime: Runtime, busybox_layer: Path) -> None:
+    res = run(
+        runtime,
+        image(busybox_layer),
+        "for i in 1 2 3 4 5; do (sh -c 'exit 0' &) ; done; "
+        "i=0; while [ $i -lt 50 ]; do "
+        "  z=$(grep -l '^State:.*Z' /proc/[0-9]*/status 2>/dev/null | wc -l); "
+        "  [ $z -eq 0 ] && break; i=$((i+1)); usleep 20000; done; echo zombies=$z",
+    )
+    assert "zombies=0" in res.out
+
+
+def test_bind_mount_target_symlink_stays_inside(
+    runtime: Runtime, tmp_path: Path, busybox_layer: Path
+) -> None:
+    evil = make_busybox_layer(tmp_path / "evil")
+    (evil / "home" / "user").rmdir()
+    # Resolved inside the container's root, this is the container's /etc, never the host's.
+    (evil / "home" / "user").symlink_to("/../../../../etc")
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    (vol / "data").write_text("volume")
+    res = run(
+        runtime,
+        image(evil),
+        "cat /etc/data",
+        mounts=[BindMount(source=str(vol), target="/home/user")],
+    )
+    assert res.out.splitlines()[0] == "volume"
+    assert not Path("/etc/data").exists()
+    # A dangling link is refused, naming the step; nothing is created on the host.
+    (evil / "home" / "user").unlink()
+    (evil / "home" / "user").symlink_to("/../../../" + str(tmp_path / "escape"))
+    with pytest.raises(ChildSetupError) as info:
+        run(runtime, image(evil), "true", mounts=[BindMount(source=str(vol), target="/home/user")])
+    assert info.value.step == "bind mounts"
+    assert not (tmp_path / "escape").exists()
+
+
+def test_symlinked_proc_is_refused_with_step(runtime: Runtime, tmp_path: Path) -> None:
+    evil = make_busybox_layer(tmp_path / "evil")
+    (evil / "proc").rmdir()
+    (evil / "proc").symlink_to("/etc")
+    with pytest.raises(ChildSetupError) as info:
+        run(runtime, image(evil), "true")
+    assert info.value.step == "mount /proc and /sys"
+    assert runtime.cgroups is not None and runtime.cgroups.list() == []
+
+
+def test_child_failure_names_step_and_leaves_nothing(runtime: Runtime, busybox_layer: Path) -> None:
+    cid = uuid.uuid4().hex * 2
+    dirs = runtime.dirs(cid)
+    runtime.create_dirs(dirs)
+    spec = runtime.build_spec(cid, "x", image(busybox_layer), dirs, args=["true"])
+    import dataclasses
+
+    bad = dataclasses.replace(spec, rootfs=dataclasses.replace(spec.rootfs, workdir="/nonexistent"))
+    with pytest.raises(ChildSetupError) as info:
+        runtime.start(bad, CgroupLimits())
+    assert info.value.step == "mount rootfs"
+    assert runtime.cgroups is not None and runtime.cgroups.list() == []
+    runtime.remove(cid)
+    assert not dirs.base.exists()
+
+
+def test_exec_and_stop_running_container(runtime: Runtime, busybox_layer: Path) -> None:
+    cid = uuid.uuid4().hex * 2
+    dirs = runtime.dirs(cid)
+    runtime.create_dirs(dirs)
+    try:
+        spec = runtime.build_spec(cid, "ex", image(busybox_layer), dirs, args=["sleep", "1000"])
+        pid = runtime.start(spec, CgroupLimits())
+        r, w = os.pipe()
+        child, master = runtime.exec(
+            cid,
+            pid,
+            ProcessSpec(
+                args=["sh", "-c", "hostname; cat /proc/1/cmdline | tr '\\0' ' '"], env=["PATH=/bin"]
+            ),
+            stdio=[w, w, w],
+        )
+        os.close(w)
+        out = b""
+        while chunk := os.read(r, 4096):
+            out += chunk
+        os.close(r)
+        assert master is None
+        assert runtime.spawner.wait(child.pid, timeout=10) == 0
+        text = out.decode()
+        assert text.startswith("ex\n") and "sleep 1000" in text
+        # A tty exec gets a PTY from the container's own devpts.
+        child, master = runtime.exec(
+            cid, pid, ProcessSpec(args=["tty"], env=["PATH=/bin"], tty=True)
+        )
+        assert master is not None
+        got = b""
+        try:
+            while chunk := os.read(master, 4096):
+                got += chunk
+        except OSError:
+            pass  # EIO once the slave side is closed
+        os.close(master)
+        assert got.strip() == b"/dev/pts/0"
+        assert runtime.spawner.wait(child.pid, timeout=10) == 0
+        # stop: SIGTERM reaches sleep through init.
+        assert runtime.stop(cid, pid, timeout=5) == 128 + signal.SIGTERM
+    finally:
+        runtime.remove(cid)
+
+
+def test_concurrent_starts_from_threads(runtime: Runtime, busybox_layer: Path) -> None:
+    results: list[Result] = []
+    errors: list[BaseException] = []
+
+    def one(i: int) -> None:
+        try:
+            results.append(run(runtime, image(busybox_layer), f"echo {i}", hostname=f"h{i}"))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    assert sorted(int(r.out) for r in results) == list(range(8))
