@@ -1,0 +1,480 @@
+"""The daemon's configuration: its schema, the embedded default file, loading and CLI overrides."""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from ipaddress import IPv4Network, IPv6Address
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    IPvAnyAddress,
+    NonNegativeInt,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONFIG_RESOURCE = "default.yaml"
+TIER_NAMES: tuple[str, ...] = ("guest", "free", "pro", "enterprise")
+
+# sun_path is 108 bytes including the terminating NUL.
+_UNIX_PATH_MAX = 107
+# IFNAMSIZ is 16 including the NUL; the kernel also refuses '/', ':' and whitespace.
+_IFNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
+_CGROUP_SEGMENT_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+_SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9._:-]*$")
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message names the key path at fault."""
+
+
+# --- the embedded default file ------------------------------------------------------
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses duplicate keys instead of keeping the last one."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    mapping: dict[Any, Any] = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in mapping:
+            raise ConfigError(f"line {key_node.start_mark.line + 1}: duplicate key {key!r}")
+        mapping[key] = loader.construct_object(value_node, deep=True)
+    return mapping
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def default_config_text() -> str:
+    """The embedded default config file, as shipped in the package."""
+    return resources.files("rexecd").joinpath(DEFAULT_CONFIG_RESOURCE).read_text("utf-8")
+
+
+@functools.cache
+def _embedded() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.load(default_config_text(), Loader=_StrictLoader)
+    return data
+
+
+# --- listen addresses ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UnixListen:
+    path: Path
+
+
+@dataclass(frozen=True)
+class TcpListen:
+    host: str
+    port: int
+
+
+def parse_listen(value: str) -> UnixListen | TcpListen:
+    """Parse ``unix:PATH`` or ``tcp:HOST:PORT`` (IPv6 hosts in brackets); raise ValueError."""
+    kind, sep, rest = value.partition(":")
+    if sep and kind == "unix":
+        if not rest:
+            raise ValueError(f"listen address {value!r} has an empty socket path")
+        if len(rest.encode()) > _UNIX_PATH_MAX:
+            raise ValueError(
+                f"listen address {value!r}: socket path longer than {_UNIX_PATH_MAX} bytes"
+            )
+        return UnixListen(Path(rest))
+    if sep and kind == "tcp":
+        host, colon, port_text = rest.rpartition(":")
+        if not colon or not host or not port_text.isdigit():
+            raise ValueError(f"listen address {value!r} must be tcp:HOST:PORT")
+        port = int(port_text)
+        # Port 0 is allowed so tests can ask the kernel for a free port.
+        if port > 65535:
+            raise ValueError(f"listen address {value!r}: port out of range")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+            if not isinstance(ipaddress.ip_address(host), IPv6Address):
+                raise ValueError(f"listen address {value!r}: brackets are only for IPv6")
+        return TcpListen(host, port)
+    raise ValueError(f"listen address {value!r} must be unix:PATH or tcp:HOST:PORT")
+
+
+# --- sections --------------------------------------------------------------------------
+
+
+class _Section(BaseModel):
+    # validate_assignment: tests that tweak a loaded config still get validated values.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class NetworkConfig(_Section):
+    # false: containers get a network namespace with loopback only, and the daemon
+    # creates no bridge, veth or nft table (hosts or tests without networking).
+    enabled: bool = True
+    bridge: str = "rexec0"
+    # rexecd's own nftables table; distinct per daemon when several share a host.
+    nft_table: str = Field(default="rexecd", pattern=r"^[A-Za-z][A-Za-z0-9_]{0,31}$")
+    subnet: IPv4Network = IPv4Network("10.88.0.0/16")
+    mode_default: Literal["default", "none"] = "default"
+    dns: list[IPvAnyAddress] = Field(
+        default_factory=lambda: [ipaddress.ip_address("1.1.1.1"), ipaddress.ip_address("8.8.8.8")]
+    )
+
+    @field_validator("bridge")
+    @classmethod
+    def _bridge_name(cls, v: str) -> str:
+        if not _IFNAME_RE.match(v):
+            raise ValueError(
+                f"{v!r} is not a valid interface name (1-15 of [A-Za-z0-9_.-], "
+                "starting with a letter or digit)"
+            )
+        return v
+
+    @field_validator("subnet", mode="before")
+    @classmethod
+    def _parse_subnet(cls, v: Any) -> Any:
+        # ipaddress says *why* a network is bad (host bits set, bad prefix); pydantic
+        # alone only says "not a valid IPv4 network".
+        if isinstance(v, str):
+            try:
+                return IPv4Network(v)
+            except ValueError as exc:
+                raise ValueError(f"{v!r}: {exc}") from None
+        return v
+
+    @field_validator("subnet")
+    @classmethod
+    def _room_for_hosts(cls, v: IPv4Network) -> IPv4Network:
+        # The gateway takes the first host address; a container needs at least one more.
+        if v.prefixlen > 30:
+            raise ValueError(f"{v} is too small: a /30 or larger is needed")
+        return v
+
+
+class CgroupConfig(_Section):
+    parent: str = "rexecd"
+
+    @field_validator("parent")
+    @classmethod
+    def _relative_path(cls, v: str) -> str:
+        segments = v.split("/")
+        if not all(_CGROUP_SEGMENT_RE.match(s) and s not in (".", "..") for s in segments):
+            raise ValueError(
+                f"{v!r} must be a relative cgroup path of [A-Za-z0-9_.-] segments "
+                "(no leading '/', no '..')"
+            )
+        return v
+
+
+class TierLimits(_Section):
+    # Every field is required: a half-written tier in a config file is an error,
+    # never silently completed from another tier's numbers.
+    cpu_millicores: PositiveInt
+    memory_mb: PositiveInt
+    disk_mb: PositiveInt
+    containers: NonNegativeInt
+    session_hours: float | None = Field(gt=0)
+    network_mbps: PositiveInt
+
+
+# network_mbps is not part of the Rexec tier table; these are our own choices,
+# a step of roughly one order of magnitude per tier, with enterprise at line rate
+# of a typical 1 Gb/s host.
+_GUEST = TierLimits(
+    cpu_millicores=500,
+    memory_mb=512,
+    disk_mb=2048,
+    containers=1,
+    session_hours=50,
+    network_mbps=10,
+)
+_FREE = TierLimits(
+    cpu_millicores=2000,
+    memory_mb=2048,
+    disk_mb=10240,
+    containers=5,
+    session_hours=50,
+    network_mbps=50,
+)
+_PRO = TierLimits(
+    cpu_millicores=4000,
+    memory_mb=4096,
+    disk_mb=20480,
+    containers=10,
+    session_hours=None,
+    network_mbps=100,
+)
+_ENTERPRISE = TierLimits(
+    cpu_millicores=8000,
+    memory_mb=8192,
+    disk_mb=51200,
+    containers=20,
+    session_hours=None,
+    network_mbps=1000,
+)
+
+
+class TiersConfig(_Section):
+    guest: TierLimits = Field(default_factory=lambda: _GUEST.model_copy())
+    free: TierLimits = Field(default_factory=lambda: _FREE.model_copy())
+    pro: TierLimits = Field(default_factory=lambda: _PRO.model_copy())
+    enterprise: TierLimits = Field(default_factory=lambda: _ENTERPRISE.model_copy())
+
+    def get(self, tier: str) -> TierLimits:
+        if tier not in TIER_NAMES:
+            raise KeyError(f"unknown tier {tier!r}")
+        limits: TierLimits = getattr(self, tier)
+        return limits
+
+
+class MinimumsConfig(_Section):
+    memory_mb: PositiveInt = 256
+    cpu_millicores: PositiveInt = 250
+    disk_mb: PositiveInt = 1024
+
+
+class DefaultsConfig(_Section):
+    """What a new container gets when the request leaves a resource out (then clamped)."""
+
+    memory_mb: PositiveInt = 512
+    cpu_millicores: PositiveInt = 1000
+    disk_mb: PositiveInt = 4096
+
+
+class RateLimitsConfig(_Section):
+    create_per_min: PositiveInt = 10
+    ops_per_min: PositiveInt = 60
+    read_per_min: PositiveInt = 120
+
+
+class CatalogueImage(_Section):
+    name: str
+    display_name: str
+    description: str
+    category: str
+    tags: list[str] = Field(default_factory=list)
+    popular: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _slug(cls, v: str) -> str:
+        if not _SLUG_RE.match(v):
+            raise ValueError(f"{v!r} must be lower-case [a-z0-9._:-]")
+        return v
+
+
+class ImagesConfig(_Section):
+    # The catalogue and the roles are data, spelled out once, in default.yaml.
+    catalogue: list[CatalogueImage] = Field(
+        default_factory=lambda: [
+            CatalogueImage.model_validate(i) for i in _embedded()["images"]["catalogue"]
+        ]
+    )
+
+    @field_validator("catalogue")
+    @classmethod
+    def _unique(cls, v: list[CatalogueImage]) -> list[CatalogueImage]:
+        _check_unique([i.name for i in v], "image name")
+        return v
+
+
+class RoleConfig(_Section):
+    id: str
+    name: str
+    description: str
+    packages: list[str] = Field(default_factory=list)
+
+    @field_validator("id")
+    @classmethod
+    def _slug(cls, v: str) -> str:
+        if not _SLUG_RE.match(v):
+            raise ValueError(f"{v!r} must be lower-case [a-z0-9._:-]")
+        return v
+
+
+class TerminalConfig(_Section):
+    idle_timeout_s: PositiveInt = 600
+    # API.md promises at least 64 KiB of scrollback on reconnect.
+    scrollback_bytes: int = Field(default=262144, ge=65536)
+
+
+class ExecConfig(_Section):
+    # A default above the max is not refused: the max wins (see quotas.exec_timeout).
+    default_timeout_s: PositiveInt = 60
+    max_timeout_s: PositiveInt = 300
+    output_cap_bytes: PositiveInt = 1048576
+
+
+# --- the whole document ----------------------------------------------------------------
+
+
+class Config(_Section):
+    """The daemon's configuration; ``Config()`` equals the embedded default.yaml."""
+
+    listen: list[str] = Field(default_factory=lambda: ["unix:/run/rexecd/rexecd.sock"])
+    state_dir: Path = Path("/var/lib/rexecd")
+    run_dir: Path = Path("/run/rexecd")
+    network: NetworkConfig = Field(default_factory=NetworkConfig)
+    cgroup: CgroupConfig = Field(default_factory=CgroupConfig)
+    tiers: TiersConfig = Field(default_factory=TiersConfig)
+    minimums: MinimumsConfig = Field(default_factory=MinimumsConfig)
+    defaults: DefaultsConfig = Field(default_factory=DefaultsConfig)
+    rate_limits: RateLimitsConfig = Field(default_factory=RateLimitsConfig)
+    images: ImagesConfig = Field(default_factory=ImagesConfig)
+    roles: list[RoleConfig] = Field(
+        default_factory=lambda: [RoleConfig.model_validate(r) for r in _embedded()["roles"]]
+    )
+    terminal: TerminalConfig = Field(default_factory=TerminalConfig)
+    exec: ExecConfig = Field(default_factory=ExecConfig)
+    stop_timeout_s: NonNegativeInt = 10
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("at least one listen address is needed")
+        for item in v:
+            parse_listen(item)
+        _check_unique(v, "listen address")
+        return v
+
+    @field_validator("state_dir", "run_dir")
+    @classmethod
+    def _absolute(cls, v: Path) -> Path:
+        # The daemon's cwd is not meaningful; a relative path would move with it.
+        if not v.is_absolute():
+            raise ValueError(f"{str(v)!r} must be an absolute path")
+        return v
+
+    @field_validator("roles")
+    @classmethod
+    def _unique_roles(cls, v: list[RoleConfig]) -> list[RoleConfig]:
+        _check_unique([r.id for r in v], "role id")
+        return v
+
+    @model_validator(mode="after")
+    def _tiers_above_minimums(self) -> Config:
+        pairs = (
+            ("memory_mb", "memory_mb"),
+            ("cpu_millicores", "cpu_millicores"),
+            ("disk_mb", "disk_mb"),
+        )
+        for tier in TIER_NAMES:
+            limits = self.tiers.get(tier)
+            for tier_key, min_key in pairs:
+                have, floor = getattr(limits, tier_key), getattr(self.minimums, min_key)
+                if have < floor:
+                    raise ValueError(
+                        f"tiers.{tier}.{tier_key} ({have}) is below minimums.{min_key} ({floor})"
+                    )
+        return self
+
+    def listen_addresses(self) -> list[UnixListen | TcpListen]:
+        return [parse_listen(v) for v in self.listen]
+
+
+def _check_unique(values: Sequence[str], what: str) -> None:
+    seen: set[str] = set()
+    for v in values:
+        if v in seen:
+            raise ValueError(f"duplicate {what} {v!r}")
+        seen.add(v)
+
+
+# --- loading ---------------------------------------------------------------------------
+
+
+def _format_errors(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+def _validate(data: Any) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc)) from None
+
+
+def _parse(text: str, origin: str) -> Config:
+    try:
+        # _StrictLoader is a SafeLoader: no arbitrary object construction.
+        data = yaml.load(text, Loader=_StrictLoader)
+    except ConfigError as exc:
+        raise ConfigError(f"{origin}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{origin}: not valid YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: the top level must be a mapping of sections")
+    return _validate(data)
+
+
+def load_config(path: Path | None) -> Config:
+    """Load ``path``; without a path, or when it does not exist, load the embedded default.
+
+    A key absent from the file takes the built-in default of that key (the same
+    value default.yaml spells out); a tier, being one unit, must be given whole.
+    Which file was used is logged, so a mistyped ``--config`` does not go unnoticed.
+    """
+    if path is None:
+        log.info("config: no file given, using the embedded default")
+        return _parse(default_config_text(), "embedded default.yaml")
+    if not path.exists():
+        log.warning("config: %s does not exist, using the embedded default", path)
+        return _parse(default_config_text(), "embedded default.yaml")
+    try:
+        text = path.read_text("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    log.info("config: using %s", path)
+    return _parse(text, str(path))
+
+
+def apply_overrides(
+    cfg: Config,
+    *,
+    state_dir: Path | str | None = None,
+    run_dir: Path | str | None = None,
+    listen: Sequence[str] | None = None,
+    subnet: str | None = None,
+    bridge: str | None = None,
+) -> Config:
+    """Return a new config with the command-line values put in; None (or empty) keeps a key.
+
+    Relative directories from the command line are taken relative to the cwd of
+    the command, which is what a user typing them means.
+    """
+    data = cfg.model_dump()
+    if state_dir is not None:
+        data["state_dir"] = Path(state_dir).absolute()
+    if run_dir is not None:
+        data["run_dir"] = Path(run_dir).absolute()
+    if listen:
+        data["listen"] = list(listen)
+    if subnet is not None:
+        data["network"]["subnet"] = subnet
+    if bridge is not None:
+        data["network"]["bridge"] = bridge
+    return _validate(data)

@@ -1,0 +1,570 @@
+"""The Rexec API wire shapes (request, response and frame bodies) and the container record."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+
+# --- shared vocabulary -----------------------------------------------------------------
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+NAME_RE = re.compile(NAME_PATTERN)
+ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+RUNTIME_ID_RE = re.compile(r"^[0-9a-f]{64}$")
+# Image references as a user types them: "ubuntu", "alpine:3.20", "registry/x:tag".
+_IMAGE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,254}$"
+
+ContainerStatus = Literal["creating", "configuring", "running", "stopped", "error", "expired"]
+TierName = Literal["guest", "free", "pro", "enterprise"]
+Scope = Literal["read", "write", "admin"]
+NetworkMode = Literal["default", "none"]
+EXEC_MAX_TIMEOUT_S = 300
+EXEC_DEFAULT_TIMEOUT_S = 60
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _as_utc(dt: datetime) -> datetime:
+    # A naive datetime can only have come from our own code, which always means UTC.
+    if dt.tzinfo is None:
+        return dt.replace(tzinfo=UTC)
+    return dt.astimezone(UTC)
+
+
+def format_rfc3339(dt: datetime) -> str:
+    """``2024-05-01T12:00:00Z``: whole seconds, which every client's parser accepts."""
+    return _as_utc(dt).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+UtcDatetime = Annotated[
+    datetime,
+    AfterValidator(_as_utc),
+    PlainSerializer(format_rfc3339, return_type=str, when_used="json"),
+]
+
+
+def new_db_id() -> str:
+    return str(uuid.uuid4())
+
+
+def new_runtime_id() -> str:
+    return secrets.token_hex(32)
+
+
+def _no_nul(value: str, what: str) -> str:
+    # A NUL cannot cross execve or a path syscall; refuse it at the door.
+    if "\x00" in value:
+        raise ValueError(f"{what} must not contain NUL characters")
+    return value
+
+
+class _Request(BaseModel):
+    # A body with an unknown key is a 400 naming the key, never silently ignored.
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(extra="forbid", serialize_by_alias=True, validate_by_name=True)
+
+
+class _OmitNone(_Response):
+    """A response whose optional keys are left out rather than sent as null."""
+
+    _omit_when_none: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _drop_nones(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        return {k: v for k, v in data.items() if not (v is None and k in self._omit_when_none)}
+
+
+# --- containers ------------------------------------------------------------------------
+
+
+def _check_name(v: str | None) -> str | None:
+    if v is not None and not NAME_RE.match(v):
+        raise ValueError("name must be 1-64 of [A-Za-z0-9_-] and must not start with '-' or '_'")
+    return v
+
+
+def _check_env_map(v: dict[str, str]) -> dict[str, str]:
+    for key, value in v.items():
+        if not ENV_KEY_RE.match(key):
+            raise ValueError(f"environment name {key!r} must match [A-Za-z_][A-Za-z0-9_]*")
+        _no_nul(value, f"environment value of {key}")
+    return v
+
+
+class ContainerCreate(_Request):
+    """Body of ``POST /containers`` and ``/containers/stream``.
+
+    Sizes of 0 mean "not given", because some clients send zero values for unset
+    fields; the service then applies the configured default.
+    """
+
+    image: str = Field(min_length=1, max_length=255, pattern=_IMAGE_PATTERN)
+    name: str | None = None
+    role: str | None = Field(default=None, max_length=64)
+    custom_image: str | None = Field(default=None, max_length=255, pattern=_IMAGE_PATTERN)
+    memory_mb: int | None = Field(default=None, ge=0)
+    cpu_shares: int | None = Field(default=None, ge=0)
+    disk_mb: int | None = Field(default=None, ge=0)
+    environment: dict[str, str] = Field(default_factory=dict)
+    labels: dict[str, str] = Field(default_factory=dict)
+    network_mode: NetworkMode | None = None
+
+    _name = field_validator("name")(_check_name)
+    _env = field_validator("environment")(_check_env_map)
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, value in v.items():
+            if not key or len(key) > 128:
+                raise ValueError(f"label key {key!r} must be 1-128 characters")
+            _no_nul(key, "label key")
+            _no_nul(value, f"label {key}")
+        return v
+
+
+class ContainerResources(_Response):
+    memory_mb: int
+    cpu_shares: int
+    disk_mb: int
+    network_mbps: int
+
+
+class ContainerOut(_OmitNone):
+    """The container object as API.md lists it; ``error_message`` and ``async`` only when set."""
+
+    _omit_when_none: ClassVar[frozenset[str]] = frozenset({"error_message", "async"})
+
+    id: str
+    db_id: str
+    user_id: str
+    name: str
+    image: str
+    role: str | None
+    status: ContainerStatus
+    created_at: UtcDatetime
+    last_used_at: UtcDatetime | None
+    idle_seconds: int
+    ip_address: str | None
+    expires_at: UtcDatetime | None
+    resources: ContainerResources
+    error_message: str | None = None
+    async_: bool | None = Field(default=None, alias="async")
+
+
+class ContainerList(_Response):
+    containers: list[ContainerOut]
+    count: int
+    limit: int
+
+
+class ActionResult(_Response):
+    message: str
+    id: str
+    name: str
+    status: ContainerStatus
+
+
+class DeleteResult(_Response):
+    message: str
+    id: str
+    db_id: str
+    name: str
+
+
+class SettingsPatch(_Request):
+    name: str | None = None
+    memory_mb: int | None = Field(default=None, ge=0)
+    cpu_shares: int | None = Field(default=None, ge=0)
+    disk_mb: int | None = Field(default=None, ge=0)
+
+    _name = field_validator("name")(_check_name)
+
+
+class SettingsResult(_Response):
+    message: str
+    restarted: bool
+    container: ContainerOut
+
+
+# --- exec ------------------------------------------------------------------------------
+
+
+class ExecRequest(_Request):
+    """Body of ``POST /containers/{id}/exec``: exactly one of ``command`` and ``cmd``.
+
+    ``timeout_seconds`` above the maximum is lowered to it, like resource sizes
+    are, instead of failing the request; 0 or null means the default.
+    """
+
+    command: str | None = Field(default=None, min_length=1)
+    cmd: list[str] | None = Field(default=None, min_length=1)
+    workdir: str | None = None
+    env: list[str] = Field(default_factory=list)
+    user: str | None = Field(default=None, min_length=1, max_length=64)
+    timeout_seconds: int = Field(default=EXEC_DEFAULT_TIMEOUT_S, ge=0)
+
+    @field_validator("command")
+    @classmethod
+    def _command(cls, v: str | None) -> str | None:
+        return None if v is None else _no_nul(v, "command")
+
+    @field_validator("cmd")
+    @classmethod
+    def _cmd(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None:
+            for arg in v:
+                _no_nul(arg, "cmd arguments")
+            if not v[0]:
+                raise ValueError("cmd[0] (the program) must not be empty")
+        return v
+
+    @field_validator("workdir")
+    @classmethod
+    def _workdir(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith("/"):
+            raise ValueError("workdir must be an absolute path")
+        return None if v is None else _no_nul(v, "workdir")
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, v: list[str]) -> list[str]:
+        for item in v:
+            key, sep, value = item.partition("=")
+            if not sep or not ENV_KEY_RE.match(key):
+                raise ValueError(f"env entry {item!r} must be K=V with K of [A-Za-z_][A-Za-z0-9_]*")
+            _no_nul(value, f"env value of {key}")
+        return v
+
+    @field_validator("timeout_seconds", mode="before")
+    @classmethod
+    def _timeout(cls, v: Any) -> Any:
+        if v is None or v == 0:
+            return EXEC_DEFAULT_TIMEOUT_S
+        if isinstance(v, int) and not isinstance(v, bool) and v > EXEC_MAX_TIMEOUT_S:
+            return EXEC_MAX_TIMEOUT_S
+        return v
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ExecRequest:
+        if (self.command is None) == (self.cmd is None):
+            raise ValueError("give exactly one of command (a shell string) or cmd (an argv list)")
+        return self
+
+    def argv(self) -> list[str]:
+        """The program and arguments to execute; ``command`` runs under ``sh -c``."""
+        if self.cmd is not None:
+            return list(self.cmd)
+        assert self.command is not None
+        return ["/bin/sh", "-c", self.command]
+
+
+class ExecResult(_Response):
+    stdout: str
+    stderr: str
+    output: str
+    exit_code: int
+    duration_ms: int
+    truncated: bool
+
+
+class Stats(_Response):
+    cpu_percent: float
+    cpu_usage_usec: int
+    memory: int
+    memory_limit: int
+    pids: int
+    disk_read: int
+    disk_write: int
+    disk_usage: int
+    disk_limit: int
+    net_rx: int
+    net_tx: int
+    oom_kills: int
+
+
+# --- files -----------------------------------------------------------------------------
+
+
+class FileInfo(_Response):
+    name: str
+    path: str
+    size: int
+    mode: str
+    mod_time: UtcDatetime
+    is_dir: bool
+
+
+class FileList(_Response):
+    path: str
+    files: list[FileInfo]
+    count: int
+
+
+class FilePathBody(_Request):
+    """Optional JSON body of the file endpoints, for clients that do not use ``?path=``."""
+
+    path: str = Field(min_length=1)
+
+
+# --- images and roles ------------------------------------------------------------------
+
+
+class ImageInfo(_Response):
+    name: str
+    display_name: str
+    description: str
+    category: str
+    tags: list[str]
+    popular: bool
+    available: bool
+
+
+class ImageList(_Response):
+    images: list[ImageInfo]
+    count: int
+
+
+class Role(_Response):
+    id: str
+    name: str
+    description: str
+    packages: list[str]
+
+
+class RoleList(_Response):
+    roles: list[Role]
+
+
+class ImportResult(_Response):
+    name: str
+    digest: str
+    size: int
+    layers: int
+
+
+# --- tokens ----------------------------------------------------------------------------
+
+
+class TokenCreate(_Request):
+    name: str = Field(min_length=1, max_length=64)
+    scopes: list[Scope] | None = None
+    expires_in: int | None = Field(default=None, ge=1, le=3650, description="days")
+
+
+class TokenOut(_OmitNone):
+    """A token as listed: never the secret itself."""
+
+    _omit_when_none: ClassVar[frozenset[str]] = frozenset({"last_used_at"})
+
+    id: str
+    name: str
+    token_prefix: str
+    scopes: list[Scope]
+    expires_at: UtcDatetime | None
+    created_at: UtcDatetime
+    last_used_at: UtcDatetime | None = None
+
+
+class TokenCreated(TokenOut):
+    """The 201 answer to ``POST /api/tokens``: the only time the secret is shown."""
+
+    token: str
+
+
+class TokenList(_Response):
+    tokens: list[TokenOut]
+    count: int
+
+
+class TokenValidation(_Response):
+    """Answer of ``GET /api/tokens/validate``."""
+
+    valid: bool
+    user_id: str
+    user_name: str
+    tier: TierName
+    scopes: list[Scope]
+    token_id: str
+    expires_at: UtcDatetime | None
+
+
+# --- daemon ----------------------------------------------------------------------------
+
+
+class Health(_Response):
+    status: str
+    containers_total: int
+    containers_running: int
+    cgroup: str
+    version: str
+
+
+class Version(_Response):
+    version: str
+    build: str
+
+
+class ErrorBody(BaseModel):
+    """Every error answer: ``error`` always, anything else beside it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    error: str
+    code: str | None = None
+    details: Any = None
+
+
+# --- streams and frames ----------------------------------------------------------------
+
+EventType = Literal[
+    "list", "created", "updated", "deleted", "started", "stopped", "progress", "oom", "pong"
+]
+
+
+class Event(_OmitNone):
+    """A frame of the ``/containers/events`` WebSocket (server to client)."""
+
+    _omit_when_none: ClassVar[frozenset[str]] = frozenset({"container", "containers", "timestamp"})
+
+    type: EventType
+    container: ContainerOut | None = None
+    containers: list[ContainerOut] | None = None
+    timestamp: UtcDatetime | None = None
+
+
+StreamStage = Literal["validating", "pulling", "creating", "starting", "configuring", "ready"]
+
+
+class StreamProgress(_OmitNone):
+    """One ``data:`` frame of ``POST /containers/stream``; a failure sets ``error`` at its stage."""
+
+    _omit_when_none: ClassVar[frozenset[str]] = frozenset({"container_id", "container", "error"})
+
+    stage: StreamStage
+    message: str
+    progress: int = Field(ge=0, le=100)
+    complete: bool = False
+    container_id: str | None = None
+    container: ContainerOut | None = None
+    error: str | None = None
+
+
+TerminalFrameType = Literal[
+    # client to server
+    "input",
+    "resize",
+    # both ways
+    "ping",
+    "pong",
+    # server to client
+    "connected",
+    "shell_starting",
+    "shell_ready",
+    "output",
+    "stats",
+    "error",
+    "container_status",
+]
+
+
+class TerminalFrame(BaseModel):
+    """A JSON frame of ``/ws/terminal/{id}``, either way.
+
+    Unknown keys are ignored rather than refused: browser terminals add their own
+    (timestamps, ids), and a frame is not a request body to be answered with a 400.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: TerminalFrameType
+    data: str | None = None
+    # struct winsize holds unsigned shorts.
+    cols: int | None = Field(default=None, ge=0, le=65535)
+    rows: int | None = Field(default=None, ge=0, le=65535)
+
+    def to_wire(self) -> str:
+        return self.model_dump_json(exclude_none=True)
+
+
+# --- the stored container --------------------------------------------------------------
+
+
+class ContainerRecord(BaseModel):
+    """One row of the containers table, as the service works with it."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    db_id: str = Field(default_factory=new_db_id)
+    id: str = Field(default_factory=new_runtime_id)
+    user_id: str
+    name: str
+    image: str
+    role: str | None = None
+    status: ContainerStatus = "creating"
+    error_message: str | None = None
+    created_at: UtcDatetime = Field(default_factory=utcnow)
+    last_used_at: UtcDatetime | None = None
+    started_at: UtcDatetime | None = None
+    expires_at: UtcDatetime | None = None
+    resources: ContainerResources
+    environment: dict[str, str] = Field(default_factory=dict)
+    labels: dict[str, str] = Field(default_factory=dict)
+    network_mode: NetworkMode = "default"
+    ip_address: str | None = None
+    pid: int | None = None
+    # Start time of pid in clock ticks since boot (/proc/PID/stat field 22): with it a
+    # restarted daemon can tell its container's init from a recycled pid.
+    pid_start_time: int | None = None
+    spec: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("id")
+    @classmethod
+    def _runtime_id(cls, v: str) -> str:
+        if not RUNTIME_ID_RE.match(v):
+            raise ValueError("runtime id must be 64 lower-case hex characters")
+        return v
+
+    def idle_seconds(self, now: datetime | None = None) -> int:
+        since = self.last_used_at or self.created_at
+        return max(0, int(((now or utcnow()) - since).total_seconds()))
+
+    def to_out(self, now: datetime | None = None, *, async_: bool | None = None) -> ContainerOut:
+        return ContainerOut(
+            id=self.id,
+            db_id=self.db_id,
+            user_id=self.user_id,
+            name=self.name,
+            image=self.image,
+            role=self.role,
+            status=self.status,
+            created_at=self.created_at,
+            last_used_at=self.last_used_at,
+            idle_seconds=self.idle_seconds(now),
+            ip_address=self.ip_address,
+            expires_at=self.expires_at,
+            resources=self.resources,
+            error_message=self.error_message if self.status == "error" else None,
+            async_=async_,
+        )
