@@ -1,0 +1,445 @@
+"""Image archives: docker-archive and OCI image-layout tarballs, read in place and verified."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import posixpath
+import re
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any, BinaryIO
+
+from rexecd.errors import ImageError, InvalidRequest, UnsupportedImage
+
+from .blobs import CHUNK, check_digest, decompress
+from .models import DIGEST_RE, ImageConfig, parse_reference
+
+# Small JSON documents only: a bigger one is not an image, and must not fill memory.
+_JSON_LIMIT = 16 << 20
+_BLOB_DIGEST_RE = re.compile(r"^(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})$")
+_BLOB_PATH_RE = re.compile(r"^blobs/(sha256)/([0-9a-f]{64})$")
+_LEGACY_CONFIG_RE = re.compile(r"^([0-9a-f]{64})\.json$")
+
+_INDEX_TYPES = {
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+}
+_MANIFEST_TYPES = {
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+}
+_CONFIG_TYPES = {
+    "application/vnd.oci.image.config.v1+json",
+    "application/vnd.docker.container.image.v1+json",
+}
+_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386"}
+_MAX_INDEX_DEPTH = 4
+
+
+@dataclass(frozen=True)
+class LayerBlob:
+    """One layer as the archive holds it."""
+
+    diff_id: str
+    path: str  # the member name the manifest gives, for messages
+    member: tarfile.TarInfo  # the regular-file member holding the bytes (links resolved)
+    digest: str | None  # None when the archive gives no blob digest (legacy docker-archive)
+    size: int
+
+
+@dataclass(frozen=True)
+class ParsedImage:
+    name: str | None
+    tag: str | None
+    digest: str
+    config: ImageConfig
+    created: datetime | None
+    layers: list[LayerBlob]
+
+
+class OuterArchive:
+    """Random access to the members of the (uncompressed, seekable) outer tarball."""
+
+    def __init__(self, tar: tarfile.TarFile) -> None:
+        self._tar = tar
+        self._members: dict[str, tarfile.TarInfo] = {}
+        for m in tar.getmembers():
+            # Later members win, as when a tar is extracted.
+            self._members[_norm(m.name)] = m
+
+    def has(self, name: str) -> bool:
+        return _norm(name) in self._members
+
+    def member(self, name: str) -> tarfile.TarInfo:
+        """The regular-file member at ``name``, following links inside the archive only."""
+        key = _norm(name)
+        for _ in range(16):
+            m = self._members.get(key)
+            if m is None:
+                raise ImageError(f"archive has no member {name!r}")
+            if m.isreg():
+                return m
+            if m.issym():
+                key = _norm(posixpath.join(posixpath.dirname(key), m.linkname))
+            elif m.islnk():
+                key = _norm(m.linkname)
+            else:
+                raise ImageError(f"archive member {name!r} is not a regular file")
+        raise ImageError(f"archive member {name!r}: too many levels of links")
+
+    def open(self, member: tarfile.TarInfo) -> IO[bytes]:
+        f = self._tar.extractfile(member)
+        assert f is not None  # member() only returns regular files
+        return f
+
+    def read(self, name: str, digest: str | None = None) -> bytes:
+        m = self.member(name)
+        if m.size > _JSON_LIMIT:
+            raise ImageError(f"archive member {name!r} is too large ({m.size} bytes)")
+        data = self.open(m).read()
+        if digest is not None:
+            check_digest(_digest_of(data, digest), digest, f"blob {name!r}")
+        return data
+
+    def read_json(self, name: str, digest: str | None = None) -> Any:
+        try:
+            return json.loads(self.read(name, digest))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ImageError(f"archive member {name!r} is not valid JSON: {e}") from None
+
+
+def _norm(name: str) -> str:
+    # Names are only keys into the member table here; nothing is created from them.
+    return posixpath.normpath("/" + name).lstrip("/")
+
+
+def _digest_of(data: bytes, like: str) -> str:
+    algo = like.partition(":")[0]
+    if algo not in ("sha256", "sha512"):
+        raise UnsupportedImage(f"unsupported digest algorithm {algo!r}")
+    return f"{algo}:{hashlib.new(algo, data).hexdigest()}"
+
+
+@contextmanager
+def open_archive(src: Path | BinaryIO, spool_dir: Path) -> Iterator[OuterArchive]:
+    """Open an image tarball for random access.
+
+    A seekable plain tar is read in place. A gzip/zstd-compressed one (``docker save |
+    gzip``), or a stream that cannot seek, is first copied whole (decompressed) into an
+    anonymous temporary file in ``spool_dir``; its members are never extracted.
+    """
+    with _plain_seekable(src, spool_dir) as f, _open_tar(f) as tar:
+        try:
+            yield OuterArchive(tar)
+        except tarfile.TarError as e:
+            raise ImageError(f"corrupt archive: {e}") from None
+
+
+def _open_tar(f: BinaryIO) -> tarfile.TarFile:
+    try:
+        return tarfile.open(fileobj=f, mode="r:", encoding="utf-8", errors="surrogateescape")
+    except tarfile.TarError as e:
+        raise ImageError(f"not a tar archive: {e}") from None
+
+
+@contextmanager
+def _plain_seekable(src: Path | BinaryIO, spool_dir: Path) -> Iterator[BinaryIO]:
+    if isinstance(src, Path):
+        with src.open("rb") as f:
+            if _is_plain(f):
+                yield f
+                return
+            with _spool(f, spool_dir) as s:
+                yield s
+        return
+    if src.seekable() and _is_plain(src):
+        yield src
+        return
+    with _spool(src, spool_dir) as s:
+        yield s
+
+
+def _is_plain(f: BinaryIO) -> bool:
+    pos = f.tell()
+    head = f.read(8)
+    f.seek(pos)
+    return not head.startswith((b"\x1f\x8b", b"\x28\xb5\x2f\xfd"))
+
+
+@contextmanager
+def _spool(f: BinaryIO, spool_dir: Path) -> Iterator[BinaryIO]:
+    _, plain = decompress(f, "archive")
+    with tempfile.TemporaryFile(dir=spool_dir) as out:
+        while data := plain.read(CHUNK):
+            out.write(data)
+        out.seek(0)
+        yield out
+
+
+def read_image(arc: OuterArchive, want: tuple[str, str | None] | None) -> ParsedImage:
+    """Parse and verify everything but the layer contents.
+
+    ``want`` (a parsed ``name[:tag]``) chooses the image when the archive holds several.
+    OCI image-layout is preferred when present (Docker 25+ writes both layouts), since
+    it carries a digest for every blob.
+    """
+    if arc.has("oci-layout") and arc.has("index.json"):
+        return _read_oci(arc, want)
+    if arc.has("manifest.json"):
+        return _read_docker(arc, want)
+    raise ImageError("archive is neither an OCI image layout nor a docker-archive")
+
+
+# --- OCI image layout -------------------------------------------------------------------
+
+
+def _read_oci(arc: OuterArchive, want: tuple[str, str | None] | None) -> ParsedImage:
+    layout = arc.read_json("oci-layout")
+    if not isinstance(layout, dict) or not str(layout.get("imageLayoutVersion", "")).startswith(
+        "1."
+    ):
+        raise UnsupportedImage("oci-layout: unsupported imageLayoutVersion")
+    entries = _images(_descriptors(arc.read_json("index.json"), "index.json"))
+    if not entries:
+        raise ImageError("index.json lists no image")
+    pairs = [(d, _ref_of(d)) for d in entries]
+    if want is not None:
+        pairs = [p for p in pairs if _same_ref(p[1], want)] or pairs
+    # Several entries are fine when they are one image under several tags, or one
+    # reference across platforms; several references to different manifests are not.
+    if len({d["digest"] for d, _ in pairs}) > 1 and len({r for _, r in pairs}) > 1:
+        names = ", ".join(sorted({f"{r[0]}:{r[1]}" for _, r in pairs if r is not None}))
+        raise ImageError(f"archive holds several images ({names}); name the one to import")
+    desc = _pick_platform([d for d, _ in pairs], "index.json")
+    ref = next(r for d, r in pairs if d is desc)
+    for _ in range(_MAX_INDEX_DEPTH):
+        doc = arc.read_json(_blob_path(desc), desc["digest"])
+        if not _is_index(desc, doc):
+            return _read_manifest(arc, desc, doc, ref)
+        where = f"index {desc['digest']}"
+        desc = _pick_platform(_images(_descriptors(doc, where)), where)
+    raise ImageError("image indexes nested too deeply")
+
+
+def _read_manifest(
+    arc: OuterArchive, desc: dict[str, Any], doc: Any, ref: tuple[str | None, str | None] | None
+) -> ParsedImage:
+    where = f"manifest {desc['digest']}"
+    if not isinstance(doc, dict) or doc.get("mediaType", desc.get("mediaType")) not in (
+        _MANIFEST_TYPES | {None}
+    ):
+        raise UnsupportedImage(f"{where}: not an image manifest")
+    cfg_desc = _descriptor(doc.get("config"), f"{where} config")
+    if cfg_desc.get("mediaType", next(iter(_CONFIG_TYPES))) not in _CONFIG_TYPES:
+        mt = cfg_desc.get("mediaType")
+        raise UnsupportedImage(f"{where}: config type {mt!r} is not an image config")
+    raw_layers = doc.get("layers")
+    if not isinstance(raw_layers, list):
+        raise ImageError(f"{where}: no layers list")
+    cfg_bytes = arc.read(_blob_path(cfg_desc), cfg_desc["digest"])
+    config, created, diff_ids = _parse_config(cfg_bytes, f"config {cfg_desc['digest']}")
+    if len(diff_ids) != len(raw_layers):
+        raise ImageError(f"{where}: {len(raw_layers)} layers but {len(diff_ids)} diff_ids")
+    layers = []
+    for i, (raw, diff_id) in enumerate(zip(raw_layers, diff_ids, strict=True)):
+        d = _descriptor(raw, f"{where} layer {i}")
+        if "encrypted" in str(d.get("mediaType", "")):
+            raise UnsupportedImage(f"{where}: encrypted layers are not supported")
+        path = _blob_path(d)
+        member = arc.member(path)
+        if member.size != d["size"]:
+            raise ImageError(f"blob {path!r}: size {member.size}, manifest says {d['size']}")
+        layers.append(LayerBlob(diff_id, path, member, d["digest"], member.size))
+    name, tag = ref if ref is not None else (None, None)
+    return ParsedImage(name, tag, desc["digest"], config, created, layers)
+
+
+def _descriptors(doc: Any, where: str) -> list[dict[str, Any]]:
+    if not isinstance(doc, dict) or not isinstance(doc.get("manifests"), list):
+        raise ImageError(f"{where}: no manifests list")
+    return [_descriptor(d, where) for d in doc["manifests"]]
+
+
+def _descriptor(d: Any, where: str) -> dict[str, Any]:
+    if not isinstance(d, dict):
+        raise ImageError(f"{where}: descriptor is not an object")
+    digest, size = d.get("digest"), d.get("size")
+    if not isinstance(digest, str) or not _BLOB_DIGEST_RE.match(digest):
+        raise ImageError(f"{where}: invalid digest {digest!r}")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise ImageError(f"{where}: invalid size for {digest}")
+    return d
+
+
+def _blob_path(d: dict[str, Any]) -> str:
+    algo, _, hexd = d["digest"].partition(":")
+    return f"blobs/{algo}/{hexd}"
+
+
+def _is_index(desc: dict[str, Any], doc: Any) -> bool:
+    mt = desc.get("mediaType") or (doc.get("mediaType") if isinstance(doc, dict) else None)
+    if mt in _INDEX_TYPES:
+        return True
+    return mt is None and isinstance(doc, dict) and "manifests" in doc
+
+
+def _images(descs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    # BuildKit adds attestation manifests (platform unknown/unknown) next to the images.
+    out = []
+    for d in descs:
+        ann = d.get("annotations") or {}
+        plat = d.get("platform") or {}
+        if ann.get("vnd.docker.reference.type") == "attestation-manifest":
+            continue
+        if plat.get("os") == "unknown":
+            continue
+        out.append(d)
+    return out
+
+
+def _ref_of(d: dict[str, Any]) -> tuple[str | None, str | None] | None:
+    """The (name, tag) an index entry is annotated with, if any.
+
+    containerd/Docker put the full reference in ``io.containerd.image.name``. The OCI
+    ``org.opencontainers.image.ref.name`` is by convention only a tag ("latest"), but
+    skopeo and others write a full "name:tag" there: with a ':' or '/' it is taken as a
+    full reference, otherwise as a tag.
+    """
+    ann = d.get("annotations") or {}
+    full = ann.get("io.containerd.image.name")
+    short = ann.get("org.opencontainers.image.ref.name")
+    try:
+        if isinstance(full, str):
+            name, tag = parse_reference(full)
+            return name, tag or (short if isinstance(short, str) else None)
+        if isinstance(short, str):
+            if ":" in short or "/" in short:
+                return parse_reference(short)
+            return None, short
+    except InvalidRequest as e:
+        raise ImageError(f"index.json: bad image reference annotation: {e}") from None
+    return None
+
+
+def _same_ref(ref: tuple[str | None, str | None] | None, want: tuple[str, str | None]) -> bool:
+    if ref is None:
+        return False
+    return ref[0] == want[0] and (ref[1] or "latest") == (want[1] or "latest")
+
+
+def host_arch() -> str:
+    m = platform.machine()
+    return _ARCH.get(m, m)
+
+
+def _pick_platform(descs: list[dict[str, Any]], where: str) -> dict[str, Any]:
+    if not descs:
+        raise ImageError(f"{where}: no image manifests")
+    if len(descs) == 1:
+        return descs[0]
+    arch = host_arch()
+    for d in descs:
+        plat = d.get("platform") or {}
+        if plat.get("os") == "linux" and plat.get("architecture") == arch:
+            return d
+    raise UnsupportedImage(f"{where}: no image for linux/{arch}")
+
+
+# --- docker-archive ---------------------------------------------------------------------
+
+
+def _read_docker(arc: OuterArchive, want: tuple[str, str | None] | None) -> ParsedImage:
+    manifest = arc.read_json("manifest.json")
+    if not isinstance(manifest, list) or not manifest:
+        raise ImageError("manifest.json: expected a non-empty list")
+    entries = [_docker_entry(e) for e in manifest]
+    if len(entries) > 1:
+        wanted = []
+        if want is not None:
+            wanted = [e for e in entries if any(_same_ref(t, want) for t in e[2])]
+        if len(wanted) != 1:
+            listed = ", ".join(f"{n}:{t}" for e in entries for n, t in e[2]) or "untagged"
+            raise ImageError(f"archive holds several images ({listed}); name the one to import")
+        entries = wanted
+    config_name, layer_paths, tags = entries[0]
+    cfg_bytes = arc.read(config_name, _digest_in_name(config_name))
+    # No manifest exists in this format: the config digest is docker's image ID.
+    digest = f"sha256:{hashlib.sha256(cfg_bytes).hexdigest()}"
+    config, created, diff_ids = _parse_config(cfg_bytes, f"config {config_name!r}")
+    if len(diff_ids) != len(layer_paths):
+        raise ImageError(f"manifest.json: {len(layer_paths)} layers but {len(diff_ids)} diff_ids")
+    layers = []
+    for path, diff_id in zip(layer_paths, diff_ids, strict=True):
+        member = arc.member(path)
+        layers.append(LayerBlob(diff_id, path, member, _digest_in_name(path), member.size))
+    name, tag = tags[0] if tags else (None, None)
+    return ParsedImage(name, tag, digest, config, created, layers)
+
+
+def _docker_entry(e: Any) -> tuple[str, list[str], list[tuple[str, str | None]]]:
+    if not isinstance(e, dict):
+        raise ImageError("manifest.json: entry is not an object")
+    config, layers, repo_tags = e.get("Config"), e.get("Layers"), e.get("RepoTags") or []
+    if not isinstance(config, str):
+        raise ImageError("manifest.json: entry has no Config")
+    if not isinstance(layers, list) or not all(isinstance(x, str) for x in layers):
+        raise ImageError("manifest.json: entry has no Layers list")
+    if not isinstance(repo_tags, list):
+        raise ImageError("manifest.json: RepoTags is not a list")
+    tags: list[tuple[str, str | None]] = []
+    for t in repo_tags:
+        try:
+            tags.append(parse_reference(str(t)))
+        except InvalidRequest:
+            raise ImageError(f"manifest.json: bad RepoTag {t!r}") from None
+    return config, layers, tags
+
+
+def _digest_in_name(path: str) -> str | None:
+    # Docker 25+ names blobs by digest; older saves name the config "<sha256>.json".
+    p = _norm(path)
+    if m := _BLOB_PATH_RE.match(p):
+        return f"{m.group(1)}:{m.group(2)}"
+    if m := _LEGACY_CONFIG_RE.match(p):
+        return f"sha256:{m.group(1)}"
+    return None
+
+
+# --- image config -----------------------------------------------------------------------
+
+
+def _parse_config(raw: bytes, where: str) -> tuple[ImageConfig, datetime | None, list[str]]:
+    try:
+        cfg = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ImageError(f"{where}: not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ImageError(f"{where}: not an object")
+    if cfg.get("os", "linux") != "linux":
+        raise UnsupportedImage(f"{where}: image is for {cfg.get('os')!r}, not linux")
+    rootfs = cfg.get("rootfs")
+    if not isinstance(rootfs, dict) or rootfs.get("type") != "layers":
+        raise ImageError(f"{where}: rootfs.type is not 'layers'")
+    diff_ids = rootfs.get("diff_ids")
+    if not isinstance(diff_ids, list) or not all(
+        isinstance(d, str) and DIGEST_RE.match(d) for d in diff_ids
+    ):
+        raise ImageError(f"{where}: rootfs.diff_ids must be sha256 digests")
+    try:
+        config = ImageConfig.from_oci(cfg.get("config"))
+    except ValueError as e:
+        raise ImageError(f"{where}: {e}") from None
+    created = None
+    if isinstance(cfg.get("created"), str):
+        try:
+            created = datetime.fromisoformat(cfg["created"])
+        except ValueError:
+            created = None  # a malformed date is not worth refusing an image over
+    return config, created, list(diff_ids)

@@ -1,0 +1,132 @@
+"""Image records and references: what the store keeps about an image; name:tag parsing."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from rexecd.errors import InvalidRequest
+
+DEFAULT_TAG = "latest"
+
+# The reference grammar of the distribution spec, minus digests: an optional registry
+# host (with port) followed by lower-case path components. Validating here also keeps
+# names safe to turn into record file names.
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_HOST = r"[A-Za-z0-9][A-Za-z0-9.-]*(?::[0-9]+)?"
+_NAME_RE = re.compile(rf"^(?:{_HOST}/)?{_COMPONENT}(?:/{_COMPONENT})*$")
+_TAG_RE = re.compile(r"^[\w][\w.-]{0,127}$")
+DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+# Docker Hub spellings that mean the same image as the short name.
+_HUB_PREFIXES = ("docker.io/library/", "index.docker.io/library/", "docker.io/", "index.docker.io/")
+
+
+def parse_reference(ref: str) -> tuple[str, str | None]:
+    """Split ``name[:tag]`` into a normalised name and the tag (None when absent).
+
+    Raises InvalidRequest for a reference that is not a valid image name.
+    """
+    name, tag = ref, None
+    # A colon after the last slash separates the tag; one before it is a registry port.
+    colon = ref.rfind(":")
+    if colon > ref.rfind("/"):
+        name, tag = ref[:colon], ref[colon + 1 :]
+    for prefix in _HUB_PREFIXES:
+        if name.startswith(prefix):
+            name = name[len(prefix) :]
+            break
+    if len(ref) > 255 or not _NAME_RE.match(name):
+        raise InvalidRequest(f"invalid image name {ref!r}")
+    if tag is not None and not _TAG_RE.match(tag):
+        raise InvalidRequest(f"invalid image tag in {ref!r}")
+    return name, tag
+
+
+def _string_list(v: Any, field: str) -> list[str] | None:
+    # Docker accepts a bare string where a list is expected (its "strslice" type).
+    if v is None:
+        return None
+    if isinstance(v, str):
+        return [v]
+    if isinstance(v, list) and all(isinstance(x, str) for x in v):
+        return v
+    raise ValueError(f"{field} must be a list of strings")
+
+
+class ImageConfig(BaseModel):
+    """The runtime defaults an image carries (the ``config`` object of its config blob)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    env: list[str] = Field(default_factory=list)
+    entrypoint: list[str] | None = None
+    cmd: list[str] | None = None
+    working_dir: str = "/"
+    # "" means the image names no user: the container runs as root.
+    user: str = ""
+
+    @classmethod
+    def from_oci(cls, cfg: Any) -> ImageConfig:
+        """Build from the ``config`` object of an OCI/docker image config (may be null)."""
+        if cfg is None:
+            return cls()
+        if not isinstance(cfg, dict):
+            raise ValueError("config must be an object")
+        env = cfg.get("Env") or []
+        if not isinstance(env, list) or not all(isinstance(x, str) for x in env):
+            raise ValueError("Env must be a list of strings")
+        wd = cfg.get("WorkingDir") or "/"
+        user = cfg.get("User") or ""
+        if not isinstance(wd, str) or not isinstance(user, str):
+            raise ValueError("WorkingDir and User must be strings")
+        return cls(
+            env=env,
+            entrypoint=_string_list(cfg.get("Entrypoint"), "Entrypoint"),
+            cmd=_string_list(cfg.get("Cmd"), "Cmd"),
+            working_dir=wd,
+            user=user,
+        )
+
+
+class ImageRecord(BaseModel):
+    """One imported image, as stored (JSON) under the store's ``images/`` directory."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    tag: str
+    # The OCI manifest digest (the platform manifest, not an index); for a legacy
+    # docker-archive, which has no manifest, the config digest (docker's image ID).
+    digest: str
+    # Bytes of the layer blobs as they were in the archive (compressed where the
+    # archive compressed them): cheap to know exactly even when layers are reused.
+    size: int
+    # diff_ids ("sha256:<hex>" of each uncompressed layer tar), lowest layer first.
+    layers: list[str]
+    config: ImageConfig
+    # When the image was built (its config's "created"), else when it was imported.
+    created: datetime
+    imported: datetime
+
+    @field_validator("digest")
+    @classmethod
+    def _digest(cls, v: str) -> str:
+        if not DIGEST_RE.match(v):
+            raise ValueError(f"invalid digest {v!r}")
+        return v
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, v: list[str]) -> list[str]:
+        for d in v:
+            if not DIGEST_RE.match(d):
+                raise ValueError(f"invalid diff_id {d!r}")
+        return v
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}:{self.tag}"
