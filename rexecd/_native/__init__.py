@@ -125,3 +125,12 @@ def sethostname(name: str) -> None:
     """sethostname(2) in the caller's UTS namespace."""
     raw = name.encode()
     _check(lib.rx_sethostname(raw, len(raw)), "sethostname", name)
+
+
+def syncfs(path: str) -> None:
+    """syncfs(2): flush the one file system that holds ``path`` (not every mounted one)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _check(lib.rx_syncfs(fd), "syncfs", path)
+    finally:
+        os.close(fd)

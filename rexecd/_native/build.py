@@ -23,6 +23,7 @@ ffibuilder.cdef(
     int rx_mknodat(int dirfd, const char *path, unsigned int mode,
                    unsigned int major, unsigned int minor);
     int rx_sethostname(const char *name, size_t len);
+    int rx_syncfs(int fd);
     """
 )
 
@@ -71,6 +72,7 @@ ffibuilder.set_source(
         return mknodat(dirfd, path, (mode_t)mode, makedev(major, minor));
     }
     int rx_sethostname(const char *name, size_t len) { return sethostname(name, len); }
+    int rx_syncfs(int fd) { return syncfs(fd); }
     """,
 )
 

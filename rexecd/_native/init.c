@@ -8,6 +8,10 @@
  * (128 + signal when the command was killed by a signal).
  *
  * Usage: rexec-init PROGRAM [ARG...]   (PROGRAM is looked up in PATH when it has no '/')
+ *        rexec-init                     idle: reap orphans until SIGTERM/SIGINT, then pass
+ *                                       the signal to every process of the container and
+ *                                       exit once none is left (the runtime's stop timeout
+ *                                       kills stragglers through the cgroup)
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -19,10 +23,50 @@
 #include <unistd.h>
 
 static volatile sig_atomic_t child_pid = 0;
+static volatile sig_atomic_t stopping = 0;
 
 static void forward(int sig) {
     if (child_pid > 0)
         kill(child_pid, sig);
+}
+
+static void stop_all(int sig) {
+    stopping = 1;
+    kill(-1, sig); /* every process of the pid namespace except init */
+}
+
+static void noop(int sig) { (void)sig; }
+
+static int idle(void) {
+    struct sigaction sa;
+    sigset_t blocked, none;
+    /* Signals stay blocked except inside sigsuspend, so none can slip in between the
+     * check of `stopping` and the wait. */
+    sigemptyset(&blocked);
+    sigaddset(&blocked, SIGTERM);
+    sigaddset(&blocked, SIGINT);
+    sigaddset(&blocked, SIGCHLD);
+    sigprocmask(SIG_BLOCK, &blocked, NULL);
+    memset(&sa, 0, sizeof sa);
+    sigemptyset(&sa.sa_mask);
+    sa.sa_handler = stop_all;
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    sa.sa_handler = noop;
+    sigaction(SIGCHLD, &sa, NULL);
+    sigemptyset(&none);
+    for (;;) {
+        while (waitpid(-1, NULL, WNOHANG) > 0)
+            ;
+        if (stopping) {
+            /* No child left does not mean empty: exec'd processes are not our children. */
+            if (kill(-1, 0) < 0 && errno == ESRCH)
+                return 0;
+            usleep(20000);
+            continue;
+        }
+        sigsuspend(&none);
+    }
 }
 
 int main(int argc, char **argv) {
@@ -33,10 +77,8 @@ int main(int argc, char **argv) {
     int status = 0, code = 0;
     size_t i;
 
-    if (argc < 2) {
-        fprintf(stderr, "rexec-init: no command given\n");
-        return 127;
-    }
+    if (argc < 2)
+        return idle();
     /* Block signals across fork so the handlers cannot run before child_pid is set. */
     sigfillset(&all);
     sigprocmask(SIG_BLOCK, &all, &old);

@@ -34,6 +34,7 @@ from urllib.parse import quote
 
 from pydantic import ValidationError
 
+from rexecd import _native
 from rexecd.errors import ImageError, InvalidRequest, NotFound, RexecError
 
 from .archive import LayerBlob, OuterArchive, open_archive, read_image
@@ -135,9 +136,10 @@ class ImageStore:
                     stats = unpack_layer(stream, tmp, label)
                 log.debug("%s: %d entries, %d bytes", label, stats.entries, stats.file_bytes)
             if staged and self._durable:
-                # One sync instead of an fsync per file: the renames below are what make
-                # layers visible, so everything under them must be on disk first.
-                os.sync()
+                # One syncfs of the store's file system instead of an fsync per file:
+                # the renames below make layers visible, so what is under them must be
+                # on disk first.
+                _native.syncfs(str(self.root))
             for diff_id, tmp in staged:
                 self._commit(tmp, self._layer_dir(diff_id))
             if staged and self._durable:
