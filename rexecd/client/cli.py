@@ -1,0 +1,533 @@
+"""The ``rexec`` command line: manage rexecd containers and open terminals on them."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel
+
+from rexecd.client.sdk import (
+    DEFAULT_HOST,
+    ApiError,
+    AsyncClient,
+    ProtocolError,
+    TransportError,
+)
+from rexecd.client.terminal import attach
+from rexecd.models import ContainerOut, Event, ExecResult
+
+Handler = Callable[[AsyncClient, argparse.Namespace], Awaitable[int]]
+
+
+# --- output ----------------------------------------------------------------------------
+
+
+def _out(text: str) -> None:
+    # sys.stdout is looked up at each call so redirection (and test capture) applies.
+    sys.stdout.write(text)
+
+
+def _err(text: str) -> None:
+    sys.stderr.write(text)
+
+
+def _json_of(value: BaseModel | list[BaseModel] | dict[str, Any]) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json", by_alias=True)
+    if isinstance(value, list):
+        return [v.model_dump(mode="json", by_alias=True) for v in value]
+    return value
+
+
+def _print_json(value: BaseModel | list[BaseModel] | dict[str, Any]) -> None:
+    _out(json.dumps(_json_of(value), indent=2) + "\n")
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Left-aligned columns separated by two spaces, with a header line."""
+    widths = [len(h) for h in headers]
+    for row in rows:
+        for i, cell in enumerate(row):
+            widths[i] = max(widths[i], len(cell))
+    lines = []
+    for row in [list(headers), *rows]:
+        lines.append("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
+    return "\n".join(lines) + "\n"
+
+
+def _show(wants_json: bool, value: BaseModel | list[BaseModel] | dict[str, Any], text: str) -> None:
+    if wants_json:
+        _print_json(value)
+    else:
+        _out(text)
+
+
+def _age(when: datetime | None, now: datetime | None = None) -> str:
+    if when is None:
+        return "-"
+    seconds = int(((now or datetime.now(UTC)) - when).total_seconds())
+    if seconds < 0:
+        return "just now"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{seconds}s ago"
+
+
+def _when(when: datetime | None, never: str = "never") -> str:
+    return never if when is None else when.strftime("%Y-%m-%d %H:%M")
+
+
+def _bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _percent(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.1f}%" if whole > 0 else "-"
+
+
+CONTAINER_COLUMNS = ("NAME", "ID", "IMAGE", "STATUS", "CPU", "MEMORY", "DISK", "IP", "CREATED")
+
+
+def _container_row(c: ContainerOut) -> list[str]:
+    r = c.resources
+    return [
+        c.name,
+        c.id[:12],
+        c.image,
+        c.status,
+        f"{r.cpu_shares}m",
+        f"{r.memory_mb}M",
+        f"{r.disk_mb}M",
+        c.ip_address or "-",
+        _age(c.created_at),
+    ]
+
+
+def _containers_table(containers: Sequence[ContainerOut]) -> str:
+    return table(CONTAINER_COLUMNS, [_container_row(c) for c in containers])
+
+
+# --- commands --------------------------------------------------------------------------
+
+
+def _wants_json(a: argparse.Namespace) -> bool:
+    return bool(getattr(a, "json", False))
+
+
+async def _ls(c: AsyncClient, a: argparse.Namespace) -> int:
+    result = await c.list_containers()
+    _show(_wants_json(a), result, _containers_table(result.containers))
+    return 0
+
+
+async def _inspect(c: AsyncClient, a: argparse.Namespace) -> int:
+    container = await c.get(a.container)
+    if _wants_json(a):
+        _print_json(container)
+        return 0
+    data = container.model_dump(mode="json", by_alias=True)
+    resources = data.pop("resources")
+    rows = [[k, "-" if v is None else str(v)] for k, v in data.items()]
+    rows += [[f"resources.{k}", str(v)] for k, v in resources.items()]
+    _out(table(("FIELD", "VALUE"), rows))
+    return 0
+
+
+def _key_value(item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected K=V, got {item!r}")
+    return key, value
+
+
+async def _create(c: AsyncClient, a: argparse.Namespace) -> int:
+    container = await c.create(
+        a.image,
+        name=a.name,
+        role=a.role,
+        memory_mb=a.memory,
+        cpu_shares=a.cpu,
+        disk_mb=a.disk,
+        environment=dict(a.env),
+        wait=a.wait,
+        wait_timeout=a.wait_timeout,
+    )
+    _show(_wants_json(a), container, _containers_table([container]))
+    if container.status == "error":
+        _err(f"rexec: container {container.name} failed: {container.error_message or 'error'}\n")
+        return 1
+    return 0
+
+
+async def _action(c: AsyncClient, a: argparse.Namespace) -> int:
+    if a.command == "start":
+        result = await c.start(a.container)
+    elif a.command == "stop":
+        result = await c.stop(a.container, timeout=a.timeout)
+    else:
+        result = await c.restart(a.container)
+    rows = [[result.name, result.id[:12], result.status, result.message]]
+    _show(_wants_json(a), result, table(("NAME", "ID", "STATUS", "MESSAGE"), rows))
+    return 0
+
+
+async def _rm(c: AsyncClient, a: argparse.Namespace) -> int:
+    result = await c.delete(a.container, volumes=a.volumes)
+    rows = [[result.name, result.id[:12], result.message]]
+    _show(_wants_json(a), result, table(("NAME", "ID", "MESSAGE"), rows))
+    return 0
+
+
+async def _update(c: AsyncClient, a: argparse.Namespace) -> int:
+    result = await c.update_settings(
+        a.container, name=a.name, memory_mb=a.memory, cpu_shares=a.cpu, disk_mb=a.disk
+    )
+    text = _containers_table([result.container])
+    if result.restarted:
+        text += "(the container was restarted to apply the change)\n"
+    _show(_wants_json(a), result, text)
+    return 0
+
+
+def _exit_status(code: int) -> int:
+    # A shell can only see 0-255; a negative or huge code still has to read as failure.
+    return code if 0 <= code <= 255 else 1
+
+
+async def _exec(c: AsyncClient, a: argparse.Namespace) -> int:
+    argv = list(a.cmd)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        raise _UsageError("exec needs a command after the container name (rexec exec NAME -- CMD)")
+    try:
+        result = await c.exec(
+            a.container,
+            argv,
+            workdir=a.workdir,
+            env=[f"{k}={v}" for k, v in a.env],
+            user=a.user,
+            timeout_seconds=a.timeout,
+        )
+    except ApiError as e:
+        if e.status == 504:
+            # Show what the command printed before the deadline, then the error.
+            _out(str(e.body.get("stdout") or ""))
+            _err(str(e.body.get("stderr") or ""))
+        raise
+    _print_exec(result, _wants_json(a))
+    return _exit_status(result.exit_code)
+
+
+def _print_exec(result: ExecResult, wants_json: bool) -> None:
+    if wants_json:
+        _print_json(result)
+        return
+    _out(result.stdout)
+    sys.stdout.flush()
+    _err(result.stderr)
+    if result.truncated:
+        _err("rexec: output truncated (1 MiB limit)\n")
+
+
+async def _connect(c: AsyncClient, a: argparse.Namespace) -> int:
+    async with c.terminal(a.container, session=a.session, new_session=a.new_session) as term:
+        return await attach(term)
+
+
+async def _stats(c: AsyncClient, a: argparse.Namespace) -> int:
+    s = await c.stats(a.container)
+    row = [
+        a.container,
+        f"{s.cpu_percent:.1f}%",
+        f"{_bytes(s.memory)} / {_bytes(s.memory_limit)}",
+        _percent(s.memory, s.memory_limit),
+        str(s.pids),
+        f"{_bytes(s.disk_usage)} / {_bytes(s.disk_limit)}",
+        f"{_bytes(s.net_rx)} / {_bytes(s.net_tx)}",
+        f"{_bytes(s.disk_read)} / {_bytes(s.disk_write)}",
+        str(s.oom_kills),
+    ]
+    headers = ("NAME", "CPU", "MEMORY", "MEM%", "PIDS", "DISK", "NET RX/TX", "BLOCK R/W", "OOM")
+    _show(_wants_json(a), s, table(headers, [row]))
+    return 0
+
+
+async def _images(c: AsyncClient, a: argparse.Namespace) -> int:
+    result = await c.images()
+    rows = [
+        [
+            i.name,
+            i.display_name,
+            i.category,
+            ",".join(i.tags),
+            "yes" if i.available else "no",
+        ]
+        for i in result.images
+    ]
+    text = table(("NAME", "DISPLAY NAME", "CATEGORY", "TAGS", "AVAILABLE"), rows)
+    _show(_wants_json(a), result, text)
+    return 0
+
+
+async def _import_image(c: AsyncClient, a: argparse.Namespace) -> int:
+    result = await c.import_image(a.file, name=a.name)
+    rows = [[result.name, result.digest, _bytes(result.size), str(result.layers)]]
+    _show(_wants_json(a), result, table(("NAME", "DIGEST", "SIZE", "LAYERS"), rows))
+    return 0
+
+
+async def _roles(c: AsyncClient, a: argparse.Namespace) -> int:
+    result = await c.roles()
+    rows = [[r.id, r.name, str(len(r.packages)), r.description] for r in result.roles]
+    _show(_wants_json(a), result, table(("ID", "NAME", "PACKAGES", "DESCRIPTION"), rows))
+    return 0
+
+
+async def _token_create(c: AsyncClient, a: argparse.Namespace) -> int:
+    scopes = [s for s in a.scopes.split(",") if s] if a.scopes else None
+    t = await c.create_token(a.name, scopes=scopes, expires_in=a.expires_in)
+    rows = [[t.id, t.name, ",".join(t.scopes), _when(t.expires_at), t.token]]
+    _show(_wants_json(a), t, table(("ID", "NAME", "SCOPES", "EXPIRES", "TOKEN"), rows))
+    if not _wants_json(a):
+        _err("rexec: store the token now, it is not shown again\n")
+    return 0
+
+
+async def _token_ls(c: AsyncClient, a: argparse.Namespace) -> int:
+    result = await c.list_tokens()
+    rows = [
+        [
+            t.id,
+            t.name,
+            t.token_prefix,
+            ",".join(t.scopes),
+            _when(t.expires_at),
+            _when(t.created_at),
+            _when(t.last_used_at),
+        ]
+        for t in result.tokens
+    ]
+    headers = ("ID", "NAME", "PREFIX", "SCOPES", "EXPIRES", "CREATED", "LAST USED")
+    _show(_wants_json(a), result, table(headers, rows))
+    return 0
+
+
+async def _token_rm(c: AsyncClient, a: argparse.Namespace) -> int:
+    result = await c.revoke_token(a.id)
+    message = result.get("message") if isinstance(result.get("message"), str) else "revoked"
+    _show(_wants_json(a), result, table(("ID", "MESSAGE"), [[a.id, str(message)]]))
+    return 0
+
+
+async def _whoami(c: AsyncClient, a: argparse.Namespace) -> int:
+    v = await c.validate_token()
+    rows = [[v.user_name, v.user_id, v.tier, ",".join(v.scopes), v.token_id, _when(v.expires_at)]]
+    headers = ("USER", "USER ID", "TIER", "SCOPES", "TOKEN ID", "EXPIRES")
+    _show(_wants_json(a), v, table(headers, rows))
+    return 0
+
+
+async def _health(c: AsyncClient, a: argparse.Namespace) -> int:
+    h = await c.health()
+    rows = [[h.status, h.version, str(h.containers_total), str(h.containers_running), h.cgroup]]
+    headers = ("STATUS", "VERSION", "CONTAINERS", "RUNNING", "CGROUP")
+    _show(_wants_json(a), h, table(headers, rows))
+    return 0
+
+
+async def _version(c: AsyncClient, a: argparse.Namespace) -> int:
+    v = await c.version()
+    _show(_wants_json(a), v, table(("VERSION", "BUILD"), [[v.version, v.build]]))
+    return 0
+
+
+def _event_line(e: Event) -> str:
+    stamp = e.timestamp.strftime("%Y-%m-%dT%H:%M:%SZ") if e.timestamp else "-"
+    if e.type == "list":
+        return f"{stamp}  list  {len(e.containers or [])} containers\n"
+    if e.container is None:
+        return f"{stamp}  {e.type}\n"
+    return f"{stamp}  {e.type}  {e.container.name}  {e.container.status}\n"
+
+
+async def _events(c: AsyncClient, a: argparse.Namespace) -> int:
+    async with c.events() as stream:
+        async for event in stream:
+            if _wants_json(a):
+                _out(json.dumps(_json_of(event)) + "\n")
+            else:
+                _out(_event_line(event))
+            sys.stdout.flush()
+    return 0
+
+
+# --- parser and entry point ------------------------------------------------------------
+
+
+class _UsageError(Exception):
+    """A command line that parses but cannot be run; exit status 2 like argparse."""
+
+
+def _common() -> argparse.ArgumentParser:
+    # SUPPRESS defaults, so an option given before the command is not reset by the
+    # subcommand parser, and may also be given after it.
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument(
+        "--host",
+        default=argparse.SUPPRESS,
+        help=f"unix:PATH or http://HOST:PORT (default $REXEC_HOST or {DEFAULT_HOST})",
+    )
+    p.add_argument("--token", default=argparse.SUPPRESS, help="API token (default $REXEC_TOKEN)")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="print the daemon's JSON instead of a table",
+    )
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common()
+    p = argparse.ArgumentParser(
+        prog="rexec", description="Manage rexecd containers.", parents=[common]
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, handler: Handler, text: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, parents=[common], help=text, description=text)
+        sp.set_defaults(func=handler)
+        return sp
+
+    def sizes(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--memory", type=int, metavar="MB", help="memory limit in MB")
+        sp.add_argument("--cpu", type=int, metavar="MILLICORES", help="CPU (1000 = one core)")
+        sp.add_argument("--disk", type=int, metavar="MB", help="disk quota in MB")
+
+    command("ls", _ls, "list your containers")
+
+    sp = command("create", _create, "create a container")
+    sp.add_argument("image")
+    sp.add_argument("--name", help="container name (generated when absent)")
+    sp.add_argument("--role", help="role to set the container up for (see rexec roles)")
+    sizes(sp)
+    sp.add_argument("-e", "--env", action="append", default=[], type=_key_value, metavar="K=V")
+    sp.add_argument("--wait", action="store_true", help="wait until it is running")
+    sp.add_argument("--wait-timeout", type=float, default=300.0, metavar="S")
+
+    command("inspect", _inspect, "show one container").add_argument("container")
+    command("start", _action, "start a container").add_argument("container")
+    sp = command("stop", _action, "stop a container")
+    sp.add_argument("container")
+    sp.add_argument("--timeout", type=float, metavar="S", help="grace before SIGKILL")
+    command("restart", _action, "restart a container").add_argument("container")
+    sp = command("rm", _rm, "delete a container")
+    sp.add_argument("container")
+    sp.add_argument("--volumes", action="store_true", help="also delete its /home/user volume")
+    sp = command("update", _update, "rename or resize a container")
+    sp.add_argument("container")
+    sp.add_argument("--name", help="new name")
+    sizes(sp)
+
+    sp = command("exec", _exec, "run a command in a container and exit with its status")
+    sp.add_argument("container")
+    sp.add_argument("-w", "--workdir")
+    sp.add_argument("-u", "--user")
+    sp.add_argument("-e", "--env", action="append", default=[], type=_key_value, metavar="K=V")
+    sp.add_argument("--timeout", type=int, metavar="S", help="deadline (default 60, max 300)")
+    sp.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD...")
+
+    sp = command("connect", _connect, "open an interactive terminal in a container")
+    sp.add_argument("container")
+    sp.add_argument("--session", metavar="ID", help="session to open or take over")
+    sp.add_argument("--new-session", action="store_true", help="always start a fresh shell")
+
+    command("stats", _stats, "show a container's resource usage").add_argument("container")
+    command("images", _images, "list the images you can create containers from")
+    sp = command("import-image", _import_image, "import an OCI or docker-archive tarball")
+    sp.add_argument("file")
+    sp.add_argument("--name", metavar="NAME:TAG")
+    command("roles", _roles, "list the container roles")
+    command("events", _events, "follow container events until interrupted")
+    command("health", _health, "show the daemon's health")
+    command("version", _version, "show the daemon's version")
+    command("whoami", _whoami, "show who the token belongs to")
+
+    tokens = sub.add_parser("tokens", parents=[common], help="manage API tokens")
+    tsub = tokens.add_subparsers(dest="tokens_command", required=True, metavar="COMMAND")
+    sp = tsub.add_parser("create", parents=[common], help="create a token")
+    sp.add_argument("name")
+    sp.add_argument("--scopes", metavar="read,write,admin")
+    sp.add_argument("--expires-in", type=int, metavar="DAYS")
+    sp.set_defaults(func=_token_create)
+    tsub.add_parser("ls", parents=[common], help="list tokens").set_defaults(func=_token_ls)
+    sp = tsub.add_parser("rm", parents=[common], help="revoke a token")
+    sp.add_argument("id")
+    sp.set_defaults(func=_token_rm)
+    return p
+
+
+def describe_error(e: ApiError, token_given: bool = True) -> str:
+    """One line for an API error: ``container not found (404)`` plus what helps next."""
+    text = str(e)
+    body = e.body
+    if e.status == 429 and e.retry_after is not None:
+        text += f", retry after {e.retry_after:g}s"
+    elif e.status == 401 and not token_given:
+        text += "; set REXEC_TOKEN or pass --token"
+    elif "limit" in body and "current" in body:
+        text += f": {body['current']} of {body['limit']}"
+        if "tier" in body:
+            text += f" on tier {body['tier']}"
+    elif isinstance(body.get("supported_images"), list):
+        text += ": supported: " + ", ".join(str(i) for i in body["supported_images"])
+    elif isinstance(body.get("details"), list) and body["details"]:
+        first = body["details"][0]
+        if isinstance(first, dict) and "msg" in first:
+            where = ".".join(str(p) for p in first.get("loc", ()))
+            text += f": {where + ': ' if where else ''}{first['msg']}"
+    return text
+
+
+async def _run(client: AsyncClient, handler: Handler, a: argparse.Namespace) -> int:
+    async with client:
+        return await handler(client, a)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``rexec``; returns the exit status (0, 1 on errors, the command's for exec)."""
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    try:
+        client = AsyncClient(getattr(a, "host", None), getattr(a, "token", None))
+    except ValueError as e:
+        parser.error(str(e))
+    try:
+        return asyncio.run(_run(client, a.func, a))
+    except ApiError as e:
+        _err(f"rexec: {describe_error(e, token_given=client.token is not None)}\n")
+    except (TransportError, ProtocolError, TimeoutError) as e:
+        _err(f"rexec: {e}\n")
+    except _UsageError as e:
+        _err(f"rexec: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
