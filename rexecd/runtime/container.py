@@ -112,11 +112,15 @@ class Runtime:
         mounts: list[BindMount] | None = None,
         tty: bool = False,
     ) -> ContainerSpec:
-        """A spec honouring the image config (Env, Entrypoint, Cmd, WorkingDir, User)."""
-        entry = list(image.entrypoint or [])
-        argv = entry + (list(args) if args else list(image.cmd or []))
-        if not argv:
-            argv = ["/bin/sh"]
+        """A spec honouring the image config (Env, Entrypoint, Cmd, WorkingDir, User).
+
+        ``args=None`` makes an idle container (init alone); a list (even empty) runs the
+        image's entrypoint with those arguments, or with the image's Cmd when empty.
+        """
+        if args is None:
+            argv: list[str] = []  # idle: the container is entered through exec/terminals
+        else:
+            argv = list(image.entrypoint or []) + (list(args) or list(image.cmd or []))
         ident = resolve_user(user if user is not None else image.user, image.layers)
         proc_env = merge_env(
             image.env, [f"HOME={ident.home}", f"HOSTNAME={hostname}", *(env or [])]

@@ -22,7 +22,11 @@ def _build(cls: type[Any], data: dict[str, Any]) -> Any:
 
 @dataclass(frozen=True)
 class ProcessSpec:
-    """The program to exec and the identity and environment it runs with."""
+    """The program to exec and the identity and environment it runs with.
+
+    A container whose ``args`` are empty runs rexec-init alone (idle): it is an
+    environment entered through exec and terminals, stopped by SIGTERM.
+    """
 
     args: list[str]
     env: list[str] = field(default_factory=list)
@@ -34,10 +38,6 @@ class ProcessSpec:
     capabilities: list[str] = field(default_factory=list)
     no_new_privs: bool = True
     tty: bool = False
-
-    def __post_init__(self) -> None:
-        if not self.args:
-            raise ValueError("ProcessSpec.args must not be empty")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ProcessSpec:
@@ -116,6 +116,10 @@ class ExecSpec:
     container_pid: int
     process: ProcessSpec
     cgroup_procs: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.process.args:
+            raise ValueError("an exec needs a command")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,0 +1,129 @@
+"""The contract between the HTTP layer and the service layer.
+
+``api/`` depends only on this Protocol (and on ``models``, ``errors``, ``auth``,
+``ratelimit``), so its handlers are unit-tested against a fake service, and
+``ContainerManager`` is the real implementation. Every method raises ``RexecError``
+subclasses for anything a client did wrong (404 for another user's container).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import BinaryIO, Protocol
+
+from rexecd.models import (
+    ContainerCreate,
+    ContainerOut,
+    Event,
+    ExecRequest,
+    FileInfo,
+    FileList,
+    Health,
+    ImageInfo,
+    ImportResult,
+    Role,
+    SettingsPatch,
+    Stats,
+    StreamProgress,
+)
+from rexecd.service.auth import Principal
+
+ProgressFn = Callable[[StreamProgress], Awaitable[None]]
+
+
+@dataclass
+class FileDownload:
+    """An open file inside a container, ready to stream; the caller closes ``fileobj``."""
+
+    info: FileInfo
+    fileobj: BinaryIO
+
+
+@dataclass
+class TerminalProcess:
+    """A shell running on a PTY inside a container: ``master`` is the PTY master fd
+    (owned by the caller), ``pid`` the host pid, ``wait`` resolves to its exit status."""
+
+    master: int
+    pid: int
+    pts: str
+    wait: Callable[[], Awaitable[int | None]]
+
+
+class ContainerService(Protocol):
+    async def list_containers(self, p: Principal) -> list[ContainerOut]: ...
+
+    def container_limit(self, p: Principal) -> int: ...
+
+    async def get_container(self, p: Principal, ref: str) -> ContainerOut: ...
+
+    async def create_container(
+        self, p: Principal, req: ContainerCreate, progress: ProgressFn | None = None
+    ) -> ContainerOut:
+        """Validate, check quota and name, insert the record (status ``creating``) and
+        return it; creation continues in the background. With ``progress``, each stage
+        (validating, pulling, creating, starting, configuring, ready) is reported, the
+        last one with ``complete`` set, or with ``error`` on failure; ``wait_ready``
+        tells when the background part has finished."""
+        ...
+
+    async def wait_ready(self, p: Principal, ref: str, timeout: float) -> ContainerOut:
+        """The container once its creation has finished (running or error)."""
+        ...
+
+    async def start_container(self, p: Principal, ref: str) -> ContainerOut: ...
+
+    async def stop_container(
+        self, p: Principal, ref: str, timeout: float | None
+    ) -> ContainerOut: ...
+
+    async def restart_container(self, p: Principal, ref: str) -> ContainerOut: ...
+
+    async def delete_container(self, p: Principal, ref: str, volumes: bool) -> ContainerOut: ...
+
+    async def update_settings(
+        self, p: Principal, ref: str, patch: SettingsPatch
+    ) -> tuple[ContainerOut, bool]:
+        """Apply the patch; returns the container and whether it was restarted."""
+        ...
+
+    async def exec(self, p: Principal, ref: str, req: ExecRequest) -> tuple[int, dict[str, object]]:
+        """Run a command to completion: ``(200, ExecResult)`` or ``(504, partial result)``."""
+        ...
+
+    async def stats(self, p: Principal, ref: str) -> Stats: ...
+
+    async def list_files(self, p: Principal, ref: str, path: str) -> FileList: ...
+
+    async def open_file(self, p: Principal, ref: str, path: str) -> FileDownload: ...
+
+    async def upload_file(
+        self,
+        p: Principal,
+        ref: str,
+        directory: str,
+        filename: str,
+        chunks: AsyncIterator[bytes],
+        max_bytes: int,
+    ) -> FileInfo: ...
+
+    async def delete_file(self, p: Principal, ref: str, path: str) -> None: ...
+
+    async def make_dir(self, p: Principal, ref: str, path: str) -> FileInfo: ...
+
+    async def list_images(self) -> list[ImageInfo]: ...
+
+    async def import_image(self, src: BinaryIO, name: str | None) -> ImportResult: ...
+
+    def roles(self) -> list[Role]: ...
+
+    async def health(self) -> Health: ...
+
+    def subscribe(self, p: Principal) -> AsyncIterator[Event]:
+        """Events about this user's containers, until the iterator is closed."""
+        ...
+
+    async def open_terminal(self, p: Principal, ref: str, cols: int, rows: int) -> TerminalProcess:
+        """Start the container's shell (zsh, bash or sh) on a PTY from its own devpts."""
+        ...

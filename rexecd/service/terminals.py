@@ -1,0 +1,276 @@
+"""Terminal sessions: a shell on a PTY per (container, session id), its scrollback, and
+the one client attached to it at a time.
+
+One pump task per session reads the PTY master. While a client is attached, the
+pump waits for each send to finish before reading again, so a slow client slows the
+shell (the PTY buffer fills and its writes block) instead of growing memory. While
+no client is attached the pump keeps reading into a bounded scrollback ring, which a
+reconnecting client gets replayed first. A session with no client for
+``idle_timeout_s`` is ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from rexecd.runtime.pty import set_size
+from rexecd.service.interface import TerminalProcess
+
+log = logging.getLogger(__name__)
+READ_CHUNK = 65536
+MAX_WINSIZE = 0xFFFF
+
+
+class TerminalClient(Protocol):
+    """The side a session sends to (a WebSocket, in the API layer)."""
+
+    async def send_output(self, data: bytes) -> None: ...
+
+    async def end(self, kind: str, message: str) -> None:
+        """Tell the client why the session is over and close it."""
+        ...
+
+    def abort(self) -> None:
+        """Drop the connection at once (another client took the session over)."""
+        ...
+
+
+class Scrollback:
+    """The last ``limit`` bytes of output."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._buf = bytearray()
+
+    def append(self, data: bytes) -> None:
+        self._buf += data
+        if len(self._buf) > self.limit:
+            del self._buf[: len(self._buf) - self.limit]
+
+    def snapshot(self) -> bytes:
+        return bytes(self._buf)
+
+
+@dataclass(eq=False)
+class TerminalSession:
+    key: tuple[str, str]
+    proc: TerminalProcess
+    scrollback: Scrollback
+    idle_timeout: float
+    on_end: Callable[[TerminalSession], None]
+    client: TerminalClient | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    pump_task: asyncio.Task[None] | None = None
+    idle_handle: asyncio.TimerHandle | None = None
+    ended: bool = False
+    # Set by terminate() (container stopped, idle, replaced); otherwise the shell's exit.
+    end_reason: tuple[str, str] | None = None
+
+    def start(self) -> None:
+        os.set_blocking(self.proc.master, False)
+        self.pump_task = asyncio.ensure_future(self._pump())
+        self._arm_idle()
+
+    async def _read(self) -> bytes:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        fd = self.proc.master
+
+        def ready() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        loop.add_reader(fd, ready)
+        try:
+            while True:
+                try:
+                    return os.read(fd, READ_CHUNK)
+                except BlockingIOError:
+                    await fut
+                    fut = loop.create_future()
+                except OSError as exc:
+                    if exc.errno == errno.EIO:  # every slave fd closed: the shell is gone
+                        return b""
+                    raise
+        finally:
+            loop.remove_reader(fd)
+
+    async def _pump(self) -> None:
+        try:
+            while True:
+                data = await self._read()
+                if not data:
+                    break
+                async with self.lock:
+                    self.scrollback.append(data)
+                    if self.client is not None:
+                        try:
+                            await self.client.send_output(data)
+                        except Exception:  # the client went away; the session stays
+                            self.client = None
+                            self._arm_idle()
+            status = await self.proc.wait()
+            if self.end_reason is None:
+                self.end_reason = ("exit", f"shell exited with status {status}")
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("terminal pump failed")
+        finally:
+            await self._finish()
+
+    async def _finish(self) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        if self.idle_handle is not None:
+            self.idle_handle.cancel()
+        client, self.client = self.client, None
+        if client is not None:
+            kind, message = self.end_reason or ("error", "session ended")
+            with contextlib.suppress(Exception):
+                await client.end(kind, message)
+        with contextlib.suppress(OSError):
+            os.close(self.proc.master)
+        self.on_end(self)
+
+    def _arm_idle(self) -> None:
+        if self.idle_handle is not None:
+            self.idle_handle.cancel()
+        if self.client is None and not self.ended:
+            loop = asyncio.get_running_loop()
+            self.idle_handle = loop.call_later(self.idle_timeout, self._idle_expired)
+
+    def _idle_expired(self) -> None:
+        if self.client is None and not self.ended:
+            log.info("terminal session %s idle for %.0f s: ending it", self.key, self.idle_timeout)
+            self.terminate("error", "session ended after being idle")
+
+    def terminate(self, kind: str, message: str) -> None:
+        """Hang up the shell; the pump then reports ``message`` to the client and ends."""
+        self.end_reason = (kind, message)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGHUP)
+        asyncio.get_running_loop().call_later(2.0, self._kill)
+
+    def _kill(self) -> None:
+        if not self.ended:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+    async def attach(self, client: TerminalClient) -> bytes:
+        """Make ``client`` the session's client; returns the scrollback to replay first.
+
+        The previous client is dropped. The caller must send the returned bytes before
+        calling ``resume`` so that output is neither lost nor reordered.
+        """
+        old = self.client
+        if old is not None:
+            old.abort()  # unblocks a pump stuck sending to a stalled client
+        await self.lock.acquire()
+        self.client = None
+        if self.idle_handle is not None:
+            self.idle_handle.cancel()
+        return self.scrollback.snapshot()
+
+    def resume(self, client: TerminalClient) -> None:
+        """Second half of ``attach``: live output flows to ``client`` from now on."""
+        self.client = client
+        self.lock.release()
+
+    def detach(self, client: TerminalClient) -> None:
+        if self.client is client:
+            self.client = None
+            self._arm_idle()
+
+    async def write(self, data: bytes) -> None:
+        """Input to the shell; waits (without blocking the loop) while the PTY is full."""
+        loop = asyncio.get_running_loop()
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(self.proc.master, view)
+                view = view[n:]
+            except BlockingIOError:
+                fut: asyncio.Future[None] = loop.create_future()
+                loop.add_writer(self.proc.master, fut.set_result, None)
+                try:
+                    await fut
+                finally:
+                    loop.remove_writer(self.proc.master)
+            except OSError as exc:
+                if exc.errno == errno.EIO:
+                    return
+                raise
+
+    def resize(self, cols: int, rows: int) -> None:
+        # A 0 is ignored (API.md); so is what a winsize cannot hold (unsigned short),
+        # which would otherwise raise out of the socket's receive loop and drop it.
+        if 0 < cols <= MAX_WINSIZE and 0 < rows <= MAX_WINSIZE and not self.ended:
+            with contextlib.suppress(OSError):
+                set_size(self.proc.master, cols, rows)
+
+
+class TerminalRegistry:
+    """All live sessions, by (container db_id, session id)."""
+
+    def __init__(self, scrollback_bytes: int, idle_timeout_s: float) -> None:
+        self.scrollback_bytes = scrollback_bytes
+        self.idle_timeout_s = idle_timeout_s
+        self._sessions: dict[tuple[str, str], TerminalSession] = {}
+        self._opening: dict[tuple[str, str], asyncio.Lock] = {}
+
+    def get(self, db_id: str, session_id: str) -> TerminalSession | None:
+        s = self._sessions.get((db_id, session_id))
+        return s if s is not None and not s.ended else None
+
+    async def open(
+        self,
+        db_id: str,
+        session_id: str,
+        new: bool,
+        start: Callable[[], Awaitable[TerminalProcess]],
+    ) -> tuple[TerminalSession, bool]:
+        """The existing session (unless ``new``) or a fresh one; bool: was it fresh."""
+        key = (db_id, session_id)
+        lock = self._opening.setdefault(key, asyncio.Lock())
+        async with lock:
+            cur = self.get(db_id, session_id)
+            if cur is not None and not new:
+                return cur, False
+            if cur is not None:
+                cur.terminate("error", "replaced by a new session")
+            proc = await start()
+            s = TerminalSession(
+                key, proc, Scrollback(self.scrollback_bytes), self.idle_timeout_s, self._forget
+            )
+            self._sessions[key] = s
+            s.start()
+            return s, True
+
+    def _forget(self, s: TerminalSession) -> None:
+        if self._sessions.get(s.key) is s:
+            del self._sessions[s.key]
+
+    def sessions_of(self, db_id: str) -> list[TerminalSession]:
+        return [s for k, s in self._sessions.items() if k[0] == db_id]
+
+    def close_container(self, db_id: str, kind: str, message: str) -> None:
+        """The container stopped or was deleted: end its sessions with ``message``."""
+        for s in self.sessions_of(db_id):
+            s.terminate(kind, message)
+
+    async def close_all(self) -> None:
+        for s in list(self._sessions.values()):
+            if s.pump_task is not None:
+                s.pump_task.cancel()
+                with contextlib.suppress(BaseException):
+                    await s.pump_task
