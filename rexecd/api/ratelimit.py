@@ -1,0 +1,42 @@
+"""Per-user rate limiting of requests, and the X-RateLimit headers on every answer."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from rexecd.api.keys import LIMITER, PRINCIPAL, RATE_DECISION, lookup
+from rexecd.errors import RateLimited
+from rexecd.service.ratelimit import classify
+
+MSG_RATE_LIMITED = "rate limit exceeded"
+
+
+@web.middleware
+async def rate_limit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    p = lookup(request, PRINCIPAL)
+    cls = classify(request.method, request.path)
+    if p is not None and cls is not None:
+        decision = request.app[LIMITER].check(p.user_id, cls)
+        request[RATE_DECISION] = decision
+        if not decision.allowed:
+            raise RateLimited(MSG_RATE_LIMITED, retry_after=decision.retry_after_header)
+    return await handler(request)
+
+
+async def add_rate_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: runs for every response, streamed and error ones
+    included, just before its headers leave, whichever layer produced it."""
+    decision = lookup(request, RATE_DECISION)
+    if decision is None:
+        # Refused before the limiter counted it (a missing scope): report the
+        # window as it stands, without charging the request.
+        p = lookup(request, PRINCIPAL)
+        cls = classify(request.method, request.path)
+        if p is None or cls is None:
+            return
+        decision = request.app[LIMITER].peek(p.user_id, cls)
+    response.headers["X-RateLimit-Limit"] = str(decision.limit)
+    response.headers["X-RateLimit-Remaining"] = str(decision.remaining)
+    if response.status == 429 and not decision.allowed:
+        response.headers["Retry-After"] = str(decision.retry_after_header)

@@ -1,0 +1,161 @@
+"""``GET /ws/terminal/{id}``: the terminal WebSocket over a session's PTY (API.md framing)."""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import contextlib
+import json
+import logging
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from rexecd.api.auth import WS_PROTOCOLS, principal_from_ws_request
+from rexecd.api.keys import track_websocket
+from rexecd.config import Config
+from rexecd.errors import NotFound
+from rexecd.service.auth import Principal
+from rexecd.service.manager import ContainerManager
+from rexecd.service.terminals import TerminalSession
+
+log = logging.getLogger(__name__)
+
+PING_INTERVAL_S = 15.0
+STATS_INTERVAL_S = 5.0
+MAX_FRAME = 4 * 1024 * 1024
+
+
+class WsClient:
+    """A session's client over one WebSocket: output frames, in order, with backpressure."""
+
+    def __init__(self, ws: web.WebSocketResponse, request: web.Request) -> None:
+        self.ws = ws
+        self.transport = request.transport
+        self.lock = asyncio.Lock()
+        # PTY reads may split a UTF-8 sequence; keep the tail for the next frame.
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    async def send(self, frame: dict[str, Any]) -> None:
+        async with self.lock:
+            # send_str waits for the transport to drain: that is the backpressure.
+            await self.ws.send_str(json.dumps(frame, separators=(",", ":")))
+
+    async def send_output(self, data: bytes) -> None:
+        text = self.decoder.decode(data)
+        if text:
+            await self.send({"type": "output", "data": text})
+
+    async def end(self, kind: str, message: str) -> None:
+        frame_type = "container_status" if kind == "container_status" else "error"
+        with contextlib.suppress(Exception):
+            await self.send({"type": frame_type, "data": message, "code": "session_ended"})
+        await self.ws.close(message=message.encode()[:120])
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+def _json_error(status: int, body: dict[str, Any]) -> web.Response:
+    return web.json_response(body, status=status)
+
+
+async def _ticker(client: WsClient, interval: float, make: Any) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        frame = await make()
+        if frame is not None:
+            await client.send(frame)
+
+
+async def _handle_frame(session: TerminalSession, client: WsClient, raw: str | bytes) -> None:
+    """A JSON frame by its type; anything that is not a JSON object goes to the PTY as is."""
+    try:
+        msg = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        msg = None
+    if not isinstance(msg, dict) or "type" not in msg:
+        await session.write(raw.encode() if isinstance(raw, str) else raw)
+        return
+    kind = msg.get("type")
+    if kind == "input":
+        data = msg.get("data")
+        if isinstance(data, str):
+            await session.write(data.encode())
+    elif kind == "resize":
+        cols, rows = msg.get("cols"), msg.get("rows")
+        if isinstance(cols, int) and isinstance(rows, int):
+            session.resize(cols, rows)
+    elif kind == "ping":
+        await client.send({"type": "pong"})
+
+
+def add_terminal_routes(app: web.Application, manager: ContainerManager, cfg: Config) -> None:
+    async def terminal(request: web.Request) -> web.StreamResponse:
+        p: Principal = await principal_from_ws_request(request)
+        ref = request.match_info["id"]
+        try:
+            c = await manager.get_container(p, ref)
+        except NotFound:
+            return _json_error(404, {"error": "container not found", "code": "container_not_found"})
+        if c.status != "running":
+            return _json_error(
+                400,
+                {
+                    "error": "container is not running",
+                    "code": "container_stopped",
+                    "status": c.status,
+                },
+            )
+        session_id = request.query.get("id") or "default"
+        new = request.query.get("newSession", "").lower() in ("1", "true", "yes")
+        ws = web.WebSocketResponse(protocols=WS_PROTOCOLS, max_msg_size=MAX_FRAME)
+        await ws.prepare(request)
+        track_websocket(request, ws)
+        client = WsClient(ws, request)
+        await client.send({"type": "connected", "data": c.id})
+        await client.send({"type": "shell_starting"})
+        try:
+            session, fresh = await manager.terminal_session(p, ref, session_id, new, 80, 24)
+        except Exception as exc:  # the socket is open: report, then close
+            message = getattr(exc, "message", None) or "could not start a shell"
+            log.warning("terminal for %s: %s", ref, message)
+            await client.send({"type": "error", "data": message})
+            await ws.close()
+            return ws
+        replay = await session.attach(client)
+        try:
+            if replay:
+                await client.send_output(replay)
+        finally:
+            session.resume(client)
+        await client.send({"type": "shell_ready", "data": "new" if fresh else "resumed"})
+
+        async def stats() -> dict[str, Any] | None:
+            try:
+                s = await manager.stats(p, ref)
+            except Exception:  # a stopped container ends the session separately
+                return None
+            return {"type": "stats", "data": s.model_dump_json()}
+
+        async def ping() -> dict[str, Any]:
+            return {"type": "ping"}
+
+        tickers = [
+            asyncio.ensure_future(_ticker(client, PING_INTERVAL_S, ping)),
+            asyncio.ensure_future(_ticker(client, STATS_INTERVAL_S, stats)),
+        ]
+        try:
+            async for msg in ws:
+                if msg.type == WSMsgType.TEXT or msg.type == WSMsgType.BINARY:
+                    await _handle_frame(session, client, msg.data)
+                elif msg.type == WSMsgType.ERROR:
+                    break
+        finally:
+            for t in tickers:
+                t.cancel()
+            session.detach(client)
+        return ws
+
+    app.router.add_get("/ws/terminal/{id}", terminal)
