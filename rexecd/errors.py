@@ -10,6 +10,7 @@
     │   └── QuotaExceeded (403, quota_exceeded)
     ├── NotFound (404, not_found)
     ├── Conflict (409, conflict)
+    ├── PayloadTooLarge (413, payload_too_large)
     ├── RateLimited (429, rate_limited)
     ├── ImageError (400, image_invalid)       bad archive, digest mismatch, unsafe member
     ├── RuntimeFailure (500, runtime_failure)  kernel step failed: carries step and errno
@@ -75,6 +76,13 @@ class NotFound(RexecError):
 class Conflict(RexecError):
     status = 409
     code = "conflict"
+
+
+class PayloadTooLarge(RexecError):
+    """A request body past its endpoint's cap (file uploads)."""
+
+    status = 413
+    code = "payload_too_large"
 
 
 class RateLimited(RexecError):

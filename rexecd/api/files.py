@@ -12,10 +12,9 @@ from aiohttp import BodyPartReader, web
 from rexecd.api.auth import principal
 from rexecd.api.containers import REF_ERRORS, ref
 from rexecd.api.endpoint import Endpoint, Query
-from rexecd.api.errors import PayloadTooLarge
 from rexecd.api.keys import SERVICE
 from rexecd.api.wire import parse_model, read_json, respond, respond_json
-from rexecd.errors import InvalidRequest
+from rexecd.errors import InvalidRequest, PayloadTooLarge
 from rexecd.models import FileInfo, FileList, FilePathBody
 
 UPLOAD_MAX_BYTES = 100 * 1024 * 1024

@@ -30,6 +30,8 @@ def _read_from_layers(layers: list[Path], rel: str) -> str:
             )
         except FileNotFoundError:
             continue
+        except OSError as exc:
+            raise InvalidRequest(f"cannot read /{rel} of the image: {exc.strerror}") from exc
         finally:
             os.close(dfd)
         with os.fdopen(fd, "r", errors="replace") as f:

@@ -39,9 +39,14 @@ class EventBus:
                 log.warning("dropping a slow event subscriber of user %s", user_id)
                 self._end(sub)
 
-    async def subscribe(self, user_id: str) -> AsyncIterator[Event]:
+    def subscribe(self, user_id: str) -> AsyncIterator[Event]:
+        """Events published from now on (registered at call time, not at first read,
+        so nothing published between this call and the first ``anext`` is missed)."""
         sub = _Subscriber(user_id)
         self._subs.add(sub)
+        return self._iterate(sub)
+
+    async def _iterate(self, sub: _Subscriber) -> AsyncIterator[Event]:
         try:
             while True:
                 event = await sub.queue.get()

@@ -16,7 +16,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -29,6 +29,7 @@ from rexecd.errors import (
     Forbidden,
     InvalidRequest,
     NotFound,
+    PayloadTooLarge,
     RexecError,
     RuntimeFailure,
     UnsupportedImage,
@@ -631,15 +632,37 @@ class ContainerManager:
             rec = await self._find(p, ref)
             res = quotas.resources_for_update(self.cfg, p.tier, rec.resources, patch)
             fields: dict[str, Any] = {"resources": res}
+            old = rec
             if patch.name is not None and patch.name != rec.name:
                 fields["name"] = patch.name
+                renamed = rec.model_copy(update={"name": patch.name})
+                taken = await asyncio.to_thread(self.store.find_container, p.user_id, patch.name)
+                if taken is not None and taken.name == patch.name:
+                    raise Conflict("container with this name already exists", name=patch.name)
+                if await asyncio.to_thread(self._volume_dir(renamed).exists):
+                    raise Conflict(
+                        "a kept /home/user volume already has this name", name=patch.name
+                    )
             if rec.status == "running":
                 cg = self.runtime.cgroup(rec.id)
                 if cg is not None:
                     await asyncio.to_thread(cg.apply, limits_for(res))
             rec = await self._update(rec.db_id, **fields)
+            if rec.name != old.name:
+                # The volume is found by (user, name): it follows the container's name,
+                # or the next start would mount an empty /home/user.
+                await asyncio.to_thread(self._move_volume, old, rec)
             self._publish("updated", rec)
         return rec.to_out(), False
+
+    def _move_volume(self, old: ContainerRecord, new: ContainerRecord) -> None:
+        src, dst = self._volume_dir(old), self._volume_dir(new)
+        if not src.exists():
+            return
+        # A running container's bind mount follows the directory it was made from.
+        os.rename(src, dst)
+        self.store.delete_volume(old.user_id, old.name)
+        self.store.upsert_volume(new.user_id, new.name, str(dst), new.resources.disk_mb)
 
     # ------------------------------------------------------------ inside a container
 
@@ -769,9 +792,7 @@ class ContainerManager:
             try:
                 async for chunk in chunks:
                     if up.size + len(chunk) > max_bytes:
-                        raise RexecError(
-                            "file too large", code="file_too_large", max_bytes=max_bytes
-                        )
+                        raise PayloadTooLarge("file too large", max_bytes=max_bytes)
                     await asyncio.to_thread(up.write, chunk)
                 entry = await asyncio.to_thread(up.commit)
             except BaseException:
