@@ -7,7 +7,6 @@ import json
 import logging
 import sys
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from rexecd.errors import InvalidRequest, NotFound, RexecError
@@ -72,8 +71,12 @@ def _cmd_serve(a: argparse.Namespace) -> int:
 
     cfg = load_config(Path(a.config) if a.config else None)
     cfg = apply_overrides(
-        cfg, state_dir=a.state_dir, run_dir=a.run_dir, listen=a.listen or None,
-        subnet=a.subnet, bridge=a.bridge,
+        cfg,
+        state_dir=a.state_dir,
+        run_dir=a.run_dir,
+        listen=a.listen or None,
+        subnet=a.subnet,
+        bridge=a.bridge,
     )
     asyncio.run(serve(cfg))
     return 0
@@ -90,7 +93,11 @@ def _cmd_token_create(a: argparse.Namespace) -> int:
 
     with _store(a) as store:
         token, _out = create_token(
-            store, a.user, tier=a.tier, scopes=a.scopes.split(","), name=a.name,
+            store,
+            a.user,
+            tier=a.tier,
+            scopes=a.scopes.split(","),
+            name=a.name,
             expires_in_days=a.expires_in,
         )
     print(token)

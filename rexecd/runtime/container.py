@@ -9,9 +9,11 @@ the upper/work directories (the container's data) and the cgroup.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -24,6 +26,8 @@ from rexecd.runtime.cgroups import Cgroup, CgroupDriver, CgroupLimits
 from rexecd.runtime.spawner import Child, Spawner
 from rexecd.runtime.spec import BindMount, ContainerSpec, ExecSpec, ProcessSpec, RootfsSpec
 from rexecd.runtime.users import resolve_user
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -74,10 +78,23 @@ class Runtime:
         self.state_dir = state_dir
         self.run_dir = run_dir
         self.cgroups = cgroups
-        self.spawner = spawner
+        self._spawner = spawner
+        self._spawner_lock = threading.Lock()
         for d in (state_dir / "containers", run_dir / "containers"):
             d.mkdir(parents=True, exist_ok=True)
             os.chmod(d, 0o700)
+
+    @property
+    def spawner(self) -> Spawner:
+        """The spawner, restarted if it died: containers it had started live on (they
+        re-parent to the daemon, a subreaper, and are watched through pidfds)."""
+        with self._spawner_lock:
+            if not self._spawner.alive:
+                log.error("spawner process %d died: starting a new one", self._spawner.pid)
+                with contextlib.suppress(Exception):
+                    self._spawner.close()
+                self._spawner = Spawner()
+            return self._spawner
 
     # ------------------------------------------------------------ layout
 

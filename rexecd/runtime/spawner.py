@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -167,6 +168,8 @@ def main(argv: list[str]) -> None:
 
 # ---------------------------------------------------------------- client side
 
+MAX_UNCOLLECTED_EXITS = 4096
+
 
 @dataclass
 class Child:
@@ -216,7 +219,9 @@ class Spawner:
         self._cond = threading.Condition()
         self._rid = 0
         self._replies: dict[int, sync.Reply] = {}
-        self._exits: dict[int, int] = {}
+        # Exit statuses not yet collected, oldest first; bounded so that statuses nobody
+        # asks for (a waiter that gave up) cannot accumulate forever.
+        self._exits: OrderedDict[int, int] = OrderedDict()
         self._listeners: list[Callable[[int, int], None]] = []
         self._closed = False
         self._reader = threading.Thread(target=self._read_loop, name="spawner-reader", daemon=True)
@@ -225,6 +230,12 @@ class Spawner:
     @property
     def pid(self) -> int:
         return self._proc.pid
+
+    @property
+    def alive(self) -> bool:
+        """False once the spawner process has gone (its socket closed)."""
+        with self._cond:
+            return not self._closed
 
     def add_exit_listener(self, fn: Callable[[int, int], None]) -> None:
         """``fn(pid, status)`` is called from the reader thread for every reaped process."""
@@ -248,6 +259,8 @@ class Spawner:
                     self._replies[msg.rid] = msg
                 elif isinstance(msg, sync.Exited):
                     self._exits[msg.pid] = msg.status
+                    while len(self._exits) > MAX_UNCOLLECTED_EXITS:
+                        self._exits.popitem(last=False)
                     listeners = list(self._listeners)
                 else:
                     continue

@@ -530,7 +530,10 @@ class ContainerManager:
                 if rec is None or rec.pid == pid:
                     self._unwatch(db_id)
                 return
-            status = await asyncio.to_thread(self.runtime.spawner.wait, pid, 1.0)
+            pidfd = self._watch_fds.get(db_id)
+            status = procinfo.reap_pidfd(pidfd) if pidfd is not None else None
+            if status is None:
+                status = await asyncio.to_thread(self.runtime.spawner.wait, pid, 1.0)
             oom = self._oom_seen.get(db_id, 0) > 0
             reason = None
             if oom and status is not None and status == 128 + 9:

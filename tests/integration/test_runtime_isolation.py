@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -363,3 +364,42 @@ def test_concurrent_starts_from_threads(runtime: Runtime, busybox_layer: Path) -
         t.join(60)
     assert not errors
     assert sorted(int(r.out) for r in results) == list(range(8))
+
+
+def test_spawner_death_is_survived(tmp_path: Path, busybox_layer: Path, cgroup_parent: str) -> None:
+    """A running container outlives a crashed spawner; the runtime starts a new one."""
+    sp = Spawner()
+    rt = Runtime(tmp_path / "state", tmp_path / "run", open_driver(cgroup_parent), sp)
+    cid = uuid.uuid4().hex * 2
+    dirs = rt.dirs(cid)
+    rt.create_dirs(dirs)
+    try:
+        spec = rt.build_spec(cid, "s", image(busybox_layer), dirs, args=["sleep", "1000"])
+        pid = rt.start(spec, CgroupLimits())
+        old = sp.pid
+        os.kill(old, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while sp.alive and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not sp.alive
+        assert os.path.exists(f"/proc/{pid}")  # the container lives on
+        res = run(rt, image(busybox_layer), "echo fresh")
+        assert res.out.strip() == "fresh"
+        assert rt.spawner.pid != old
+        # Its exit status went with the dead spawner; stopping it still works.
+        rt.stop(cid, pid, timeout=5)
+        deadline = time.monotonic() + 10
+        while not _zombie_or_gone(pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _zombie_or_gone(pid)
+    finally:
+        rt.remove(cid)
+        rt.spawner.close()
+
+
+def _zombie_or_gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
