@@ -21,6 +21,7 @@ from rexecd.runtime.cgroups import CgroupDriver, open_driver
 from rexecd.runtime.container import Runtime
 from rexecd.runtime.images import ImageStore
 from rexecd.runtime.spawner import Spawner
+from rexecd.runtime.storage import LoopStorage
 from rexecd.service.events import EventBus
 from rexecd.service.manager import ContainerManager
 from rexecd.service.ratelimit import RateLimiter
@@ -93,7 +94,15 @@ async def serve(cfg: Config, ready: asyncio.Event | None = None) -> None:
     spawner = Spawner()
     runtime = Runtime(cfg.state_dir, cfg.run_dir, _cgroups(cfg), spawner)
     images = ImageStore(cfg.state_dir / "images")
-    manager = ContainerManager(cfg, store, runtime, images, EventBus(), _network(cfg))
+    manager = ContainerManager(
+        cfg,
+        store,
+        runtime,
+        images,
+        EventBus(),
+        _network(cfg),
+        LoopStorage(cfg.state_dir, cfg.run_dir),
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -102,8 +111,13 @@ async def serve(cfg: Config, ready: asyncio.Event | None = None) -> None:
     try:
         await manager.start_up()
         app = make_app(
-            manager, store, cfg, RateLimiter(cfg.rate_limits), version=__version__,
-            build="dev", extra_routes=lambda a: add_terminal_routes(a, manager, cfg),
+            manager,
+            store,
+            cfg,
+            RateLimiter(cfg.rate_limits),
+            version=__version__,
+            build="dev",
+            extra_routes=lambda a: add_terminal_routes(a, manager, cfg),
         )
         runner = web.AppRunner(app, shutdown_timeout=5.0)
         await runner.setup()

@@ -17,6 +17,7 @@ import os
 import shutil
 import time
 from collections.abc import AsyncIterator, Awaitable
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -25,6 +26,7 @@ from rexecd import __version__
 from rexecd import _native as n
 from rexecd.config import Config
 from rexecd.errors import (
+    ChildSetupError,
     Conflict,
     Forbidden,
     InvalidRequest,
@@ -59,6 +61,7 @@ from rexecd.runtime.containerfs import ContainerFS, Entry, mode_string
 from rexecd.runtime.images import ImageRecord, ImageStore
 from rexecd.runtime.pty import set_size
 from rexecd.runtime.spec import BindMount, ProcessSpec
+from rexecd.runtime.storage import Storage, Volume
 from rexecd.runtime.users import resolve_user
 from rexecd.service import quotas
 from rexecd.service.auth import Principal
@@ -110,6 +113,7 @@ class ContainerManager:
         images: ImageStore,
         events: EventBus | None = None,
         network: Any | None = None,
+        storage: Storage | None = None,
     ) -> None:
         self.cfg = cfg
         self.store = store
@@ -117,6 +121,8 @@ class ContainerManager:
         self.images = images
         self.events = events or EventBus()
         self.network = network
+        # None: upper/work and /home/user are plain directories without a size limit.
+        self.storage = storage
         self._locks: dict[str, asyncio.Lock] = {}
         self._creating: dict[str, asyncio.Task[None]] = {}
         self._watch_fds: dict[str, int] = {}
@@ -276,7 +282,6 @@ class ContainerManager:
         self, p: Principal, req: ContainerCreate, progress: ProgressFn | None = None
     ) -> ContainerOut:
         report = _Reporter(progress)
-        await report("validating", "validating request", 5)
         ref = self._image_ref(req)
         image = await asyncio.to_thread(self._image, ref)
         if req.role is not None and req.role not in {r.id for r in self.cfg.roles}:
@@ -299,6 +304,9 @@ class ContainerManager:
             expires_at=quotas.session_expiry(self.cfg, p.tier, now),
         )
         await asyncio.to_thread(self.store.insert_container_checked, rec, self.container_limit(p))
+        # Only now: the first frame starts the SSE answer, so a refusal above (image,
+        # quota, name taken) still reaches a stream client as a plain JSON error.
+        await report("validating", "request validated", 5, container_id=rec.id)
         self._publish("created", rec)
         task = asyncio.ensure_future(self._finish_create(rec, image, report))
         self._creating[rec.db_id] = task
@@ -363,19 +371,33 @@ class ContainerManager:
     def _volume_dir(self, rec: ContainerRecord) -> Path:
         return self.cfg.state_dir / "volumes" / rec.user_id / rec.name
 
+    def _vol(self, rec: ContainerRecord) -> Volume | None:
+        return self.storage.volume(rec.user_id, rec.name) if self.storage is not None else None
+
     def _prepare(
         self, rec: ContainerRecord, view: ImageView
     ) -> tuple[ContainerDirs, list[BindMount]]:
-        """Dirs, /home/user volume, /etc files: everything on disk before the spawn."""
+        """Storage, dirs and /home/user: everything on disk before the spawn.
+
+        With a storage method the writable layer and /home/user live on the
+        container's own quota'd volume (mounted here, released when it stops)."""
+        ident = resolve_user(view.user, view.layers)
+        if self.storage is not None:
+            vol = self.storage.ensure(
+                rec.user_id, rec.name, rec.resources.disk_mb, (ident.uid, ident.gid)
+            )
+            self.store.upsert_volume(rec.user_id, rec.name, str(vol.image), vol.size_mb)
+            dirs = replace(self.runtime.dirs(rec.id), upper=vol.upper, work=vol.work)
+            self.runtime.create_dirs(dirs)
+            return dirs, [BindMount(source=str(vol.home), target=HOME)]
         dirs = self.runtime.dirs(rec.id)
         self.runtime.create_dirs(dirs)
-        ident = resolve_user(view.user, view.layers)
-        vol = self._volume_dir(rec)
-        if not vol.exists():
-            vol.mkdir(parents=True, mode=0o755)
-            os.chown(vol, ident.uid, ident.gid)
-            self.store.upsert_volume(rec.user_id, rec.name, str(vol), rec.resources.disk_mb)
-        return dirs, [BindMount(source=str(vol), target=HOME)]
+        home = self._volume_dir(rec)
+        if not home.exists():
+            home.mkdir(parents=True, mode=0o755)
+            os.chown(home, ident.uid, ident.gid)
+            self.store.upsert_volume(rec.user_id, rec.name, str(home), rec.resources.disk_mb)
+        return dirs, [BindMount(source=str(home), target=HOME)]
 
     async def _launch(
         self, rec: ContainerRecord, image: ImageRecord, report: _Reporter | None = None
@@ -449,6 +471,7 @@ class ContainerManager:
                 self.network.detach(rec.id)
         self.store.release_ips(rec.db_id)
         self.runtime.release(rec.id)
+        self._release_volume(rec)
 
     def _release(self, rec: ContainerRecord) -> None:
         """After init is gone: cgroup, mount point and host network side go; data stays."""
@@ -458,6 +481,15 @@ class ContainerManager:
             except RexecError as exc:
                 log.warning("network detach of %s: %s", rec.id, exc)
         self.runtime.release(rec.id)
+        self._release_volume(rec)
+
+    def _release_volume(self, rec: ContainerRecord) -> None:
+        vol = self._vol(rec)
+        if vol is not None and self.storage is not None:
+            try:
+                self.storage.release(vol)
+            except RexecError as exc:
+                log.warning("releasing the volume of %s: %s", rec.name, exc)
 
     async def _halt(
         self,
@@ -622,48 +654,98 @@ class ContainerManager:
     def _remove(self, rec: ContainerRecord, volumes: bool) -> None:
         self._release(rec)
         self.runtime.remove(rec.id)
-        if volumes:
+        if self.storage is not None:
+            if volumes:
+                self.storage.destroy(rec.user_id, rec.name)
+            elif (vol := self.storage.volume(rec.user_id, rec.name)).image.exists():
+                # The container's root goes; /home/user stays for the same name.
+                self.storage.wipe_root(vol)
+                self.storage.release(vol)
+        elif volumes:
             shutil.rmtree(self._volume_dir(rec), ignore_errors=True)
+        if volumes:
             self.store.delete_volume(rec.user_id, rec.name)
         self.store.delete_container(rec.db_id)
 
     async def update_settings(
         self, p: Principal, ref: str, patch: SettingsPatch
     ) -> tuple[ContainerOut, bool]:
+        """cpu and memory change live; the disk grows online where the storage can (else
+        at the next start); a rename of a running container with quota'd storage restarts
+        it, since its volume is mounted under its name."""
         rec = await self._find(p, ref)
+        restarted = False
         async with self._lock(rec.db_id):
             rec = await self._find(p, ref)
             res = quotas.resources_for_update(self.cfg, p.tier, rec.resources, patch)
+            if self.storage is not None and res.disk_mb < rec.resources.disk_mb:
+                raise InvalidRequest(
+                    "disk_mb can only grow: a volume cannot be shrunk without moving the "
+                    "user's data",
+                    disk_mb=rec.resources.disk_mb,
+                )
             fields: dict[str, Any] = {"resources": res}
             old = rec
-            if patch.name is not None and patch.name != rec.name:
+            renaming = patch.name is not None and patch.name != rec.name
+            if renaming:
+                assert patch.name is not None
                 fields["name"] = patch.name
-                renamed = rec.model_copy(update={"name": patch.name})
                 taken = await asyncio.to_thread(self.store.find_container, p.user_id, patch.name)
                 if taken is not None and taken.name == patch.name:
                     raise Conflict("container with this name already exists", name=patch.name)
-                if await asyncio.to_thread(self._volume_dir(renamed).exists):
+                if await asyncio.to_thread(self._volume_exists, p.user_id, patch.name):
                     raise Conflict(
                         "a kept /home/user volume already has this name", name=patch.name
                     )
-            if rec.status == "running":
+            restart = renaming and rec.status == "running" and self.storage is not None
+            if restart:
+                rec = await self._halt(rec, float(self.cfg.stop_timeout_s))
+            elif rec.status == "running":
                 cg = self.runtime.cgroup(rec.id)
                 if cg is not None:
                     await asyncio.to_thread(cg.apply, limits_for(res))
+                if res.disk_mb > old.resources.disk_mb:
+                    await asyncio.to_thread(self._grow_disk, rec, res.disk_mb)
             rec = await self._update(rec.db_id, **fields)
-            if rec.name != old.name:
+            if renaming:
                 # The volume is found by (user, name): it follows the container's name,
                 # or the next start would mount an empty /home/user.
                 await asyncio.to_thread(self._move_volume, old, rec)
+            if restart:
+                image = await asyncio.to_thread(self._image, rec.image)
+                rec = await self._launch(rec, image)
+                restarted = True
             self._publish("updated", rec)
-        return rec.to_out(), False
+        return rec.to_out(), restarted
+
+    def _grow_disk(self, rec: ContainerRecord, disk_mb: int) -> None:
+        vol = self._vol(rec)
+        if vol is None or self.storage is None:
+            return
+        try:
+            self.storage.resize(vol, disk_mb)
+        except Conflict as exc:
+            # No online grow here (e.g. no CAP_SYS_RESOURCE): ensure() grows it offline
+            # at the next start, from the size now recorded.
+            log.info("disk of %s grows at its next start: %s", rec.name, exc.message)
+
+    def _volume_exists(self, user_id: str, name: str) -> bool:
+        if self.storage is not None:
+            return self.storage.volume(user_id, name).image.exists()
+        return (self.cfg.state_dir / "volumes" / user_id / name).exists()
 
     def _move_volume(self, old: ContainerRecord, new: ContainerRecord) -> None:
-        src, dst = self._volume_dir(old), self._volume_dir(new)
-        if not src.exists():
-            return
-        # A running container's bind mount follows the directory it was made from.
-        os.rename(src, dst)
+        if self.storage is not None:
+            self.storage.rename(old.user_id, old.name, new.name)
+            dst = self.storage.volume(new.user_id, new.name).image
+            if not dst.exists():
+                return
+        else:
+            src, dst = self._volume_dir(old), self._volume_dir(new)
+            if not src.exists():
+                return
+            # A running container's bind mount follows the directory it was made from.
+            os.rename(src, dst)
         self.store.delete_volume(old.user_id, old.name)
         self.store.upsert_volume(new.user_id, new.name, str(dst), new.resources.disk_mb)
 
@@ -699,15 +781,35 @@ class ContainerManager:
             additional_gids=groups,
         )
         await self._touch(rec)
-        code, result = await run_exec(
-            self.runtime,
-            rec.id,
-            rec.pid,
-            proc,
-            float(quotas.exec_timeout(self.cfg, req.timeout_seconds)),
-            self.cfg.exec.output_cap_bytes,
-        )
+        try:
+            code, result = await run_exec(
+                self.runtime,
+                rec.id,
+                rec.pid,
+                proc,
+                float(quotas.exec_timeout(self.cfg, req.timeout_seconds)),
+                self.cfg.exec.output_cap_bytes,
+            )
+        except ChildSetupError:
+            # Exec takes no lock (it may run for minutes): a stop or delete that won the
+            # race is the caller's 409/404, not a server fault.
+            await self._gone_while_entering(rec)
+            raise
         return code, result.model_dump(mode="json")
+
+    async def _gone_while_entering(self, rec: ContainerRecord) -> None:
+        """Raise NotFound/Conflict if ``rec`` was deleted or stopped under a request."""
+        async with self._lock(rec.db_id):  # a stop under way finishes first
+            now = await asyncio.to_thread(self.store.get_container, rec.db_id)
+        if now is None:
+            raise NotFound("container not found", code="container_not_found")
+        alive = (
+            rec.pid is not None
+            and procinfo.is_same_process(rec.pid, rec.pid_start_time)
+            and not _is_zombie(rec.pid)
+        )
+        if now.status != "running" or now.pid != rec.pid or not alive:
+            raise Conflict("container is not running", status=now.status, code="container_stopped")
 
     async def stats(self, p: Principal, ref: str) -> Stats:
         rec = await self._find(p, ref)
@@ -715,7 +817,7 @@ class ContainerManager:
 
     def _stats(self, rec: ContainerRecord) -> Stats:
         res = rec.resources
-        disk_used = _du(self.runtime.dirs(rec.id).upper) + _du(self._volume_dir(rec))
+        disk_used = self._disk_used(rec)
         cg = self.runtime.cgroup(rec.id) if rec.status == "running" else None
         if cg is None:
             return Stats(
@@ -754,6 +856,19 @@ class ContainerManager:
             net_tx=tx,
             oom_kills=s.oom_kills,
         )
+
+    def _disk_used(self, rec: ContainerRecord) -> int:
+        vol = self._vol(rec)
+        if vol is None or self.storage is None:
+            return _du(self.runtime.dirs(rec.id).upper) + _du(self._volume_dir(rec))
+        if rec.status == "running":
+            with contextlib.suppress(RexecError):
+                return self.storage.usage(vol)[0]
+        # Stopped: its image is not mounted; what the sparse image holds is close enough.
+        try:
+            return vol.image.stat().st_blocks * 512
+        except FileNotFoundError:
+            return 0
 
     def _fs(self, rec: ContainerRecord) -> ContainerFS:
         assert rec.pid is not None
@@ -869,7 +984,11 @@ class ContainerManager:
         for rec in recs:
             if rec.status not in ACTIVE:
                 continue
-            alive = rec.pid is not None and procinfo.is_same_process(rec.pid, rec.pid_start_time)
+            alive = (
+                rec.pid is not None
+                and procinfo.is_same_process(rec.pid, rec.pid_start_time)
+                and not _is_zombie(rec.pid)
+            )
             if alive and rec.status == "running":
                 live.add(rec.id)
                 self._watch(rec)
@@ -914,6 +1033,11 @@ class ContainerManager:
                     log.info("removing orphaned cgroup %s", name)
                     with contextlib.suppress(NotFound):
                         self.runtime.cgroups.open(name).destroy()
+        if self.storage is not None:
+            keep = {(r.user_id, r.name) for r in self.store.list_containers() if r.id in live}
+            released = self.storage.reconcile(keep)
+            if released:
+                log.info("released volumes of containers that are not running: %s", released)
         run_containers = self.runtime.run_dir / "containers"
         for d in run_containers.iterdir() if run_containers.exists() else []:
             if d.name not in live:
@@ -1001,6 +1125,17 @@ def _find_shell(pid: int) -> str:
     finally:
         os.close(root)
     raise RuntimeFailure("terminal", "no shell (zsh, bash or sh) in the container", errno.ENOENT)
+
+
+def _is_zombie(pid: int) -> bool:
+    """An init that died while no daemon ran stays a zombie until its new parent reaps it
+    (some hosts' pid 1 never does): dead all the same, never to be re-adopted."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return False
+    return raw[raw.rindex(b")") + 2 :].split()[:1] in ([b"Z"], [b"X"])
 
 
 def _du(path: Path) -> int:

@@ -524,3 +524,23 @@ def test_bad_requests(storage: LoopStorage) -> None:
         storage.usage(vol)
     storage.release(vol)  # nothing to release: fine
     storage.destroy(USER, "web")
+
+
+def test_rename_moves_an_unmounted_volume_and_refuses_in_use(storage: LoopStorage) -> None:
+    vol = storage.ensure("u1", "old", 16)
+    (vol.home / "kept").write_text("mine")
+    with pytest.raises(Conflict):
+        storage.rename("u1", "old", "new")  # mounted
+    storage.release(vol)
+    other = storage.ensure("u1", "taken", 16)
+    storage.release(other)
+    with pytest.raises(Conflict):
+        storage.rename("u1", "old", "taken")
+    storage.rename("u1", "old", "new")
+    assert not storage.volume("u1", "old").image.exists()
+    moved = storage.ensure("u1", "new", 16)
+    try:
+        assert (moved.home / "kept").read_text() == "mine"
+    finally:
+        storage.release(moved)
+    storage.rename("u1", "absent", "whatever")  # nothing to move: no error

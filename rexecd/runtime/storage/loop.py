@@ -90,6 +90,25 @@ class LoopStorage(Storage):
             undo.pop_all()
             return self._sized(vol)
 
+    def volume(self, user_id: str, name: str) -> Volume:
+        return self.layout.volume(user_id, name, 0)
+
+    def rename(self, user_id: str, old: str, new: str) -> None:
+        src, dst = self.layout.volume(user_id, old, 0), self.layout.volume(user_id, new, 0)
+        # Both locks, always in the same order, so two renames cannot deadlock.
+        first, second = sorted((src, dst), key=lambda v: v.name)
+        with self._lock(first), self._lock(second):
+            if _is_mount(src.mountpoint) or _is_mount(dst.mountpoint):
+                raise Conflict(f"volume {user_id}/{old} or {user_id}/{new} is in use")
+            if not src.image.exists():
+                return
+            if dst.image.exists():
+                raise Conflict(f"a volume named {new} already exists", name=new)
+            try:
+                os.rename(src.image, dst.image)
+            except OSError as exc:
+                raise RuntimeFailure.from_oserror("rename volume image", exc) from exc
+
     def release(self, vol: Volume) -> None:
         vol = self._own(vol)
         with self._lock(vol):

@@ -147,6 +147,16 @@ class Storage(abc.ABC):
         (the returned ``size_mb`` is the real one), since shrinking is impossible."""
 
     @abc.abstractmethod
+    def volume(self, user_id: str, name: str) -> Volume:
+        """The handle of the volume of (user, name), mounted or not (``size_mb`` 0)."""
+
+    @abc.abstractmethod
+    def rename(self, user_id: str, old: str, new: str) -> None:
+        """Give an unmounted volume a new name (the container was renamed). ``Conflict``
+        if it is mounted or the new name already has a volume; nothing to do if the old
+        name has none."""
+
+    @abc.abstractmethod
     def release(self, vol: Volume) -> None:
         """Unmount; idempotent. The data stays for the next ``ensure``."""
 
