@@ -162,6 +162,12 @@ class FakeStorage(Storage):
     ) -> Volume:
         raise NotImplementedError
 
+    def volume(self, user_id: str, name: str) -> Volume:
+        return self.lay.volume(user_id, name, 0)
+
+    def rename(self, user_id: str, old: str, new: str) -> None:
+        raise NotImplementedError
+
     def release(self, vol: Volume) -> None:
         self.released.append(vol.name)
 
