@@ -124,13 +124,16 @@ def add_terminal_routes(app: web.Application, manager: ContainerManager, cfg: Co
             await client.send({"type": "error", "data": message})
             await ws.close()
             return ws
+        # shell_ready goes before any output (the replay, then live output): a client may
+        # reset its screen on shell_ready, which must not wipe what was just replayed.
+        # attach() holds the session's output until resume(), so nothing overtakes it.
         replay = await session.attach(client)
         try:
+            await client.send({"type": "shell_ready", "data": "new" if fresh else "resumed"})
             if replay:
                 await client.send_output(replay)
         finally:
             session.resume(client)
-        await client.send({"type": "shell_ready", "data": "new" if fresh else "resumed"})
 
         async def stats() -> dict[str, Any] | None:
             try:

@@ -27,6 +27,11 @@ from rexecd.service.interface import TerminalProcess
 log = logging.getLogger(__name__)
 READ_CHUNK = 65536
 MAX_WINSIZE = 0xFFFF
+# Once the shell has exited, output it wrote last may still be on its way through the
+# PTY: read on until it has been quiet this long (but no longer than the cap, in case a
+# job it left behind keeps writing).
+EXIT_QUIET_S = 0.05
+EXIT_DRAIN_MAX_S = 1.0
 
 
 class TerminalClient(Protocol):
@@ -73,13 +78,40 @@ class TerminalSession:
     ended: bool = False
     # Set by terminate() (container stopped, idle, replaced); otherwise the shell's exit.
     end_reason: tuple[str, str] | None = None
+    # The shell's exit, seen through a pidfd: a job it left in the background may keep
+    # the PTY slave open, so EIO on the master alone would never end the session.
+    pidfd: int = -1
+    exited_at: float | None = None
+    wake: Callable[[], None] | None = None
 
     def start(self) -> None:
         os.set_blocking(self.proc.master, False)
+        loop = asyncio.get_running_loop()
+        try:
+            self.pidfd = os.pidfd_open(self.proc.pid)
+        except ProcessLookupError:
+            self.exited_at = loop.time()
+        else:
+            loop.add_reader(self.pidfd, self._shell_exited)
         self.pump_task = asyncio.ensure_future(self._pump())
         self._arm_idle()
 
+    def _shell_exited(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._close_pidfd()
+        self.exited_at = loop.time()
+        if self.wake is not None:
+            self.wake()
+
+    def _close_pidfd(self) -> None:
+        if self.pidfd >= 0:
+            asyncio.get_running_loop().remove_reader(self.pidfd)
+            os.close(self.pidfd)
+            self.pidfd = -1
+
     async def _read(self) -> bytes:
+        """The next output; b"" once every slave fd is closed, or the shell has exited
+        and its last output is drained."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
         fd = self.proc.master
@@ -89,18 +121,30 @@ class TerminalSession:
                 fut.set_result(None)
 
         loop.add_reader(fd, ready)
+        self.wake = ready
         try:
             while True:
                 try:
                     return os.read(fd, READ_CHUNK)
                 except BlockingIOError:
-                    await fut
-                    fut = loop.create_future()
+                    pass
                 except OSError as exc:
                     if exc.errno == errno.EIO:  # every slave fd closed: the shell is gone
                         return b""
                     raise
+                if self.exited_at is None:
+                    await fut
+                else:
+                    left = min(EXIT_QUIET_S, self.exited_at + EXIT_DRAIN_MAX_S - loop.time())
+                    if left <= 0:
+                        return b""
+                    try:
+                        await asyncio.wait_for(asyncio.shield(fut), left)
+                    except TimeoutError:
+                        return b""
+                fut = loop.create_future()
         finally:
+            self.wake = None
             loop.remove_reader(fd)
 
     async def _pump(self) -> None:
@@ -133,6 +177,7 @@ class TerminalSession:
         self.ended = True
         if self.idle_handle is not None:
             self.idle_handle.cancel()
+        self._close_pidfd()
         client, self.client = self.client, None
         if client is not None:
             kind, message = self.end_reason or ("error", "session ended")
@@ -196,6 +241,8 @@ class TerminalSession:
         loop = asyncio.get_running_loop()
         view = memoryview(data)
         while view:
+            if self.ended:  # the master is closed; its fd number may already be reused
+                return
             try:
                 n = os.write(self.proc.master, view)
                 view = view[n:]
