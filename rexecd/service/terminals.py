@@ -34,6 +34,23 @@ EXIT_QUIET_S = 0.05
 EXIT_DRAIN_MAX_S = 1.0
 
 
+def _read_more(fd: int, first: bytes) -> bytes:
+    """``first`` plus whatever else the PTY has right now, up to READ_CHUNK: a PTY hands
+    out a few KiB per read, and one WebSocket frame per read would halve throughput."""
+    if not first:
+        return first
+    buf = bytearray(first)
+    while len(buf) < READ_CHUNK:
+        try:
+            more = os.read(fd, READ_CHUNK - len(buf))
+        except (BlockingIOError, OSError):
+            break
+        if not more:
+            break
+        buf += more
+    return bytes(buf)
+
+
 class TerminalClient(Protocol):
     """The side a session sends to (a WebSocket, in the API layer)."""
 
@@ -125,7 +142,7 @@ class TerminalSession:
         try:
             while True:
                 try:
-                    return os.read(fd, READ_CHUNK)
+                    return _read_more(fd, os.read(fd, READ_CHUNK))
                 except BlockingIOError:
                     pass
                 except OSError as exc:
