@@ -128,11 +128,15 @@ def _cmd_token_revoke(a: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_user_add(a: argparse.Namespace) -> int:
+def _check_tier(tier: str) -> None:
     from rexecd.config import TIER_NAMES
 
-    if a.tier not in TIER_NAMES:
-        raise InvalidRequest(f"unknown tier {a.tier!r}: one of {', '.join(TIER_NAMES)}")
+    if tier not in TIER_NAMES:
+        raise InvalidRequest(f"unknown tier {tier!r}: one of {', '.join(TIER_NAMES)}")
+
+
+def _cmd_user_add(a: argparse.Namespace) -> int:
+    _check_tier(a.tier)
     with _store(a) as store:
         user = store.create_user(a.user, a.tier)
     print(user.id)
@@ -140,10 +144,7 @@ def _cmd_user_add(a: argparse.Namespace) -> int:
 
 
 def _cmd_user_set_tier(a: argparse.Namespace) -> int:
-    from rexecd.config import TIER_NAMES
-
-    if a.tier not in TIER_NAMES:
-        raise InvalidRequest(f"unknown tier {a.tier!r}: one of {', '.join(TIER_NAMES)}")
+    _check_tier(a.tier)
     with _store(a) as store:
         user = store.get_user_by_name(a.user)
         if user is None:

@@ -9,7 +9,7 @@ from typing import Any
 
 from rexecd.errors import Conflict, RuntimeFailure
 
-from .netlink import EEXIST, ENODEV, failure, is_missing, translate
+from .netlink import EEXIST, ENODEV, delete_link, failure, is_missing, translate
 
 
 @dataclass(frozen=True)
@@ -103,16 +103,7 @@ def ensure_bridge(ipr: Any, name: str, gateway: ipaddress.IPv4Interface, mac: st
 
 
 def delete_bridge(ipr: Any, name: str) -> bool:
-    idx = bridge_index(ipr, name)
-    if idx is None:
-        return False
-    try:
-        ipr.link("del", index=idx)
-    except Exception as exc:
-        if not is_missing(exc):
-            raise failure("bridge del", name, exc) from exc
-        return False
-    return True
+    return delete_link(ipr, bridge_index(ipr, name), name, "bridge del")
 
 
 def write_sysctl(key: str, value: str) -> None:

@@ -141,3 +141,16 @@ class ContainerNetns:
 def link_index(ipr: Any, ifname: str) -> int | None:
     found = ipr.link_lookup(ifname=ifname)
     return int(found[0]) if found else None
+
+
+def delete_link(ipr: Any, index: int | None, name: str, step: str) -> bool:
+    """Delete the link ``index`` (``name`` for errors); False if it was already gone."""
+    if index is None:
+        return False
+    try:
+        ipr.link("del", index=index)
+    except Exception as exc:
+        if not is_missing(exc):
+            raise failure(step, name, exc) from exc
+        return False
+    return True

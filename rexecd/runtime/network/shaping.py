@@ -6,7 +6,7 @@ from typing import Any
 
 from rexecd.errors import InvalidRequest, RuntimeFailure
 
-from .netlink import EINVAL, ENODEV, failure, is_missing, link_index, translate
+from .netlink import EINVAL, ENODEV, delete_link, failure, is_missing, link_index, translate
 
 # tbf's 32-bit rate field counts bytes per second; above this it would wrap.
 MAX_MBPS = 34_000
@@ -103,16 +103,7 @@ def remove(ipr: Any, veth: str, ifb: str) -> bool:
 
 
 def delete_ifb(ipr: Any, ifb: str) -> bool:
-    idx = link_index(ipr, ifb)
-    if idx is None:
-        return False
-    try:
-        ipr.link("del", index=idx)
-    except Exception as exc:
-        if not is_missing(exc):
-            raise failure("ifb del", ifb, exc) from exc
-        return False
-    return True
+    return delete_link(ipr, link_index(ipr, ifb), ifb, "ifb del")
 
 
 def rate_mbps(ipr: Any, index: int) -> int | None:
