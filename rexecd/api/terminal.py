@@ -13,6 +13,7 @@ from aiohttp import WSMsgType, web
 
 from rexecd.api.auth import WS_PROTOCOLS, principal_from_ws_request
 from rexecd.api.keys import track_websocket
+from rexecd.api.wire import respond_json
 from rexecd.config import Config
 from rexecd.errors import NotFound
 from rexecd.service.auth import Principal
@@ -57,10 +58,6 @@ class WsClient:
             self.transport.abort()
 
 
-def _json_error(status: int, body: dict[str, Any]) -> web.Response:
-    return web.json_response(body, status=status)
-
-
 async def _ticker(client: WsClient, interval: float, make: Any) -> None:
     while True:
         await asyncio.sleep(interval)
@@ -98,15 +95,17 @@ def add_terminal_routes(app: web.Application, manager: ContainerManager, cfg: Co
         try:
             c = await manager.get_container(p, ref)
         except NotFound:
-            return _json_error(404, {"error": "container not found", "code": "container_not_found"})
+            return respond_json(
+                {"error": "container not found", "code": "container_not_found"}, 404
+            )
         if c.status != "running":
-            return _json_error(
-                400,
+            return respond_json(
                 {
                     "error": "container is not running",
                     "code": "container_stopped",
                     "status": c.status,
                 },
+                400,
             )
         session_id = request.query.get("id") or "default"
         new = request.query.get("newSession", "").lower() in ("1", "true", "yes")
