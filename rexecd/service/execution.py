@@ -10,7 +10,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 
-from rexecd.errors import ChildSetupError
+from rexecd.errors import ChildSetupError, InvalidRequest
 from rexecd.models import ExecResult
 from rexecd.runtime.container import Runtime
 from rexecd.runtime.spec import ProcessSpec
@@ -84,6 +84,11 @@ async def run_exec(
                     duration_ms=_ms(started),
                     truncated=False,
                 )
+            if exc.step == "chdir" and exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EACCES):
+                # The caller's workdir, not a server fault.
+                raise InvalidRequest(
+                    f"workdir {process.cwd}: {os.strerror(exc.errno or 0)}", workdir=process.cwd
+                ) from None
             raise
         finally:
             for fd in (out_w, err_w, devnull):

@@ -1,0 +1,193 @@
+"""A real ``rexecd serve`` for integration tests: its own state, run dir, socket, TCP
+port, bridge, subnet, nft table and cgroup parent; everything removed on close."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+RX = [sys.executable, "-m", "rexecd.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class Daemon:
+    """One daemon process; ``restart(kill=True)`` is the crash-and-recover path."""
+
+    base: Path
+    overrides: dict[str, Any] = field(default_factory=dict)
+    tag: str = field(default_factory=lambda: secrets.token_hex(3))
+    proc: subprocess.Popen[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        self.state = self.base / "state"
+        self.run = Path("/run") / f"rexecd-test-{self.tag}"
+        self.sock = self.run / "rexecd.sock"
+        self.port = free_port()
+        self.bridge = f"rxt{self.tag}"
+        self.subnet = f"10.{200 + int(self.tag[:2], 16) % 50}.{int(self.tag[2:4], 16)}.0/24"
+        self.nft_table = f"rxt_{self.tag}"
+        self.cgroup_parent = f"rexecd-test-{self.tag}"
+        cfg: dict[str, Any] = {
+            "listen": [f"unix:{self.sock}", f"tcp:127.0.0.1:{self.port}"],
+            "state_dir": str(self.state),
+            "run_dir": str(self.run),
+            "network": {"bridge": self.bridge, "subnet": self.subnet, "nft_table": self.nft_table},
+            "cgroup": {"parent": self.cgroup_parent},
+            "minimums": {"memory_mb": 16, "cpu_millicores": 10, "disk_mb": 16},
+            "rate_limits": {"create_per_min": 1000, "ops_per_min": 1000, "read_per_min": 5000},
+            "stop_timeout_s": 2,
+        }
+        _merge(cfg, self.overrides)
+        self.config = self.base / "rexecd.yaml"
+        self.config.write_text(yaml.safe_dump(cfg))
+        self.log = self.base / "daemon.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def cli(self, *args: str) -> str:
+        out = subprocess.run([*RX, *args], check=True, capture_output=True, text=True, cwd=ROOT)
+        return out.stdout.strip()
+
+    def token(self, user: str, tier: str = "free", scopes: str = "read,write") -> str:
+        return self.cli(
+            "token",
+            "create",
+            "--state-dir",
+            str(self.state),
+            "--user",
+            user,
+            "--tier",
+            tier,
+            "--scopes",
+            scopes,
+        )
+
+    def import_image(self, path: Path) -> None:
+        self.cli("image", "import", "--state-dir", str(self.state), str(path))
+
+    def start(self, timeout: float = 30.0) -> None:
+        log = open(self.log, "ab")  # noqa: SIM115 - the daemon writes to it until stopped
+        self.proc = subprocess.Popen(
+            [*RX, "serve", "--config", str(self.config)], stdout=log, stderr=log, cwd=ROOT
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited {self.proc.returncode}:\n{self.logs()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"daemon not ready in {timeout}s:\n{self.logs()}")
+
+    def logs(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def stop(self, kill: bool = False) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def restart(self, kill: bool = False) -> None:
+        self.stop(kill=kill)
+        self.start()
+
+    def close(self) -> None:
+        """Stop the daemon and remove every container and kernel object it made."""
+        self.stop()
+        from rexecd.runtime.cgroups import open_driver
+
+        drv = open_driver(self.cgroup_parent)
+        for name in drv.list():
+            drv.open(name).destroy()
+        drv.remove_parent()
+        from rexecd.runtime.network import Network, NetworkConfig
+
+        Network(
+            NetworkConfig(bridge=self.bridge, subnet=self.subnet, nft_table=self.nft_table)
+        ).teardown_host()
+        _unmount_under(self.run)
+        _unmount_under(self.state)
+        shutil.rmtree(self.run, ignore_errors=True)
+
+
+def _unmount_under(path: Path) -> None:
+    prefix = str(path) + "/"
+    with open("/proc/self/mounts") as f:
+        points = [line.split()[1] for line in f if line.split()[1].startswith(prefix)]
+    for point in sorted(points, key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], check=False)
+
+
+def _merge(into: dict[str, Any], extra: dict[str, Any]) -> None:
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = v
+
+
+def api(
+    d: Daemon, method: str, path: str, token: str | None, body: Any = None
+) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """A plain HTTP request over TCP, as any client would make it."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(d.url + path, data=data, method=method)
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            raw = r.read()
+            return r.status, json.loads(raw) if raw else {}, dict(r.headers)
+    except urllib.error.HTTPError as e:
+        raw = e.read()
+        return e.code, json.loads(raw) if raw else {}, dict(e.headers)
+
+
+def wait_status(d: Daemon, token: str, ref: str, want: str, timeout: float = 30) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    last: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        code, last, _ = api(d, "GET", f"/api/containers/{ref}", token)
+        if code == 200 and last.get("status") == want:
+            return last
+        if last.get("status") == "error" and want != "error":
+            raise AssertionError(f"container failed: {last}")
+        time.sleep(0.05)
+    raise AssertionError(f"{ref} not {want} in {timeout}s: {last}")
+
+
+os.environ.setdefault("PYTHONUNBUFFERED", "1")
