@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from rexecd.errors import ChildSetupError, NotFound, RuntimeFailure
+from rexecd.errors import ChildSetupError, NotFound, RexecError, RuntimeFailure
 from rexecd.runtime import sync
 from rexecd.runtime.capabilities import DEFAULT_CAPS
 from rexecd.runtime.cgroups import Cgroup, CgroupDriver, CgroupLimits
@@ -194,9 +194,12 @@ class Runtime:
             undo.callback(child.close)
             undo.callback(self._kill_and_reap, child.pid)
             child.expect(sync.Ready)
-            if on_ready is not None:
-                on_ready(child.pid)
-            sync.send(child.sock, sync.Go())
+            try:
+                if on_ready is not None:
+                    on_ready(child.pid)
+                sync.send(child.sock, sync.Go())
+            except (OSError, RexecError) as exc:
+                child.raise_reported(exc)
             child.wait_exec()
             undo.pop_all()
             child.close()

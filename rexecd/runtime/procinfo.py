@@ -5,23 +5,34 @@ from __future__ import annotations
 import os
 
 
-def start_time(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat (clock ticks since boot), or None if ``pid`` is gone."""
+def _stat_fields(pid: int) -> list[bytes] | None:
+    """/proc/PID/stat from field 3 (state) on, or None if ``pid`` is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             raw = f.read()
     except (FileNotFoundError, ProcessLookupError):
         return None
     # The command name (field 2) may contain spaces and parentheses: split after the last ')'.
-    rest = raw[raw.rindex(b")") + 2 :].split()
-    return int(rest[19])
+    return raw[raw.rindex(b")") + 2 :].split()
+
+
+def start_time(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat (clock ticks since boot), or None if ``pid`` is gone."""
+    fields = _stat_fields(pid)
+    return None if fields is None else int(fields[19])
 
 
 def is_same_process(pid: int, recorded_start: int | None) -> bool:
-    """Whether ``pid`` is alive and still the process that started at ``recorded_start``."""
+    """Whether ``pid`` is alive and still the process that started at ``recorded_start``.
+
+    A zombie is dead: an init that died while no daemon ran stays one until its new
+    parent reaps it (some hosts' pid 1 never does), and must not be re-adopted."""
     if recorded_start is None:
         return False
-    return start_time(pid) == recorded_start
+    fields = _stat_fields(pid)
+    if fields is None or fields[0] in (b"Z", b"X"):
+        return False
+    return int(fields[19]) == recorded_start
 
 
 def reap_pidfd(pidfd: int) -> int | None:

@@ -199,6 +199,20 @@ class Child:
         if msg is not None:
             raise ChildSetupError("sync", f"unexpected message {msg.type!r}")
 
+    def raise_reported(self, cause: BaseException) -> None:
+        """``cause`` (a failed step of ours between Ready and Go) is often only a symptom
+        of the child having failed first: raise the child's own error if it sent one."""
+        self.sock.settimeout(1.0)
+        try:
+            msg, fds = sync.recv(self.sock)
+        except OSError:
+            msg, fds = None, []
+        for fd in fds:
+            os.close(fd)
+        if isinstance(msg, sync.ChildError):
+            raise ChildSetupError(msg.step, msg.message, msg.errno) from cause
+        raise cause
+
     def close(self) -> None:
         self.sock.close()
 

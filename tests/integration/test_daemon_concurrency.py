@@ -213,12 +213,6 @@ async def test_failed_create_is_error_and_leaves_nothing(daemon: Daemon, broken_
         await c.create_running(ok)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="runtime/container.py Runtime.start: the child fails at 'mount /proc and /sys' "
-    "after Ready, before Go; sending Go then raises BrokenPipeError and the child's "
-    "ChildError is never read, so the record says 'internal error' instead of the step",
-)
 async def test_failed_create_names_the_failing_step(daemon: Daemon, broken_image: str) -> None:
     async with ApiClient(daemon, daemon.token(unique("step"))) as c, cleaning(c) as refs:
         name = unique("step")
