@@ -1,0 +1,203 @@
+#!/usr/bin/env python3
+"""Container start latency: N sequential runs of /bin/true, rexecd's runtime layer in one
+long-lived process (as the daemon does it: spawn, exec, reap, clean up, cgroup
+included) side by side with `crun run` and `runc run` on the same busybox rootfs.
+
+Run as root: .venv/bin/python bench/start_latency.py [--runs 100]
+Results: a table on stdout and bench/results/start_latency.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from rexecd.runtime.cgroups import CgroupLimits, open_driver  # noqa: E402
+from rexecd.runtime.container import Runtime  # noqa: E402
+from rexecd.runtime.images import ImageStore  # noqa: E402
+from rexecd.runtime.spawner import Spawner  # noqa: E402
+from rexecd.service.oneshot import image_view  # noqa: E402
+
+
+def summary(samples: list[float]) -> dict[str, float]:
+    s = sorted(samples)
+    return {
+        "median_ms": round(statistics.median(s), 3),
+        "p95_ms": round(s[int(len(s) * 0.95) - 1], 3),
+        "min_ms": round(s[0], 3),
+        "mean_ms": round(statistics.fmean(s), 3),
+        "runs": len(s),
+    }
+
+
+def bench_rexecd(state: Path, run_dir: Path, runs: int, ephemeral: bool) -> list[float]:
+    store = ImageStore(state / "images")
+    view = image_view(store, store.get("busybox:latest"))
+    parent = f"rexecd-bench-{uuid.uuid4().hex[:6]}"
+    drv = open_driver(parent)
+    sp = Spawner()
+    rt = Runtime(state, run_dir, drv, sp)
+    times = []
+    try:
+        for i in range(runs + 5):
+            t0 = time.perf_counter()
+            cid = uuid.uuid4().hex * 2
+            dirs = rt.dirs(cid, ephemeral=ephemeral)
+            rt.create_dirs(dirs)
+            spec = rt.build_spec(cid, "bench", view, dirs, args=["/bin/true"])
+            pid = rt.start(spec, CgroupLimits(memory_bytes=256 << 20, cpu_millicores=1000))
+            status = sp.wait(pid, timeout=10)
+            rt.remove(cid, ephemeral=ephemeral)
+            dt = (time.perf_counter() - t0) * 1000
+            if status != 0:
+                raise SystemExit(f"rexecd run {i} exited {status}")
+            if i >= 5:  # warm-up runs are not counted
+                times.append(dt)
+    finally:
+        sp.close()
+        drv.remove_parent()
+    return times
+
+
+PEER_LOOP = r"""
+import json, subprocess, sys, time
+from rexecd import _native as n
+# crun refuses hybrid hosts while /sys/fs/cgroup/unified lists controllers: hide it in
+# this private mount namespace only (see shared/PEERS.md).
+if sys.argv[3] == "hide-unified":
+    n.mount("none", "/sys/fs/cgroup/unified", "tmpfs", 0, None)
+tool, bundle, runs = sys.argv[1], sys.argv[2], int(sys.argv[4])
+out = []
+for i in range(runs + 5):
+    t0 = time.perf_counter()
+    r = subprocess.run([tool, "run", "--bundle", bundle, f"bench-{i}"],
+                       stdin=subprocess.DEVNULL, capture_output=True)
+    dt = (time.perf_counter() - t0) * 1000
+    if r.returncode != 0:
+        sys.exit(f"{tool} run {i}: {r.returncode} {r.stderr.decode()[-300:]}")
+    if i >= 5:
+        out.append(dt)
+print(json.dumps(out))
+"""
+
+
+def make_bundle(tool: str, rootfs: Path, work: Path) -> Path:
+    bundle = work / f"bundle-{tool}"
+    bundle.mkdir()
+    subprocess.run([tool, "spec"], cwd=bundle, check=True)
+    cfg = json.loads((bundle / "config.json").read_text())
+    cfg["root"] = {"path": str(rootfs), "readonly": True}
+    cfg["process"]["args"] = ["/bin/true"]
+    cfg["process"]["terminal"] = False
+    cfg["hostname"] = "bench"
+    # Absolute: a relative path nests the container under the caller's cgroup.
+    cfg["linux"]["cgroupsPath"] = f"/rexecd-bench-{tool}-{uuid.uuid4().hex[:6]}"
+    cfg["linux"]["resources"] = {
+        "memory": {"limit": 256 << 20},
+        "cpu": {"quota": 100000, "period": 100000},
+    }
+    if not any(ns["type"] == "cgroup" for ns in cfg["linux"]["namespaces"]):
+        cfg["linux"]["namespaces"].append({"type": "cgroup"})
+    (bundle / "config.json").write_text(json.dumps(cfg))
+    return bundle
+
+
+def bench_peer(tool: str, rootfs: Path, work: Path, runs: int) -> list[float] | str:
+    exe = shutil.which(tool)
+    if exe is None:
+        return f"{tool} not installed (apt-get install {tool})"
+    bundle = make_bundle(tool, rootfs, work)
+    cgpath = json.loads((bundle / "config.json").read_text())["linux"]["cgroupsPath"]
+    hide = "hide-unified" if tool == "crun" and Path("/sys/fs/cgroup/unified").is_dir() else "-"
+    try:
+        r = subprocess.run(
+            [
+                "unshare",
+                "-m",
+                "--propagation",
+                "private",
+                sys.executable,
+                "-c",
+                PEER_LOOP,
+                exe,
+                str(bundle),
+                hide,
+                str(runs),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+    finally:
+        for ctrl in Path("/sys/fs/cgroup").iterdir():
+            d = ctrl / cgpath.lstrip("/")
+            if d.is_dir():
+                for sub in sorted(d.rglob("*"), reverse=True):
+                    if sub.is_dir():
+                        sub.rmdir()
+                d.rmdir()
+    if r.returncode != 0:
+        return f"{tool} failed: {r.stderr.strip()[-400:]}"
+    times: list[float] = json.loads(r.stdout)
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--runs", type=int, default=100)
+    ap.add_argument("--image", default=str(ROOT / "images" / "busybox.tar"))
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("run as root")
+    with tempfile.TemporaryDirectory(prefix="rexecd-bench-", dir="/var/tmp") as tmp:
+        work = Path(tmp)
+        state, run_dir = work / "state", Path(tempfile.mkdtemp(prefix="rexecd-bench-", dir="/run"))
+        try:
+            store = ImageStore(state / "images")
+            rec = store.import_archive(Path(args.image))
+            rootfs = store.layer_paths(rec)[0]
+            results: dict[str, object] = {}
+            results["rexecd (upper on tmpfs, like --rm)"] = bench_rexecd(
+                state, run_dir, args.runs, True
+            )
+            results["rexecd (upper on the state disk)"] = bench_rexecd(
+                state, run_dir, args.runs, False
+            )
+            for tool in ("crun", "runc"):
+                results[f"{tool} run"] = bench_peer(tool, rootfs, work, args.runs)
+        finally:
+            shutil.rmtree(run_dir, ignore_errors=True)
+    report: dict[str, object] = {"runs": args.runs, "kernel": os.uname().release}
+    crun = results.get("crun run")
+    base = statistics.median(crun) if isinstance(crun, list) else None
+    print(f"{'runtime':40} {'median ms':>10} {'p95 ms':>10} {'vs crun':>8}")
+    for name, val in results.items():
+        if isinstance(val, str):
+            print(f"{name:40} {val}")
+            report[name] = {"error": val}
+            continue
+        s = summary(val)
+        ratio = round(s["median_ms"] / base, 2) if base else None
+        s["ratio_vs_crun"] = ratio if ratio is not None else float("nan")
+        report[name] = s
+        print(f"{name:40} {s['median_ms']:>10} {s['p95_ms']:>10} {ratio if ratio else '-':>8}")
+    out = ROOT / "bench" / "results"
+    out.mkdir(exist_ok=True)
+    (out / "start_latency.json").write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
