@@ -39,10 +39,19 @@ def cap_number(name: str) -> int:
     return value
 
 
+_last_cap: int | None = None
+
+
 def last_cap() -> int:
-    """The highest capability the running kernel knows (may exceed python-prctl's table)."""
-    with open("/proc/sys/kernel/cap_last_cap") as f:
-        return int(f.read())
+    """The highest capability the running kernel knows (may exceed python-prctl's table).
+
+    Read once per process: the spawner reads it at start-up, so its children (which
+    may already be inside a container's mount namespace) never have to."""
+    global _last_cap
+    if _last_cap is None:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            _last_cap = int(f.read())
+    return _last_cap
 
 
 def drop_bounding(keep: list[str], last: int) -> None:

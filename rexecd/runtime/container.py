@@ -190,16 +190,18 @@ class Runtime:
             cg = self._cgroup(spec.id, limits, undo)
             if cg is not None:
                 spec = replace(spec, cgroup_procs=cg.join_paths())
+            # Nothing to do between Ready and exec: save the child the round trip.
+            spec = replace(spec, wait_for_go=on_ready is not None)
             child = self.spawner.run(spec, stdio)
             undo.callback(child.close)
             undo.callback(self._kill_and_reap, child.pid)
             child.expect(sync.Ready)
-            try:
-                if on_ready is not None:
+            if on_ready is not None:
+                try:
                     on_ready(child.pid)
-                sync.send(child.sock, sync.Go())
-            except (OSError, RexecError) as exc:
-                child.raise_reported(exc)
+                    sync.send(child.sock, sync.Go())
+                except (OSError, RexecError) as exc:
+                    child.raise_reported(exc)
             child.wait_exec()
             undo.pop_all()
             child.close()

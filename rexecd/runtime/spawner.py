@@ -26,7 +26,7 @@ from importlib import resources
 
 from rexecd import _native as n
 from rexecd.errors import ChildSetupError, RuntimeUnavailable
-from rexecd.runtime import sync
+from rexecd.runtime import capabilities, sync
 from rexecd.runtime.spec import ContainerSpec, ExecSpec
 
 # ---------------------------------------------------------------- server side
@@ -51,6 +51,7 @@ class _Server:
     def __init__(self, ctrl: socket.socket) -> None:
         self.ctrl = ctrl
         self.init_fd = load_init_memfd()
+        capabilities.last_cap()  # cached for every child
         self.own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         self.pid = os.getpid()
         self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
