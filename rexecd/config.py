@@ -191,11 +191,19 @@ class TierLimits(_Section):
     containers: NonNegativeInt
     session_hours: float | None = Field(gt=0)
     network_mbps: PositiveInt
+    # The two disk throttles are the exception to "every field is required": a tier
+    # written before they existed keeps the behaviour it had then (no throttle).
+    # Both apply to reads and writes alike; None = unlimited.
+    disk_mbps: PositiveInt | None = None
+    disk_iops: PositiveInt | None = None
 
 
 # network_mbps is not part of the Rexec tier table; these are our own choices,
 # a step of roughly one order of magnitude per tier, with enterprise at line rate
-# of a typical 1 Gb/s host.
+# of a typical 1 Gb/s host. disk_mbps/disk_iops are ours too: each container's
+# volume shares the host's disk (a few hundred MB/s and some tens of thousands of
+# IOPS on a plain SSD), so a guest gets a small slice and each tier about twice the
+# one below; still far above what an interactive shell or a package install needs.
 _GUEST = TierLimits(
     cpu_millicores=500,
     memory_mb=512,
@@ -203,6 +211,8 @@ _GUEST = TierLimits(
     containers=1,
     session_hours=50,
     network_mbps=10,
+    disk_mbps=20,
+    disk_iops=500,
 )
 _FREE = TierLimits(
     cpu_millicores=2000,
@@ -211,6 +221,8 @@ _FREE = TierLimits(
     containers=5,
     session_hours=50,
     network_mbps=50,
+    disk_mbps=50,
+    disk_iops=1000,
 )
 _PRO = TierLimits(
     cpu_millicores=4000,
@@ -219,6 +231,8 @@ _PRO = TierLimits(
     containers=10,
     session_hours=None,
     network_mbps=100,
+    disk_mbps=100,
+    disk_iops=2000,
 )
 _ENTERPRISE = TierLimits(
     cpu_millicores=8000,
@@ -227,6 +241,8 @@ _ENTERPRISE = TierLimits(
     containers=20,
     session_hours=None,
     network_mbps=1000,
+    disk_mbps=200,
+    disk_iops=5000,
 )
 
 
@@ -255,6 +271,15 @@ class DefaultsConfig(_Section):
     memory_mb: PositiveInt = 512
     cpu_millicores: PositiveInt = 1000
     disk_mb: PositiveInt = 4096
+
+
+class LimitsConfig(_Section):
+    """Per-container limits that are the same for every tier."""
+
+    # Processes and threads together: the cap that turns a fork bomb into a failed
+    # fork() inside one container instead of an exhausted host pid space. init, a
+    # shell and an exec need a handful, so a lower cap would only break containers.
+    pids_max: int = Field(default=512, ge=16)
 
 
 class RateLimitsConfig(_Section):
@@ -335,6 +360,7 @@ class Config(_Section):
     tiers: TiersConfig = Field(default_factory=TiersConfig)
     minimums: MinimumsConfig = Field(default_factory=MinimumsConfig)
     defaults: DefaultsConfig = Field(default_factory=DefaultsConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
     rate_limits: RateLimitsConfig = Field(default_factory=RateLimitsConfig)
     images: ImagesConfig = Field(default_factory=ImagesConfig)
     roles: list[RoleConfig] = Field(

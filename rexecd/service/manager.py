@@ -55,7 +55,7 @@ from rexecd.models import (
     utcnow,
 )
 from rexecd.runtime import procinfo
-from rexecd.runtime.cgroups import CgroupLimits
+from rexecd.runtime.cgroups import CgroupLimits, IoLimit
 from rexecd.runtime.container import ContainerDirs, ImageView, Runtime, merge_env
 from rexecd.runtime.containerfs import ContainerFS, Entry, mode_string
 from rexecd.runtime.images import ImageRecord, ImageStore
@@ -79,15 +79,33 @@ HOME = "/home/user"
 SHELLS = ("/bin/zsh", "/usr/bin/zsh", "/bin/bash", "/usr/bin/bash", "/bin/sh")
 EXPIRY_CHECK_S = 10.0
 ACTIVE = ("creating", "configuring", "running")
+OOM_RECHECK_S = (0.05, 0.2, 0.5, 1.0)
 
 
-def limits_for(res: ContainerResources, pids_max: int = 512) -> CgroupLimits:
-    """The cgroup policy of a container's resources (cpu in millicores, memory in MB)."""
+def limits_for(
+    res: ContainerResources,
+    pids_max: int = 512,
+    *,
+    disk: tuple[int, int] | None = None,
+    disk_mbps: int | None = None,
+    disk_iops: int | None = None,
+) -> CgroupLimits:
+    """The cgroup policy of a container's resources (cpu in millicores, memory in MB),
+    with the tier's disk throttle on block device ``disk`` (major, minor), if any."""
+    io: list[IoLimit] = []
+    if disk is not None and (disk_mbps is not None or disk_iops is not None):
+        bps = None if disk_mbps is None else disk_mbps * MiB
+        io.append(
+            IoLimit(
+                major=disk[0], minor=disk[1], rbps=bps, wbps=bps, riops=disk_iops, wiops=disk_iops
+            )
+        )
     return CgroupLimits(
         cpu_millicores=res.cpu_shares,
         cpu_weight=max(1, min(10000, res.cpu_shares // 10)),
         memory_bytes=res.memory_mb * MiB,
         pids_max=pids_max,
+        io=io,
     )
 
 
@@ -440,9 +458,9 @@ class ContainerManager:
                     )
                     attached = True
 
-            pid = await asyncio.to_thread(
-                self.runtime.start, spec, limits_for(rec.resources), on_ready=on_ready
-            )
+            # After _prepare: the volume the io throttle names is mounted by now.
+            limits = await asyncio.to_thread(self._limits, rec, rec.resources)
+            pid = await asyncio.to_thread(self.runtime.start, spec, limits, on_ready=on_ready)
             start = procinfo.start_time(pid)
             if report is not None:
                 await report("configuring", "configuring the environment", 85, container_id=rec.id)
@@ -464,6 +482,41 @@ class ContainerManager:
         self._watch(rec)
         self._publish("started", rec)
         return rec
+
+    def _limits(self, rec: ContainerRecord, res: ContainerResources) -> CgroupLimits:
+        """``limits_for`` with this daemon's pids cap and the owner's current tier's disk
+        throttle on the volume's device. Blocking (database, stat): run it in a thread."""
+        user = self.store.get_user(rec.user_id)
+        if user is None:
+            raise NotFound(f"the owner of container {rec.name} no longer exists")
+        tier = quotas.tier_limits(self.cfg, user.tier)
+        return limits_for(
+            res,
+            self.cfg.limits.pids_max,
+            disk=self._volume_device(rec),
+            disk_mbps=tier.disk_mbps,
+            disk_iops=tier.disk_iops,
+        )
+
+    def _volume_device(self, rec: ContainerRecord) -> tuple[int, int] | None:
+        """(major, minor) of the block device under ``rec``'s mounted volume, if any.
+
+        Only a volume of its own gives a container a device to throttle: without one
+        its files share the host's file system, often on a partition, which io.max
+        refuses, and a throttle there would slow the host's own writes too."""
+        vol = self._vol(rec)
+        if vol is None:
+            return None
+        try:
+            if not os.path.ismount(vol.mountpoint):
+                log.warning("volume of %s is not mounted: no disk throttle", rec.name)
+                return None
+            dev = os.stat(vol.mountpoint).st_dev
+        except OSError as exc:
+            log.warning("volume of %s: %s: no disk throttle", rec.name, exc)
+            return None
+        # Major 0 is an anonymous device (tmpfs, overlay): no block queue to throttle.
+        return (os.major(dev), os.minor(dev)) if os.major(dev) != 0 else None
 
     def _undo_launch(self, rec: ContainerRecord, attached: bool) -> None:
         if attached and self.network is not None:
@@ -541,13 +594,27 @@ class ContainerManager:
     def _on_oom(self, db_id: str, cid: str, fd: int) -> None:
         with contextlib.suppress(OSError):
             os.read(fd, 4096)
+        if self._check_oom(db_id, cid):
+            return
+        # v1 wakes the eventfd as the OOM starts, a moment before the kill is counted:
+        # look again shortly rather than miss it.
+        loop = asyncio.get_running_loop()
+        for delay in OOM_RECHECK_S:
+            loop.call_later(delay, self._check_oom, db_id, cid)
+
+    def _check_oom(self, db_id: str, cid: str) -> bool:
+        """Publish an ``oom`` event if the kill counter grew; True if it did."""
+        if db_id not in self._oom_fds:
+            return False  # stopped meanwhile
         cg = self.runtime.cgroup(cid)
         if cg is None:
-            return
+            return False
         kills = cg.stats().oom_kills
-        if kills > self._oom_seen.get(db_id, 0):
-            self._oom_seen[db_id] = kills
-            self._spawn(self._publish_oom(db_id))
+        if kills <= self._oom_seen.get(db_id, 0):
+            return False
+        self._oom_seen[db_id] = kills
+        self._spawn(self._publish_oom(db_id))
+        return True
 
     async def _publish_oom(self, db_id: str) -> None:
         rec = await asyncio.to_thread(self.store.get_container, db_id)
@@ -703,7 +770,9 @@ class ContainerManager:
             elif rec.status == "running":
                 cg = self.runtime.cgroup(rec.id)
                 if cg is not None:
-                    await asyncio.to_thread(cg.apply, limits_for(res))
+                    # The whole policy, io included: apply() lifts whatever it is not given.
+                    limits = await asyncio.to_thread(self._limits, rec, res)
+                    await asyncio.to_thread(cg.apply, limits)
                 if res.disk_mb > old.resources.disk_mb:
                     await asyncio.to_thread(self._grow_disk, rec, res.disk_mb)
             rec = await self._update(rec.db_id, **fields)
@@ -803,11 +872,7 @@ class ContainerManager:
             now = await asyncio.to_thread(self.store.get_container, rec.db_id)
         if now is None:
             raise NotFound("container not found", code="container_not_found")
-        alive = (
-            rec.pid is not None
-            and procinfo.is_same_process(rec.pid, rec.pid_start_time)
-            and not _is_zombie(rec.pid)
-        )
+        alive = rec.pid is not None and procinfo.is_same_process(rec.pid, rec.pid_start_time)
         if now.status != "running" or now.pid != rec.pid or not alive:
             raise Conflict("container is not running", status=now.status, code="container_stopped")
 
@@ -829,7 +894,7 @@ class ContainerManager:
                 disk_read=0,
                 disk_write=0,
                 disk_usage=disk_used,
-                disk_limit=res.disk_mb * MiB,
+                disk_limit=self._disk_limit(rec),
                 net_rx=0,
                 net_tx=0,
                 oom_kills=0,
@@ -851,11 +916,22 @@ class ContainerManager:
             disk_read=s.io_read_bytes,
             disk_write=s.io_write_bytes,
             disk_usage=disk_used,
-            disk_limit=res.disk_mb * MiB,
+            disk_limit=self._disk_limit(rec),
             net_rx=rx,
             net_tx=tx,
             oom_kills=s.oom_kills,
         )
+
+    def _disk_limit(self, rec: ContainerRecord) -> int:
+        """The quota in force: the volume's real size, which lags a requested grow that
+        only happens at the next start (no online resize on this host)."""
+        vol = self._vol(rec)
+        if vol is not None:
+            try:
+                return vol.image.stat().st_size
+            except FileNotFoundError:
+                pass
+        return rec.resources.disk_mb * MiB
 
     def _disk_used(self, rec: ContainerRecord) -> int:
         vol = self._vol(rec)
@@ -984,11 +1060,7 @@ class ContainerManager:
         for rec in recs:
             if rec.status not in ACTIVE:
                 continue
-            alive = (
-                rec.pid is not None
-                and procinfo.is_same_process(rec.pid, rec.pid_start_time)
-                and not _is_zombie(rec.pid)
-            )
+            alive = rec.pid is not None and procinfo.is_same_process(rec.pid, rec.pid_start_time)
             if alive and rec.status == "running":
                 live.add(rec.id)
                 self._watch(rec)
@@ -1125,17 +1197,6 @@ def _find_shell(pid: int) -> str:
     finally:
         os.close(root)
     raise RuntimeFailure("terminal", "no shell (zsh, bash or sh) in the container", errno.ENOENT)
-
-
-def _is_zombie(pid: int) -> bool:
-    """An init that died while no daemon ran stays a zombie until its new parent reaps it
-    (some hosts' pid 1 never does): dead all the same, never to be re-adopted."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read()
-    except OSError:
-        return False
-    return raw[raw.rindex(b")") + 2 :].split()[:1] in ([b"Z"], [b"X"])
 
 
 def _du(path: Path) -> int:

@@ -20,6 +20,12 @@ from rexecd.config import (
     parse_listen,
 )
 
+# The pro tier's required fields, inline YAML, for tiers written in a test file.
+PRO = (
+    "cpu_millicores: 4000, memory_mb: 4096, disk_mb: 20480, containers: 10,"
+    " session_hours: null, network_mbps: 100"
+)
+
 
 def write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "rexecd.yaml"
@@ -61,6 +67,11 @@ def test_defaults_match_api_md() -> None:
     assert cfg.exec.default_timeout_s == 60 and cfg.exec.max_timeout_s == 300
     assert cfg.exec.output_cap_bytes == 1 << 20
     assert cfg.stop_timeout_s == 10
+    assert cfg.limits.pids_max == 512
+    disk = {t: (cfg.tiers.get(t).disk_mbps, cfg.tiers.get(t).disk_iops) for t in table}
+    assert disk == {
+        "guest": (20, 500), "free": (50, 1000), "pro": (100, 2000), "enterprise": (200, 5000),
+    }  # fmt: skip
     names = {i.name for i in cfg.images.catalogue}
     assert {"ubuntu", "debian", "alpine", "arch", "busybox", "custom"} <= names
     assert [r.id for r in cfg.roles] == ["node", "python", "go", "rust", "devops", "barebone"]
@@ -81,6 +92,21 @@ def test_partial_file_keeps_other_defaults(tmp_path: Path) -> None:
     assert cfg.minimums.disk_mb == 1024
     assert cfg.stop_timeout_s == 2
     assert cfg.tiers == Config().tiers
+
+
+def test_disk_throttle_and_pids_cap_are_configurable(tmp_path: Path) -> None:
+    text = f"tiers:\n  pro: {{{PRO}, disk_mbps: 4, disk_iops: null}}\nlimits: {{pids_max: 64}}\n"
+    cfg = load_config(write(tmp_path, text))
+    assert (cfg.tiers.pro.disk_mbps, cfg.tiers.pro.disk_iops) == (4, None)
+    assert cfg.limits.pids_max == 64
+    assert cfg.tiers.free == Config().tiers.free
+
+
+def test_tier_written_without_disk_keys_is_not_throttled(tmp_path: Path) -> None:
+    # A tier block from before the disk keys existed keeps working, unthrottled as it was.
+    cfg = load_config(write(tmp_path, f"tiers:\n  pro: {{{PRO}}}\n"))
+    assert (cfg.tiers.pro.disk_mbps, cfg.tiers.pro.disk_iops) == (None, None)
+    assert cfg.tiers.pro.network_mbps == 100
 
 
 def test_empty_file_is_all_defaults(tmp_path: Path) -> None:
@@ -114,6 +140,10 @@ def test_empty_file_is_all_defaults(tmp_path: Path) -> None:
         ("roles: [{id: x, name: X, description: d}, {id: x, name: Y, description: e}]\n",
          "duplicate role id 'x'"),
         ("rate_limits: {create_per_min: 0}\n", "rate_limits.create_per_min:"),
+        ("limits: {pids_max: 4}\n", "limits.pids_max: Input should be greater than or equal to 16"),
+        ("limits: {bogus: 1}\n", "limits.bogus: Extra inputs are not permitted"),
+        (f"tiers: {{pro: {{{PRO}, disk_mbps: 0}}}}\n", "tiers.pro.disk_mbps: Input should be"),
+        (f"tiers: {{pro: {{{PRO}, disk_iops: -1}}}}\n", "tiers.pro.disk_iops: Input should be"),
     ],
 )  # fmt: skip
 def test_bad_values_name_the_key(tmp_path: Path, text: str, expected: str) -> None:

@@ -1,5 +1,6 @@
 """Boots one QEMU guest with a pure cgroup v2 kernel (scripts/vm-test) and checks that the
-cgroup integration tests passed inside it, against the v2 driver.
+cgroup integration tests (the driver alone, and resource limits through a real daemon)
+passed inside it, against the v2 driver.
 
 Slow by nature (software emulation: about 20 s to boot, code 12-30x slower): the guest
 is booted once per module and every check below reads its results.
@@ -17,7 +18,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SUITE = "tests/integration/test_cgroups_runtime.py"
+# Both suites in the one guest boot: booting costs more than most of the tests.
+DRIVER_SUITE = "tests/integration/test_cgroups_runtime.py"
+LIMITS_SUITE = "tests/integration/test_limits.py"
+SUITES = (DRIVER_SUITE, LIMITS_SUITE)
 SKIP_STATUS = 77
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(3600)]
@@ -29,11 +33,16 @@ class GuestRun:
     output: str
     outcomes: dict[str, str] = field(default_factory=dict)  # test name -> outcome
     messages: dict[str, str] = field(default_factory=dict)
+    modules: dict[str, set[str]] = field(default_factory=dict)  # module -> its test names
 
 
 def _parse_junit(path: Path, run: GuestRun) -> None:
     for case in ET.parse(path).getroot().iter("testcase"):
         name = case.get("name", "?")
+        # junit's classname is the dotted module path, e.g. tests.integration.test_limits.
+        module = case.get("classname", "").rsplit(".", 1)[-1]
+        assert name not in run.outcomes, f"two guest tests named {name}: keys would clash"
+        run.modules.setdefault(module, set()).add(name)
         outcome = "passed"
         for kind in ("failure", "error", "skipped"):
             node = case.find(kind)
@@ -50,7 +59,7 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> GuestRun:
     out = tmp_path_factory.mktemp("vm")
     env = dict(os.environ, VM_TEST_OUT=str(out))
     proc = subprocess.run(
-        [str(ROOT / "scripts" / "vm-test"), SUITE, "-v", "-s"],
+        [str(ROOT / "scripts" / "vm-test"), *SUITES, "-v", "-s"],
         cwd=ROOT,
         env=env,
         stdin=subprocess.DEVNULL,
@@ -61,6 +70,9 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> GuestRun:
         timeout=3000,
     )
     print(proc.stdout[-20000:])
+    timings = out / "timings"
+    if timings.exists():
+        print("guest run:", timings.read_text().strip())
     if proc.returncode == SKIP_STATUS:
         reason = next((ln for ln in proc.stdout.splitlines() if ln.startswith("SKIP:")), "")
         pytest.skip(reason or "QEMU cannot run here")
@@ -96,3 +108,22 @@ def test_v2_specific_paths_ran(guest: GuestRun) -> None:
     assert guest.outcomes.get("test_memory_hog_is_oom_killed_and_counted") == "passed"
     # The v1 device whitelist has no v2 counterpart here (it would be a BPF program).
     assert guest.outcomes.get("test_device_access_is_limited") == "skipped"
+
+
+def test_resource_limits_ran_and_passed_in_the_guest(guest: GuestRun) -> None:
+    # Every limit test ran through the daemon against the v2 driver: none skipped
+    # (a skip would mean a missing kernel feature, e.g. no loop device for volumes).
+    names = guest.modules.get("test_limits", set())
+    assert names, "no test_limits results from the guest:\n" + guest.output[-5000:]
+    expected = {
+        "test_memory_hog_is_oom_killed_and_reported",
+        "test_cpu_quota_holds_and_a_live_change_takes_effect",
+        "test_fork_bomb_stops_at_pids_max_and_the_daemon_answers",
+        "test_disk_bandwidth_is_held_for_writes_and_reads",
+        "test_disk_iops_are_held",
+    }
+    assert expected <= names, f"missing in the guest: {expected - names}"
+    outcomes = {n: guest.outcomes[n] for n in names}
+    assert all(o == "passed" for o in outcomes.values()), (
+        f"{outcomes}\n{ {n: guest.messages.get(n) for n in names if n in guest.messages} }"
+    )
