@@ -1,0 +1,482 @@
+"""The core of the container manager: shared state, launch/halt with rollback, watching."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Awaitable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from rexecd.config import Config
+from rexecd.errors import (
+    InvalidRequest,
+    NotFound,
+    RexecError,
+    UnsupportedImage,
+)
+from rexecd.models import (
+    ContainerCreate,
+    ContainerRecord,
+    ContainerResources,
+    Event,
+    FileInfo,
+    StreamProgress,
+    utcnow,
+)
+from rexecd.runtime import procinfo
+from rexecd.runtime.cgroups import CgroupLimits, IoLimit
+from rexecd.runtime.container import ContainerDirs, ImageView, Runtime
+from rexecd.runtime.containerfs import Entry, mode_string
+from rexecd.runtime.images import ImageRecord, ImageStore
+from rexecd.runtime.spec import BindMount
+from rexecd.runtime.storage import Storage, Volume
+from rexecd.runtime.users import resolve_user
+from rexecd.service import quotas
+from rexecd.service.auth import Principal
+from rexecd.service.events import EventBus
+from rexecd.service.interface import ProgressFn
+from rexecd.service.store import Store
+from rexecd.service.terminals import TerminalRegistry
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+HOME = "/home/user"
+SHELLS = ("/bin/zsh", "/usr/bin/zsh", "/bin/bash", "/usr/bin/bash", "/bin/sh")
+EXPIRY_CHECK_S = 10.0
+ACTIVE = ("creating", "configuring", "running")
+OOM_RECHECK_S = (0.05, 0.2, 0.5, 1.0)
+
+
+def limits_for(
+    res: ContainerResources,
+    pids_max: int = 512,
+    *,
+    disk: tuple[int, int] | None = None,
+    disk_mbps: int | None = None,
+    disk_iops: int | None = None,
+) -> CgroupLimits:
+    """The cgroup policy of a container's resources (cpu in millicores, memory in MB),
+    with the tier's disk throttle on block device ``disk`` (major, minor), if any."""
+    io: list[IoLimit] = []
+    if disk is not None and (disk_mbps is not None or disk_iops is not None):
+        bps = None if disk_mbps is None else disk_mbps * MiB
+        io.append(
+            IoLimit(
+                major=disk[0], minor=disk[1], rbps=bps, wbps=bps, riops=disk_iops, wiops=disk_iops
+            )
+        )
+    return CgroupLimits(
+        cpu_millicores=res.cpu_shares,
+        cpu_weight=max(1, min(10000, res.cpu_shares // 10)),
+        memory_bytes=res.memory_mb * MiB,
+        pids_max=pids_max,
+        io=io,
+    )
+
+
+def _file_info(e: Entry) -> FileInfo:
+    return FileInfo(
+        name=e.name,
+        path=e.path,
+        size=e.size,
+        mode=mode_string(e.mode),
+        mod_time=e.mtime,
+        is_dir=e.is_dir,
+    )
+
+
+class _Reporter:
+    """Sends StreamProgress frames to an optional callback; never fails the create."""
+
+    def __init__(self, fn: ProgressFn | None) -> None:
+        self.fn = fn
+
+    async def __call__(self, stage: str, message: str, progress: int, **extra: Any) -> None:
+        if self.fn is None:
+            return
+        frame = StreamProgress.model_validate(
+            {"stage": stage, "message": message, "progress": progress, **extra}
+        )
+        try:
+            await self.fn(frame)
+        except Exception:  # a gone SSE client must not break creation
+            log.debug("progress receiver failed", exc_info=True)
+            self.fn = None
+
+
+class ManagerCore:
+    """The state and steps the manager's parts share: plumbing, images, and the launch,
+    halt and watch of one container with its record, kernel objects and events kept in
+    step."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        store: Store,
+        runtime: Runtime,
+        images: ImageStore,
+        events: EventBus | None = None,
+        network: Any | None = None,
+        storage: Storage | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.runtime = runtime
+        self.images = images
+        self.events = events or EventBus()
+        self.network = network
+        # None: upper/work and /home/user are plain directories without a size limit.
+        self.storage = storage
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._creating: dict[str, asyncio.Task[None]] = {}
+        self._watch_fds: dict[str, int] = {}
+        self._oom_fds: dict[str, int] = {}
+        self._oom_seen: dict[str, int] = {}
+        self._cpu_prev: dict[str, tuple[float, int]] = {}
+        self._bg: set[asyncio.Task[Any]] = set()
+        self._closing = False
+        self.terminals = TerminalRegistry(
+            cfg.terminal.scrollback_bytes, float(cfg.terminal.idle_timeout_s)
+        )
+
+    # ------------------------------------------------------------ plumbing
+
+    def _lock(self, db_id: str) -> asyncio.Lock:
+        lock = self._locks.get(db_id)
+        if lock is None:
+            lock = self._locks[db_id] = asyncio.Lock()
+        return lock
+
+    async def _find(self, p: Principal, ref: str) -> ContainerRecord:
+        rec = await asyncio.to_thread(self.store.find_container, p.user_id, ref)
+        if rec is None:
+            raise NotFound("container not found", code="container_not_found")
+        return rec
+
+    async def _update(self, db_id: str, **fields: Any) -> ContainerRecord:
+        return await asyncio.to_thread(self.store.update_container, db_id, **fields)
+
+    def _publish(self, kind: str, rec: ContainerRecord) -> None:
+        event = Event.model_validate(
+            {"type": kind, "container": rec.to_out(), "timestamp": utcnow()}
+        )
+        self.events.publish(rec.user_id, event)
+        self._spawn(
+            asyncio.to_thread(
+                self.store.append_event,
+                kind,
+                {"name": rec.name, "status": rec.status},
+                user_id=rec.user_id,
+                container_db_id=rec.db_id,
+                ts=utcnow(),
+            )
+        )
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+
+    def container_limit(self, p: Principal) -> int:
+        return quotas.container_limit(self.cfg, p.tier)
+
+    # ------------------------------------------------------------ images
+
+    def _image_ref(self, req: ContainerCreate) -> str:
+        if req.image == "custom":
+            if not req.custom_image:
+                raise InvalidRequest("custom_image is required when image is 'custom'")
+            return req.custom_image
+        return req.image
+
+    def _image(self, ref: str) -> ImageRecord:
+        try:
+            return self.images.get(ref)
+        except NotFound:
+            raise UnsupportedImage(
+                "unsupported image type", image=ref, supported_images=self._supported()
+            ) from None
+
+    def _supported(self) -> list[str]:
+        names = []
+        for rec in self.images.list():
+            names.append(rec.name if rec.tag == "latest" else rec.ref)
+        return sorted(set(names))
+
+    def _view(self, image: ImageRecord) -> ImageView:
+        c = image.config
+        return ImageView(
+            layers=self.images.layer_paths(image),
+            env=list(c.env),
+            entrypoint=c.entrypoint,
+            cmd=c.cmd,
+            working_dir=c.working_dir,
+            user=c.user,
+        )
+
+    # ------------------------------------------------------------ launch / halt
+
+    def _volume_dir(self, rec: ContainerRecord) -> Path:
+        return self.cfg.state_dir / "volumes" / rec.user_id / rec.name
+
+    def _vol(self, rec: ContainerRecord) -> Volume | None:
+        return self.storage.volume(rec.user_id, rec.name) if self.storage is not None else None
+
+    def _prepare(
+        self, rec: ContainerRecord, view: ImageView
+    ) -> tuple[ContainerDirs, list[BindMount]]:
+        """Storage, dirs and /home/user: everything on disk before the spawn.
+
+        With a storage method the writable layer and /home/user live on the
+        container's own quota'd volume (mounted here, released when it stops)."""
+        ident = resolve_user(view.user, view.layers)
+        if self.storage is not None:
+            vol = self.storage.ensure(
+                rec.user_id, rec.name, rec.resources.disk_mb, (ident.uid, ident.gid)
+            )
+            self.store.upsert_volume(rec.user_id, rec.name, str(vol.image), vol.size_mb)
+            dirs = replace(self.runtime.dirs(rec.id), upper=vol.upper, work=vol.work)
+            self.runtime.create_dirs(dirs)
+            return dirs, [BindMount(source=str(vol.home), target=HOME)]
+        dirs = self.runtime.dirs(rec.id)
+        self.runtime.create_dirs(dirs)
+        home = self._volume_dir(rec)
+        if not home.exists():
+            home.mkdir(parents=True, mode=0o755)
+            os.chown(home, ident.uid, ident.gid)
+            self.store.upsert_volume(rec.user_id, rec.name, str(home), rec.resources.disk_mb)
+        return dirs, [BindMount(source=str(home), target=HOME)]
+
+    async def _launch(
+        self, rec: ContainerRecord, image: ImageRecord, report: _Reporter | None = None
+    ) -> ContainerRecord:
+        """Start ``rec``'s container; on failure undo every step and re-raise."""
+        view = await asyncio.to_thread(self._view, image)
+        ip: str | None = None
+        attached = False
+        try:
+            dirs, mounts = await asyncio.to_thread(self._prepare, rec, view)
+            if self.network is not None and rec.network_mode == "default":
+                ip = str(
+                    await asyncio.to_thread(
+                        self.store.allocate_ip, rec.db_id, self.cfg.network.subnet
+                    )
+                )
+                await asyncio.to_thread(
+                    self.network.write_etc_files,
+                    dirs.upper / "etc",
+                    rec.name,
+                    ip,
+                    [str(d) for d in self.cfg.network.dns],
+                )
+            spec = self.runtime.build_spec(
+                rec.id,
+                rec.name,
+                view,
+                dirs,
+                env=[f"{k}={v}" for k, v in rec.environment.items()] + ["TERM=xterm-256color"],
+                mounts=mounts,
+            )
+            if report is not None:
+                await report("starting", "starting the container", 60, container_id=rec.id)
+
+            def on_ready(pid: int) -> None:
+                nonlocal attached
+                if ip is not None and self.network is not None:
+                    self.network.attach(
+                        rec.id, pid, ip, rec.resources.network_mbps, group=rec.user_id[:8]
+                    )
+                    attached = True
+
+            # After _prepare: the volume the io throttle names is mounted by now.
+            limits = await asyncio.to_thread(self._limits, rec, rec.resources)
+            pid = await asyncio.to_thread(self.runtime.start, spec, limits, on_ready=on_ready)
+            start = procinfo.start_time(pid)
+            if report is not None:
+                await report("configuring", "configuring the environment", 85, container_id=rec.id)
+            now = utcnow()
+            rec = await self._update(
+                rec.db_id,
+                status="running",
+                pid=pid,
+                pid_start_time=start,
+                started_at=now,
+                last_used_at=now,
+                ip_address=ip,
+                error_message=None,
+                spec={"uid": spec.process.uid, "gid": spec.process.gid, "env": spec.process.env},
+            )
+        except BaseException:
+            await asyncio.to_thread(self._undo_launch, rec, attached)
+            raise
+        self._watch(rec)
+        self._publish("started", rec)
+        return rec
+
+    def _limits(self, rec: ContainerRecord, res: ContainerResources) -> CgroupLimits:
+        """``limits_for`` with this daemon's pids cap and the owner's current tier's disk
+        throttle on the volume's device. Blocking (database, stat): run it in a thread."""
+        user = self.store.get_user(rec.user_id)
+        if user is None:
+            raise NotFound(f"the owner of container {rec.name} no longer exists")
+        tier = quotas.tier_limits(self.cfg, user.tier)
+        return limits_for(
+            res,
+            self.cfg.limits.pids_max,
+            disk=self._volume_device(rec),
+            disk_mbps=tier.disk_mbps,
+            disk_iops=tier.disk_iops,
+        )
+
+    def _volume_device(self, rec: ContainerRecord) -> tuple[int, int] | None:
+        """(major, minor) of the block device under ``rec``'s mounted volume, if any.
+
+        Only a volume of its own gives a container a device to throttle: without one
+        its files share the host's file system, often on a partition, which io.max
+        refuses, and a throttle there would slow the host's own writes too."""
+        vol = self._vol(rec)
+        if vol is None:
+            return None
+        try:
+            if not os.path.ismount(vol.mountpoint):
+                log.warning("volume of %s is not mounted: no disk throttle", rec.name)
+                return None
+            dev = os.stat(vol.mountpoint).st_dev
+        except OSError as exc:
+            log.warning("volume of %s: %s: no disk throttle", rec.name, exc)
+            return None
+        # Major 0 is an anonymous device (tmpfs, overlay): no block queue to throttle.
+        return (os.major(dev), os.minor(dev)) if os.major(dev) != 0 else None
+
+    def _undo_launch(self, rec: ContainerRecord, attached: bool) -> None:
+        if attached and self.network is not None:
+            with contextlib.suppress(Exception):
+                self.network.detach(rec.id)
+        self.store.release_ips(rec.db_id)
+        self.runtime.release(rec.id)
+        self._release_volume(rec)
+
+    def _release(self, rec: ContainerRecord) -> None:
+        """After init is gone: cgroup, mount point and host network side go; data stays."""
+        if self.network is not None:
+            try:
+                self.network.detach(rec.id)
+            except RexecError as exc:
+                log.warning("network detach of %s: %s", rec.id, exc)
+        self.runtime.release(rec.id)
+        self._release_volume(rec)
+
+    def _release_volume(self, rec: ContainerRecord) -> None:
+        vol = self._vol(rec)
+        if vol is not None and self.storage is not None:
+            try:
+                self.storage.release(vol)
+            except RexecError as exc:
+                log.warning("releasing the volume of %s: %s", rec.name, exc)
+
+    async def _halt(
+        self,
+        rec: ContainerRecord,
+        timeout: float,
+        status: str = "stopped",
+        reason: str | None = None,
+    ) -> ContainerRecord:
+        self._unwatch(rec.db_id)
+        self.terminals.close_container(rec.db_id, "container_status", f"container {status}")
+        if rec.pid is not None and procinfo.is_same_process(rec.pid, rec.pid_start_time):
+            await asyncio.to_thread(self.runtime.stop, rec.id, rec.pid, timeout)
+        await asyncio.to_thread(self._release, rec)
+        rec = await self._update(
+            rec.db_id, status=status, pid=None, pid_start_time=None, error_message=reason
+        )
+        self._publish("stopped", rec)
+        return rec
+
+    # ------------------------------------------------------------ watching
+
+    def _watch(self, rec: ContainerRecord) -> None:
+        """Notice when init exits (pidfd: works for adopted containers too) and OOM kills."""
+        assert rec.pid is not None
+        loop = asyncio.get_running_loop()
+        try:
+            pidfd = os.pidfd_open(rec.pid)
+        except ProcessLookupError:
+            self._spawn(self._on_exit(rec.db_id, rec.pid))
+            return
+        self._watch_fds[rec.db_id] = pidfd
+        loop.add_reader(pidfd, lambda: self._spawn(self._on_exit(rec.db_id, rec.pid or 0)))
+        cg = self.runtime.cgroup(rec.id)
+        if cg is not None:
+            fd = cg.oom_fd()
+            if fd is not None:
+                self._oom_fds[rec.db_id] = fd
+                self._oom_seen[rec.db_id] = cg.stats().oom_kills
+                loop.add_reader(fd, lambda: self._on_oom(rec.db_id, rec.id, fd))
+
+    def _unwatch(self, db_id: str) -> None:
+        loop = asyncio.get_running_loop()
+        for table in (self._watch_fds, self._oom_fds):
+            fd = table.pop(db_id, None)
+            if fd is not None:
+                loop.remove_reader(fd)
+                os.close(fd)
+
+    def _on_oom(self, db_id: str, cid: str, fd: int) -> None:
+        with contextlib.suppress(OSError):
+            os.read(fd, 4096)
+        if self._check_oom(db_id, cid):
+            return
+        # v1 wakes the eventfd as the OOM starts, a moment before the kill is counted:
+        # look again shortly rather than miss it.
+        loop = asyncio.get_running_loop()
+        for delay in OOM_RECHECK_S:
+            loop.call_later(delay, self._check_oom, db_id, cid)
+
+    def _check_oom(self, db_id: str, cid: str) -> bool:
+        """Publish an ``oom`` event if the kill counter grew; True if it did."""
+        if db_id not in self._oom_fds:
+            return False  # stopped meanwhile
+        cg = self.runtime.cgroup(cid)
+        if cg is None:
+            return False
+        kills = cg.stats().oom_kills
+        if kills <= self._oom_seen.get(db_id, 0):
+            return False
+        self._oom_seen[db_id] = kills
+        self._spawn(self._publish_oom(db_id))
+        return True
+
+    async def _publish_oom(self, db_id: str) -> None:
+        rec = await asyncio.to_thread(self.store.get_container, db_id)
+        if rec is not None:
+            self._publish("oom", rec)
+
+    async def _on_exit(self, db_id: str, pid: int) -> None:
+        async with self._lock(db_id):
+            rec = await asyncio.to_thread(self.store.get_container, db_id)
+            if rec is None or rec.pid != pid or rec.status != "running":
+                # Already handled by stop/delete, or an exit of an older incarnation.
+                if rec is None or rec.pid == pid:
+                    self._unwatch(db_id)
+                return
+            pidfd = self._watch_fds.get(db_id)
+            status = procinfo.reap_pidfd(pidfd) if pidfd is not None else None
+            if status is None:
+                status = await asyncio.to_thread(self.runtime.spawner.wait, pid, 1.0)
+            oom = self._oom_seen.get(db_id, 0) > 0
+            reason = None
+            if oom and status is not None and status == 128 + 9:
+                reason = "init was killed by the out-of-memory killer"
+            elif status not in (None, 0):
+                reason = f"container init exited with status {status}"
+            self._unwatch(db_id)
+            await asyncio.to_thread(self._release, rec)
+            rec = await self._update(
+                db_id, status="stopped", pid=None, pid_start_time=None, error_message=reason
+            )
+            self._publish("stopped", rec)

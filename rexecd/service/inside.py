@@ -1,0 +1,343 @@
+"""Container manager: work inside a running container (exec, stats, files, terminals)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from rexecd import _native as n
+from rexecd.errors import (
+    ChildSetupError,
+    Conflict,
+    NotFound,
+    PayloadTooLarge,
+    RexecError,
+    RuntimeFailure,
+)
+from rexecd.models import (
+    ContainerRecord,
+    ExecRequest,
+    FileInfo,
+    FileList,
+    Stats,
+    utcnow,
+)
+from rexecd.runtime import procinfo
+from rexecd.runtime.container import merge_env
+from rexecd.runtime.containerfs import ContainerFS
+from rexecd.runtime.pty import set_size
+from rexecd.runtime.spec import ProcessSpec
+from rexecd.runtime.users import resolve_user
+from rexecd.service import quotas
+from rexecd.service.auth import Principal
+from rexecd.service.core import (
+    HOME,
+    SHELLS,
+    ManagerCore,
+    MiB,
+    _file_info,
+)
+from rexecd.service.execution import run_exec
+from rexecd.service.interface import FileDownload, TerminalProcess
+from rexecd.service.terminals import TerminalSession
+
+log = logging.getLogger(__name__)
+
+
+class InsideOps(ManagerCore):
+    """Work inside a running container: exec, stats, files and terminals."""
+
+    async def _running(self, p: Principal, ref: str) -> ContainerRecord:
+        rec = await self._find(p, ref)
+        if rec.status != "running" or rec.pid is None:
+            raise Conflict("container is not running", status=rec.status, code="container_stopped")
+        return rec
+
+    async def _touch(self, rec: ContainerRecord) -> None:
+        await self._update(rec.db_id, last_used_at=utcnow())
+
+    def _ids(self, rec: ContainerRecord, user: str | None) -> tuple[int, int, list[int]]:
+        if user is None:
+            return int(rec.spec.get("uid", 0)), int(rec.spec.get("gid", 0)), []
+        assert rec.pid is not None
+        ident = resolve_user(user, [Path(f"/proc/{rec.pid}/root")])
+        return ident.uid, ident.gid, ident.additional_gids
+
+    async def exec(self, p: Principal, ref: str, req: ExecRequest) -> tuple[int, dict[str, object]]:
+        rec = await self._running(p, ref)
+        assert rec.pid is not None
+        uid, gid, groups = await asyncio.to_thread(self._ids, rec, req.user)
+        env = list(rec.spec.get("env", [])) + list(req.env)
+        proc = ProcessSpec(
+            args=req.argv(),
+            env=merge_env([], env),
+            cwd=req.workdir or HOME,
+            uid=uid,
+            gid=gid,
+            additional_gids=groups,
+        )
+        await self._touch(rec)
+        try:
+            code, result = await run_exec(
+                self.runtime,
+                rec.id,
+                rec.pid,
+                proc,
+                float(quotas.exec_timeout(self.cfg, req.timeout_seconds)),
+                self.cfg.exec.output_cap_bytes,
+            )
+        except ChildSetupError:
+            # Exec takes no lock (it may run for minutes): a stop or delete that won the
+            # race is the caller's 409/404, not a server fault.
+            await self._gone_while_entering(rec)
+            raise
+        return code, result.model_dump(mode="json")
+
+    async def _gone_while_entering(self, rec: ContainerRecord) -> None:
+        """Raise NotFound/Conflict if ``rec`` was deleted or stopped under a request."""
+        async with self._lock(rec.db_id):  # a stop under way finishes first
+            now = await asyncio.to_thread(self.store.get_container, rec.db_id)
+        if now is None:
+            raise NotFound("container not found", code="container_not_found")
+        alive = rec.pid is not None and procinfo.is_same_process(rec.pid, rec.pid_start_time)
+        if now.status != "running" or now.pid != rec.pid or not alive:
+            raise Conflict("container is not running", status=now.status, code="container_stopped")
+
+    async def stats(self, p: Principal, ref: str) -> Stats:
+        rec = await self._find(p, ref)
+        return await asyncio.to_thread(self._stats, rec)
+
+    def _stats(self, rec: ContainerRecord) -> Stats:
+        res = rec.resources
+        disk_used = self._disk_used(rec)
+        cg = self.runtime.cgroup(rec.id) if rec.status == "running" else None
+        if cg is None:
+            return Stats(
+                cpu_percent=0.0,
+                cpu_usage_usec=0,
+                memory=0,
+                memory_limit=res.memory_mb * MiB,
+                pids=0,
+                disk_read=0,
+                disk_write=0,
+                disk_usage=disk_used,
+                disk_limit=self._disk_limit(rec),
+                net_rx=0,
+                net_tx=0,
+                oom_kills=0,
+            )
+        s = cg.stats()
+        now = time.monotonic()
+        prev = self._cpu_prev.get(rec.db_id)
+        self._cpu_prev[rec.db_id] = (now, s.cpu_usage_usec)
+        pct = 0.0
+        if prev is not None and now > prev[0]:
+            pct = max(0.0, (s.cpu_usage_usec - prev[1]) / ((now - prev[0]) * 1e6) * 100.0)
+        rx, tx = _net_counters(rec.pid) if rec.pid else (0, 0)
+        return Stats(
+            cpu_percent=round(pct, 2),
+            cpu_usage_usec=s.cpu_usage_usec,
+            memory=s.memory,
+            memory_limit=s.memory_limit or res.memory_mb * MiB,
+            pids=s.pids,
+            disk_read=s.io_read_bytes,
+            disk_write=s.io_write_bytes,
+            disk_usage=disk_used,
+            disk_limit=self._disk_limit(rec),
+            net_rx=rx,
+            net_tx=tx,
+            oom_kills=s.oom_kills,
+        )
+
+    def _disk_limit(self, rec: ContainerRecord) -> int:
+        """The quota in force: the volume's real size, which lags a requested grow that
+        only happens at the next start (no online resize on this host)."""
+        vol = self._vol(rec)
+        if vol is not None:
+            try:
+                return vol.image.stat().st_size
+            except FileNotFoundError:
+                pass
+        return rec.resources.disk_mb * MiB
+
+    def _disk_used(self, rec: ContainerRecord) -> int:
+        vol = self._vol(rec)
+        if vol is None or self.storage is None:
+            return _du(self.runtime.dirs(rec.id).upper) + _du(self._volume_dir(rec))
+        if rec.status == "running":
+            with contextlib.suppress(RexecError):
+                return self.storage.usage(vol)[0]
+        # Stopped: its image is not mounted; what the sparse image holds is close enough.
+        try:
+            return vol.image.stat().st_blocks * 512
+        except FileNotFoundError:
+            return 0
+
+    def _fs(self, rec: ContainerRecord) -> ContainerFS:
+        assert rec.pid is not None
+        return ContainerFS(rec.pid, int(rec.spec.get("uid", 0)), int(rec.spec.get("gid", 0)))
+
+    async def list_files(self, p: Principal, ref: str, path: str) -> FileList:
+        rec = await self._running(p, ref)
+
+        def work() -> FileList:
+            with self._fs(rec) as fs:
+                entries = fs.list(path)
+            return FileList(path=path, files=[_file_info(e) for e in entries], count=len(entries))
+
+        return await asyncio.to_thread(work)
+
+    async def open_file(self, p: Principal, ref: str, path: str) -> FileDownload:
+        rec = await self._running(p, ref)
+
+        def work() -> FileDownload:
+            with self._fs(rec) as fs:
+                entry, f = fs.open_read(path)
+            return FileDownload(info=_file_info(entry), fileobj=f)
+
+        return await asyncio.to_thread(work)
+
+    async def upload_file(
+        self,
+        p: Principal,
+        ref: str,
+        directory: str,
+        filename: str,
+        chunks: AsyncIterator[bytes],
+        max_bytes: int,
+    ) -> FileInfo:
+        rec = await self._running(p, ref)
+        fs = await asyncio.to_thread(self._fs, rec)
+        try:
+            up = await asyncio.to_thread(fs.begin_write, directory, filename)
+            try:
+                async for chunk in chunks:
+                    if up.size + len(chunk) > max_bytes:
+                        raise PayloadTooLarge("file too large", max_bytes=max_bytes)
+                    await asyncio.to_thread(up.write, chunk)
+                entry = await asyncio.to_thread(up.commit)
+            except BaseException:
+                await asyncio.to_thread(up.abort)
+                raise
+        finally:
+            fs.close()
+        await self._touch(rec)
+        return _file_info(entry)
+
+    async def delete_file(self, p: Principal, ref: str, path: str) -> None:
+        rec = await self._running(p, ref)
+
+        def work() -> None:
+            with self._fs(rec) as fs:
+                fs.delete(path)
+
+        await asyncio.to_thread(work)
+
+    async def make_dir(self, p: Principal, ref: str, path: str) -> FileInfo:
+        rec = await self._running(p, ref)
+
+        def work() -> FileInfo:
+            with self._fs(rec) as fs:
+                return _file_info(fs.mkdir(path))
+
+        return await asyncio.to_thread(work)
+
+    async def open_terminal(self, p: Principal, ref: str, cols: int, rows: int) -> TerminalProcess:
+        rec = await self._running(p, ref)
+        assert rec.pid is not None
+        shell = await asyncio.to_thread(_find_shell, rec.pid)
+        env = [e for e in rec.spec.get("env", []) if not e.startswith("TERM=")]
+        proc = ProcessSpec(
+            args=[shell, "-l"] if shell != "/bin/sh" else [shell],
+            env=[*env, "TERM=xterm-256color"],
+            cwd=HOME,
+            uid=int(rec.spec.get("uid", 0)),
+            gid=int(rec.spec.get("gid", 0)),
+            tty=True,
+        )
+        child, master = await asyncio.to_thread(self.runtime.exec, rec.id, rec.pid, proc)
+        assert master is not None
+        set_size(master, cols or 80, rows or 24)
+        await self._touch(rec)
+        spawner = self.runtime.spawner
+
+        async def wait() -> int | None:
+            return await asyncio.to_thread(spawner.wait, child.pid, None)
+
+        return TerminalProcess(master=master, pid=child.pid, pts="", wait=wait)
+
+    async def terminal_session(
+        self, p: Principal, ref: str, session_id: str, new: bool, cols: int, rows: int
+    ) -> tuple[TerminalSession, bool]:
+        """The session ``session_id`` of a running container, started if needed."""
+        rec = await self._running(p, ref)
+
+        async def start() -> TerminalProcess:
+            return await self.open_terminal(p, ref, cols, rows)
+
+        return await self.terminals.open(rec.db_id, session_id, new, start)
+
+
+def _find_shell(pid: int) -> str:
+    root = os.open(f"/proc/{pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for shell in SHELLS:
+            try:
+                fd = n.openat2(
+                    root,
+                    shell.lstrip("/"),
+                    os.O_PATH,
+                    resolve=n.RESOLVE_IN_ROOT | n.RESOLVE_NO_MAGICLINKS,
+                )
+            except OSError:
+                continue
+            os.close(fd)
+            return shell
+    finally:
+        os.close(root)
+    raise RuntimeFailure("terminal", "no shell (zsh, bash or sh) in the container", errno.ENOENT)
+
+
+def _du(path: Path) -> int:
+    """Bytes allocated under ``path`` (without following links)."""
+    total = 0
+    stack = [str(path)]
+    while stack:
+        d = stack.pop()
+        try:
+            with os.scandir(d) as it:
+                for e in it:
+                    try:
+                        st = e.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    total += st.st_blocks * 512
+                    if e.is_dir(follow_symlinks=False):
+                        stack.append(e.path)
+        except OSError:
+            continue
+    return total
+
+
+def _net_counters(pid: int) -> tuple[int, int]:
+    """Bytes received and sent on the container's non-loopback interfaces."""
+    rx = tx = 0
+    try:
+        with open(f"/proc/{pid}/net/dev") as f:
+            lines = f.readlines()[2:]
+    except OSError:
+        return 0, 0
+    for line in lines:
+        name, _, rest = line.partition(":")
+        if name.strip() == "lo":
+            continue
+        fields = rest.split()
+        rx += int(fields[0])
+        tx += int(fields[8])
+    return rx, tx

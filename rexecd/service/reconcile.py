@@ -1,0 +1,136 @@
+"""Container manager: reconcile at start-up, session expiry and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+from datetime import datetime
+
+from rexecd.errors import (
+    NotFound,
+)
+from rexecd.models import (
+    utcnow,
+)
+from rexecd.runtime import procinfo
+from rexecd.service import quotas
+from rexecd.service.core import (
+    ACTIVE,
+    EXPIRY_CHECK_S,
+    ManagerCore,
+)
+
+log = logging.getLogger(__name__)
+
+
+class DaemonLife(ManagerCore):
+    """The daemon's side of the manager: start-up reconcile, session expiry, shutdown."""
+
+    async def start_up(self) -> None:
+        """Reconcile the records with the host after a (re)start, then start the timers."""
+        await asyncio.to_thread(self._prepare_host)
+        recs = await asyncio.to_thread(self.store.list_containers)
+        live: set[str] = set()
+        for rec in recs:
+            if rec.status not in ACTIVE:
+                continue
+            alive = rec.pid is not None and procinfo.is_same_process(rec.pid, rec.pid_start_time)
+            if alive and rec.status == "running":
+                live.add(rec.id)
+                self._watch(rec)
+                log.info("re-adopted container %s (%s) pid %s", rec.name, rec.id[:12], rec.pid)
+                continue
+            if alive and rec.pid is not None:
+                # Killed mid-create: what exists is half-built; take it down.
+                await asyncio.to_thread(self.runtime.stop, rec.id, rec.pid, 0.0)
+            await asyncio.to_thread(self._release, rec)
+            if rec.status == "running":
+                rec = await self._update(
+                    rec.db_id,
+                    status="stopped",
+                    pid=None,
+                    pid_start_time=None,
+                    error_message="container stopped while the daemon was down",
+                )
+            else:
+                await asyncio.to_thread(self.store.release_ips, rec.db_id)
+                rec = await self._update(
+                    rec.db_id,
+                    status="error",
+                    pid=None,
+                    pid_start_time=None,
+                    error_message="the daemon restarted during creation",
+                )
+            log.info("container %s (%s) marked %s", rec.name, rec.id[:12], rec.status)
+        await asyncio.to_thread(self._sweep_orphans, live)
+        self._spawn(self._expiry_loop())
+
+    def _prepare_host(self) -> None:
+        if self.runtime.cgroups is not None:
+            self.runtime.cgroups.prepare()
+        if self.network is not None:
+            self.network.setup_host()
+
+    def _sweep_orphans(self, live: set[str]) -> None:
+        """Kernel objects of containers the records do not know as running go away."""
+        if self.runtime.cgroups is not None:
+            for name in self.runtime.cgroups.list():
+                if name not in live:
+                    log.info("removing orphaned cgroup %s", name)
+                    with contextlib.suppress(NotFound):
+                        self.runtime.cgroups.open(name).destroy()
+        if self.storage is not None:
+            keep = {(r.user_id, r.name) for r in self.store.list_containers() if r.id in live}
+            released = self.storage.reconcile(keep)
+            if released:
+                log.info("released volumes of containers that are not running: %s", released)
+        run_containers = self.runtime.run_dir / "containers"
+        for d in run_containers.iterdir() if run_containers.exists() else []:
+            if d.name not in live:
+                shutil.rmtree(d, ignore_errors=True)
+        if self.network is not None:
+            removed = self.network.reconcile(live)
+            if removed:
+                log.info("removed orphaned network objects: %s", removed)
+
+    async def _expiry_loop(self) -> None:
+        while not self._closing:
+            try:
+                await self.expire_sessions(utcnow())
+            except Exception:  # the loop must survive one bad pass
+                log.exception("session expiry pass failed")
+            await asyncio.sleep(EXPIRY_CHECK_S)
+
+    async def expire_sessions(self, now: datetime) -> list[str]:
+        """Stop (data kept) every running container whose session time is over."""
+        expired = []
+        for rec in await asyncio.to_thread(self.store.list_containers):
+            if rec.status != "running" or not quotas.is_expired(rec.expires_at, now):
+                continue
+            async with self._lock(rec.db_id):
+                cur = await asyncio.to_thread(self.store.get_container, rec.db_id)
+                if cur is None or cur.status != "running":
+                    continue
+                await self._halt(
+                    cur,
+                    float(self.cfg.stop_timeout_s),
+                    status="expired",
+                    reason="session time is over",
+                )
+                expired.append(cur.id)
+        return expired
+
+    async def shut_down(self) -> None:
+        """Stop watching; running containers are left alone for the next daemon."""
+        self._closing = True
+        for task in list(self._creating.values()):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(task), 30)
+        for db_id in list(self._watch_fds) + list(self._oom_fds):
+            self._unwatch(db_id)
+        await self.terminals.close_all()
+        for task in list(self._bg):
+            task.cancel()
+        self.events.close()
