@@ -164,7 +164,12 @@ def main(argv: list[str]) -> None:
     os.set_inheritable(ctrl.fileno(), False)
     if os.getppid() == 1:
         return  # parent already gone
-    _Server(ctrl).serve()
+    try:
+        _Server(ctrl).serve()
+    except (BrokenPipeError, ConnectionResetError):
+        # The daemon went away while we reported an exit: nothing to tell anyone, and
+        # the containers we leave are re-adopted by the next daemon.
+        return
 
 
 # ---------------------------------------------------------------- client side
