@@ -1,0 +1,1 @@
+"""The runtime layer: images, rootfs, cgroups, network, storage, PTYs and the spawner (no asyncio)."""

@@ -1,0 +1,1 @@
+"""The service layer: container rules, state, quotas, events and terminal sessions (asyncio)."""
