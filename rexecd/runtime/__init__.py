@@ -1,1 +1,1 @@
-"""The runtime layer: images, rootfs, cgroups, network, storage, PTYs and the spawner (no asyncio)."""
+"""The runtime layer: images, rootfs, cgroups, network, storage, PTYs, spawner (no asyncio)."""
