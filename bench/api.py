@@ -27,6 +27,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.podman_env import PodmanEnv  # noqa: E402
 from tests.integration.daemon import Daemon  # noqa: E402
 
 BIG_TIER = {
@@ -109,38 +110,16 @@ async def rexecd_bench(
 
 
 def podman_bench(image: Path, creates: int, containers: int) -> dict[str, Any] | str:
-    exe = shutil.which("podman")
-    if exe is None:
-        return "podman not installed (apt-get install podman)"
-    work = Path(tempfile.mkdtemp(prefix="rexecd-podman-", dir="/var/tmp"))
-    conf = work / "containers.conf"
-    # See shared/PEERS.md: no CAP_SYS_RESOURCE here for podman's default ulimits.
-    conf.write_text('[containers]\ndefault_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]\n')
-    env = {**os.environ, "CONTAINERS_CONF": str(conf)}
-    base = [
-        exe,
-        "--root",
-        str(work / "root"),
-        "--runroot",
-        str(work / "runroot"),
-        "--tmpdir",
-        str(work / "tmp"),
-        "--cgroup-manager=cgroupfs",
-        "--events-backend",
-        "file",
-        "--runtime",
-        "runc",
-    ]
-
-    def pm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*base, *args], env=env, capture_output=True, text=True, check=check)
-
     try:
-        pm("load", "-i", str(image))
+        pm = PodmanEnv()
+    except RuntimeError as exc:
+        return str(exc)
+    try:
+        pm.run("load", "-i", str(image))
         lat = []
         for i in range(creates + 3):
             t0 = time.perf_counter()
-            pm(
+            pm.run(
                 "run",
                 "-d",
                 "--network",
@@ -154,11 +133,11 @@ def podman_bench(image: Path, creates: int, containers: int) -> dict[str, Any] |
             ms = (time.perf_counter() - t0) * 1000
             if i >= 3:
                 lat.append(ms)
-        pm("rm", "-f", "-t", "0", *[f"lat{i}" for i in range(creates + 3)])
+        pm.run("rm", "-f", "-t", "0", *[f"lat{i}" for i in range(creates + 3)])
         out: dict[str, Any] = {"create_to_running": stats(lat)}
         if containers:
             for i in range(containers):
-                pm(
+                pm.run(
                     "run",
                     "-d",
                     "--network",
@@ -171,7 +150,7 @@ def podman_bench(image: Path, creates: int, containers: int) -> dict[str, Any] |
                 )
             n, t0 = 0, time.perf_counter()
             while time.perf_counter() - t0 < 3.0:
-                r = pm("ps", "--format", "json")
+                r = pm.run("ps", "--format", "json")
                 assert len(json.loads(r.stdout)) == containers
                 n += 1
             elapsed = time.perf_counter() - t0
@@ -183,10 +162,7 @@ def podman_bench(image: Path, creates: int, containers: int) -> dict[str, Any] |
     except subprocess.CalledProcessError as exc:
         return f"podman failed: {exc.stderr.strip()[-400:]}"
     finally:
-        pm("rm", "-a", "-f", "-t", "0", check=False)
-        pm("system", "reset", "-f", check=False)
-        subprocess.run(["umount", "-R", str(work)], capture_output=True, check=False)
-        shutil.rmtree(work, ignore_errors=True)
+        pm.close()
 
 
 def main() -> None:

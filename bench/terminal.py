@@ -25,7 +25,6 @@ import select
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +37,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.podman_env import PodmanEnv  # noqa: E402
 from tests.integration.daemon import Daemon, api, wait_status  # noqa: E402
 
 BUSYBOX_TAR = ROOT / "images" / "busybox.tar"
@@ -137,13 +137,16 @@ def bulk_result(nbytes: int, elapsed: float) -> dict[str, float]:
 # ------------------------------------------------------------------ a local PTY
 
 
-def pty_bench(argv: list[str], samples: int, nbytes: int) -> dict[str, Any]:
+def pty_bench(
+    argv: list[str], samples: int, nbytes: int, extra_env: dict[str, str] | None = None
+) -> dict[str, Any]:
     """``argv`` on a PTY of ours: the shell's echo and output read from the master."""
     env = {
         "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
         "TERM": "xterm-256color",
         "PS1": "# ",
         "HOME": "/root",
+        **(extra_env or {}),
     }
     pid, fd = pty.fork()
     if pid == 0:  # the child execs at once: nothing of this process runs on in it
@@ -210,29 +213,20 @@ class Podman:
     """A busybox container under podman (no network), for ``podman exec -t``."""
 
     NAME = "rexecd-bench-terminal"
-    IMAGE = "localhost/busybox:latest"
 
     def __init__(self) -> None:
-        self.had_image = self._run("image", "exists", self.IMAGE, check=False).returncode == 0
-
-    @staticmethod
-    def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            ["podman", *args], capture_output=True, text=True, check=check, timeout=120
-        )
+        self.env = PodmanEnv()
 
     def start(self) -> None:
-        image = self.IMAGE if self.had_image else f"oci-archive:{BUSYBOX_TAR}"
-        r = self._run(
+        self.env.run("load", "-i", str(BUSYBOX_TAR))
+        r = self.env.run(
             "run",
             "-d",
             "--name",
             self.NAME,
             "--network",
             "none",
-            "--pull",
-            "never",
-            image,
+            "busybox:latest",
             "sleep",
             "1000000",
             check=False,
@@ -240,10 +234,11 @@ class Podman:
         if r.returncode != 0:
             raise RuntimeError(r.stderr.strip().splitlines()[-1] if r.stderr else "podman run")
 
+    def exec_argv(self) -> list[str]:
+        return self.env.cmd("exec", "-it", self.NAME, "sh")
+
     def close(self) -> None:
-        self._run("rm", "-f", "-t", "0", self.NAME, check=False)
-        if not self.had_image:
-            self._run("rmi", self.IMAGE, check=False)
+        self.env.close()
 
 
 # ------------------------------------------------------------------ main
@@ -295,8 +290,12 @@ def main() -> None:
 
         def run_podman() -> dict[str, Any]:
             podman.start()
-            argv = ["podman", "exec", "-it", Podman.NAME, "sh"]
-            return pty_bench(argv, args.samples, args.bytes)
+            return pty_bench(
+                podman.exec_argv(),
+                args.samples,
+                args.bytes,
+                extra_env={"CONTAINERS_CONF": podman.env.env["CONTAINERS_CONF"]},
+            )
 
         try:
             attempt("podman_exec_t", run_podman, results)
