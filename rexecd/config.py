@@ -135,6 +135,32 @@ class NetworkConfig(_Section):
     dns: list[IPvAnyAddress] = Field(
         default_factory=lambda: [ipaddress.ip_address("1.1.1.1"), ipaddress.ip_address("8.8.8.8")]
     )
+    # Host ports containers may reach on the gateway address; every other host port is
+    # dropped. Empty by default: a service the host happens to run (a resolver, sshd)
+    # must not become reachable from containers by accident.
+    gateway_tcp_ports: list[int] = Field(default_factory=list)
+    gateway_udp_ports: list[int] = Field(default_factory=list)
+    # Host ports (on 127.0.0.1) the daemon hands out for port forwards. A range of its
+    # own keeps forwards clear of the ephemeral ports (32768+) and of well-known ones.
+    port_forward_min: int = Field(default=20000, ge=1, le=65535)
+    port_forward_max: int = Field(default=29999, ge=1, le=65535)
+
+    @field_validator("gateway_tcp_ports", "gateway_udp_ports")
+    @classmethod
+    def _ports(cls, v: list[int]) -> list[int]:
+        for port in v:
+            if not 1 <= port <= 65535:
+                raise ValueError(f"port {port} is out of range (1-65535)")
+        return v
+
+    @model_validator(mode="after")
+    def _forward_range(self) -> NetworkConfig:
+        if self.port_forward_min > self.port_forward_max:
+            raise ValueError(
+                f"port_forward_min ({self.port_forward_min}) is above "
+                f"port_forward_max ({self.port_forward_max})"
+            )
+        return self
 
     @field_validator("bridge")
     @classmethod
@@ -182,6 +208,13 @@ class CgroupConfig(_Section):
         return v
 
 
+class StorageConfig(_Section):
+    # auto: project quota where the state dir's file system enforces it (ext4 with
+    # prjquota, xfs with pquota), else one sparse ext4 image per container on a loop
+    # device. Forcing "project" where it cannot work stops start-up saying why.
+    method: Literal["auto", "loop", "project"] = "auto"
+
+
 class TierLimits(_Section):
     # Every field is required: a half-written tier in a config file is an error,
     # never silently completed from another tier's numbers.
@@ -196,6 +229,9 @@ class TierLimits(_Section):
     # Both apply to reads and writes alike; None = unlimited.
     disk_mbps: PositiveInt | None = None
     disk_iops: PositiveInt | None = None
+    # Port forwards per container; like the throttles, optional in a tier written
+    # before it existed (such a tier gets the free tier's number).
+    port_forwards: NonNegativeInt = 5
 
 
 # network_mbps is not part of the Rexec tier table; these are our own choices,
@@ -204,6 +240,8 @@ class TierLimits(_Section):
 # volume shares the host's disk (a few hundred MB/s and some tens of thousands of
 # IOPS on a plain SSD), so a guest gets a small slice and each tier about twice the
 # one below; still far above what an interactive shell or a package install needs.
+# port_forwards (per container) is ours as well: a dev server or two for a guest,
+# room for a small stack of services above.
 _GUEST = TierLimits(
     cpu_millicores=500,
     memory_mb=512,
@@ -213,6 +251,7 @@ _GUEST = TierLimits(
     network_mbps=10,
     disk_mbps=20,
     disk_iops=500,
+    port_forwards=2,
 )
 _FREE = TierLimits(
     cpu_millicores=2000,
@@ -223,6 +262,7 @@ _FREE = TierLimits(
     network_mbps=50,
     disk_mbps=50,
     disk_iops=1000,
+    port_forwards=5,
 )
 _PRO = TierLimits(
     cpu_millicores=4000,
@@ -233,6 +273,7 @@ _PRO = TierLimits(
     network_mbps=100,
     disk_mbps=100,
     disk_iops=2000,
+    port_forwards=10,
 )
 _ENTERPRISE = TierLimits(
     cpu_millicores=8000,
@@ -243,6 +284,7 @@ _ENTERPRISE = TierLimits(
     network_mbps=1000,
     disk_mbps=200,
     disk_iops=5000,
+    port_forwards=20,
 )
 
 
@@ -357,6 +399,7 @@ class Config(_Section):
     run_dir: Path = Path("/run/rexecd")
     network: NetworkConfig = Field(default_factory=NetworkConfig)
     cgroup: CgroupConfig = Field(default_factory=CgroupConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
     tiers: TiersConfig = Field(default_factory=TiersConfig)
     minimums: MinimumsConfig = Field(default_factory=MinimumsConfig)
     defaults: DefaultsConfig = Field(default_factory=DefaultsConfig)

@@ -21,7 +21,7 @@ from rexecd.runtime.cgroups import CgroupDriver, open_driver
 from rexecd.runtime.container import Runtime
 from rexecd.runtime.images import ImageStore
 from rexecd.runtime.spawner import Spawner
-from rexecd.runtime.storage import LoopStorage
+from rexecd.runtime.storage import choose_storage
 from rexecd.service.events import EventBus
 from rexecd.service.manager import ContainerManager
 from rexecd.service.ratelimit import RateLimiter
@@ -43,18 +43,20 @@ def _cgroups(cfg: Config) -> CgroupDriver | None:
         return None
 
 
-def _network(cfg: Config) -> object | None:
+def _network(cfg: Config) -> tuple[object | None, object | None]:
+    """The container network and its port forwarder (both None without networking)."""
     if not cfg.network.enabled:
-        return None
-    from rexecd.runtime.network import Network, NetworkConfig
+        return None, None
+    from rexecd.runtime.network import Network, NetworkConfig, PortForwarder
 
-    return Network(
-        NetworkConfig(
-            bridge=cfg.network.bridge,
-            subnet=str(cfg.network.subnet),
-            nft_table=cfg.network.nft_table,
-        )
+    net = NetworkConfig(
+        bridge=cfg.network.bridge,
+        subnet=str(cfg.network.subnet),
+        nft_table=cfg.network.nft_table,
+        gateway_tcp_ports=tuple(cfg.network.gateway_tcp_ports),
+        gateway_udp_ports=tuple(cfg.network.gateway_udp_ports),
     )
+    return Network(net), PortForwarder(net)
 
 
 async def _listen(runner: web.AppRunner, cfg: Config) -> list[str]:
@@ -90,18 +92,23 @@ async def serve(cfg: Config, ready: asyncio.Event | None = None) -> None:
     _private_dir(cfg.state_dir)
     _private_dir(cfg.run_dir)
     (cfg.state_dir / "tmp").mkdir(mode=0o700, exist_ok=True)
+    # First: a storage method that cannot work here stops start-up before anything
+    # (the spawner process, the database) exists that would need undoing.
+    storage = choose_storage(cfg.state_dir, cfg.run_dir, cfg.storage.method)
     store = Store(cfg.state_dir)
     spawner = Spawner()
     runtime = Runtime(cfg.state_dir, cfg.run_dir, _cgroups(cfg), spawner)
     images = ImageStore(cfg.state_dir / "images")
+    network, forwarder = _network(cfg)
     manager = ContainerManager(
         cfg,
         store,
         runtime,
         images,
         EventBus(),
-        _network(cfg),
-        LoopStorage(cfg.state_dir, cfg.run_dir),
+        network,
+        storage,
+        forwarder=forwarder,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -304,6 +304,48 @@ class Stats(_Response):
     oom_kills: int
 
 
+# --- port forwards ---------------------------------------------------------------------
+
+PortProtocol = Literal["tcp", "udp"]
+
+
+class PortForwardCreate(_Request):
+    """Body of ``POST /containers/{id}/port-forwards``.
+
+    ``host_port`` 0 or absent lets the daemon choose a free port in its configured
+    range (clients that send zero values for unset fields get the same).
+    """
+
+    container_port: int = Field(ge=1, le=65535)
+    host_port: int | None = Field(default=None, ge=0, le=65535)
+    protocol: PortProtocol = "tcp"
+
+
+class PortForwardOut(_Response):
+    """A forward from ``host:host_port`` on the daemon's host to the container's port."""
+
+    id: str
+    container_id: str
+    container_port: int
+    host_port: int
+    protocol: PortProtocol
+    host: str
+    created_at: UtcDatetime
+
+
+class PortForwardList(_Response):
+    port_forwards: list[PortForwardOut]
+    count: int
+
+
+class PortForwardDeleted(_Response):
+    message: str
+    id: str
+    container_id: str
+    host_port: int
+    protocol: PortProtocol
+
+
 # --- files -----------------------------------------------------------------------------
 
 

@@ -2,8 +2,9 @@
 errno and the path involved.
 
 Every wrapper requires a Linux kernel with the call (unshare/setns: 3.8; openat2: 5.6;
-close_range: 5.9) and the privilege the kernel asks for (CAP_SYS_ADMIN for mount,
-pivot_root, unshare and setns of most namespace types; CAP_MKNOD for device nodes).
+close_range: 5.9; quotactl_fd: 5.14) and the privilege the kernel asks for
+(CAP_SYS_ADMIN for mount, pivot_root, unshare and setns of most namespace types and for
+setting quota limits; CAP_MKNOD for device nodes).
 """
 
 from __future__ import annotations
@@ -134,3 +135,17 @@ def syncfs(path: str) -> None:
         _check(lib.rx_syncfs(fd), "syncfs", path)
     finally:
         os.close(fd)
+
+
+def quotactl_fd(fd: int, cmd: int, qid: int, addr: bytearray | None, path: str) -> None:
+    """quotactl_fd(2) (Linux >= 5.14): quota command ``cmd`` (``QCMD(op, type)``) for id
+    ``qid`` on the file system that holds the open file ``fd``.
+
+    ``addr`` is the command's structure, read and/or written in place by the kernel
+    (None for commands without one); it must be at least as large as the kernel's.
+    Setting limits needs CAP_SYS_ADMIN. Raises OSError naming ``path`` (ENOSYS on an
+    older kernel, ESRCH when that quota type is not on, EINVAL when the file system
+    has no such quota type).
+    """
+    buf = ffi.from_buffer(addr) if addr is not None else ffi.NULL
+    _check(lib.rx_quotactl_fd(fd, cmd, qid, buf), "quotactl", path)

@@ -24,6 +24,7 @@ ffibuilder.cdef(
                    unsigned int major, unsigned int minor);
     int rx_sethostname(const char *name, size_t len);
     int rx_syncfs(int fd);
+    int rx_quotactl_fd(int fd, unsigned int cmd, unsigned int id, void *addr);
     """
 )
 
@@ -31,6 +32,7 @@ ffibuilder.set_source(
     "rexecd._native._lowlevel",
     r"""
     #define _GNU_SOURCE
+    #include <errno.h>
     #include <sched.h>
     #include <stdint.h>
     #include <string.h>
@@ -73,6 +75,15 @@ ffibuilder.set_source(
     }
     int rx_sethostname(const char *name, size_t len) { return sethostname(name, len); }
     int rx_syncfs(int fd) { return syncfs(fd); }
+    int rx_quotactl_fd(int fd, unsigned int cmd, unsigned int id, void *addr) {
+    #ifdef SYS_quotactl_fd
+        return (int)syscall(SYS_quotactl_fd, fd, cmd, id, addr);
+    #else
+        /* Headers older than Linux 5.14: report it as the kernel would. */
+        errno = ENOSYS;
+        return -1;
+    #endif
+    }
     """,
 )
 

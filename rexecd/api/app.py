@@ -8,7 +8,17 @@ from collections.abc import Callable, Sequence
 
 from aiohttp import WSCloseCode, web
 
-from rexecd.api import containers, events, files, images, openapi, stream, system, tokens
+from rexecd.api import (
+    containers,
+    events,
+    files,
+    images,
+    openapi,
+    portforwards,
+    stream,
+    system,
+    tokens,
+)
 from rexecd.api import exec as exec_
 from rexecd.api.auth import auth_middleware, redact_ws_token_logs, scope_middleware
 from rexecd.api.endpoint import Endpoint
@@ -38,6 +48,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     *containers.ENDPOINTS,
     *exec_.ENDPOINTS,
     *files.ENDPOINTS,
+    *portforwards.ENDPOINTS,
     *images.ENDPOINTS,
     *tokens.ENDPOINTS,
     openapi.ENDPOINT,

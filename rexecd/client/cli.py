@@ -20,7 +20,7 @@ from rexecd.client.sdk import (
     TransportError,
 )
 from rexecd.client.terminal import attach
-from rexecd.models import ContainerOut, Event, ExecResult
+from rexecd.models import ContainerOut, Event, ExecResult, PortForwardOut
 
 Handler = Callable[[AsyncClient, argparse.Namespace], Awaitable[int]]
 
@@ -265,6 +265,38 @@ async def _stats(c: AsyncClient, a: argparse.Namespace) -> int:
     return 0
 
 
+PORT_COLUMNS = ("ID", "HOST", "CONTAINER", "PROTOCOL", "CREATED")
+
+
+def _ports_table(forwards: Sequence[PortForwardOut]) -> str:
+    rows = [
+        [f.id, f"{f.host}:{f.host_port}", str(f.container_port), f.protocol, _age(f.created_at)]
+        for f in forwards
+    ]
+    return table(PORT_COLUMNS, rows)
+
+
+async def _ports_ls(c: AsyncClient, a: argparse.Namespace) -> int:
+    result = await c.list_port_forwards(a.container)
+    _show(_wants_json(a), result, _ports_table(result.port_forwards))
+    return 0
+
+
+async def _ports_add(c: AsyncClient, a: argparse.Namespace) -> int:
+    fwd = await c.add_port_forward(
+        a.container, a.container_port, host_port=a.host_port, protocol=a.protocol
+    )
+    _show(_wants_json(a), fwd, _ports_table([fwd]))
+    return 0
+
+
+async def _ports_rm(c: AsyncClient, a: argparse.Namespace) -> int:
+    result = await c.delete_port_forward(a.container, a.id)
+    rows = [[result.id, str(result.host_port), result.protocol, result.message]]
+    _show(_wants_json(a), result, table(("ID", "HOST PORT", "PROTOCOL", "MESSAGE"), rows))
+    return 0
+
+
 async def _images(c: AsyncClient, a: argparse.Namespace) -> int:
     result = await c.images()
     rows = [
@@ -465,6 +497,28 @@ def build_parser() -> argparse.ArgumentParser:
     command("health", _health, "show the daemon's health")
     command("version", _version, "show the daemon's version")
     command("whoami", _whoami, "show who the token belongs to")
+
+    ports = sub.add_parser(
+        "ports", parents=[common], help="forward host loopback ports to a container"
+    )
+    psub = ports.add_subparsers(dest="ports_command", required=True, metavar="COMMAND")
+    sp = psub.add_parser("ls", parents=[common], help="list a container's port forwards")
+    sp.add_argument("container")
+    sp.set_defaults(func=_ports_ls)
+    sp = psub.add_parser(
+        "add", parents=[common], help="forward 127.0.0.1:HOST_PORT to a container's port"
+    )
+    sp.add_argument("container")
+    sp.add_argument("container_port", type=int, metavar="CONTAINER_PORT")
+    sp.add_argument(
+        "--host-port", type=int, metavar="PORT", help="host port (default: the daemon picks one)"
+    )
+    sp.add_argument("--protocol", choices=("tcp", "udp"), default="tcp")
+    sp.set_defaults(func=_ports_add)
+    sp = psub.add_parser("rm", parents=[common], help="remove a port forward")
+    sp.add_argument("container")
+    sp.add_argument("id")
+    sp.set_defaults(func=_ports_rm)
 
     tokens = sub.add_parser("tokens", parents=[common], help="manage API tokens")
     tsub = tokens.add_subparsers(dest="tokens_command", required=True, metavar="COMMAND")

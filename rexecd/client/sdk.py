@@ -30,6 +30,9 @@ from rexecd.models import (
     Health,
     ImageList,
     ImportResult,
+    PortForwardDeleted,
+    PortForwardList,
+    PortForwardOut,
     RoleList,
     SettingsResult,
     Stats,
@@ -832,6 +835,31 @@ class AsyncClient:
     async def mkdir(self, container: str, path: str) -> dict[str, Any]:
         answer = await self._json("POST", _cpath(container, "/files/mkdir"), params={"path": path})
         return answer if isinstance(answer, dict) else {"result": answer}
+
+    # -- port forwards --
+
+    async def add_port_forward(
+        self,
+        container: str,
+        container_port: int,
+        *,
+        host_port: int | None = None,
+        protocol: str = "tcp",
+    ) -> PortForwardOut:
+        """Forward ``127.0.0.1:host_port`` on the daemon's host to the (running) container's
+        port; without ``host_port`` the daemon picks a free one from its range. The forward
+        ends when it is deleted or the container stops."""
+        body = _drop_none(container_port=container_port, host_port=host_port, protocol=protocol)
+        return await self._call(
+            PortForwardOut, "POST", _cpath(container, "/port-forwards"), json=body
+        )
+
+    async def list_port_forwards(self, container: str) -> PortForwardList:
+        return await self._call(PortForwardList, "GET", _cpath(container, "/port-forwards"))
+
+    async def delete_port_forward(self, container: str, forward_id: str) -> PortForwardDeleted:
+        path = _cpath(container, "/port-forwards/" + quote(forward_id, safe=""))
+        return await self._call(PortForwardDeleted, "DELETE", path)
 
     # -- images, roles --
 

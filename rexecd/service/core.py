@@ -39,6 +39,7 @@ from rexecd.service import quotas
 from rexecd.service.auth import Principal
 from rexecd.service.events import EventBus
 from rexecd.service.interface import ProgressFn
+from rexecd.service.portforwards import PortForwards
 from rexecd.service.store import Store
 from rexecd.service.terminals import TerminalRegistry
 
@@ -123,6 +124,8 @@ class ManagerCore:
         events: EventBus | None = None,
         network: Any | None = None,
         storage: Storage | None = None,
+        *,
+        forwarder: Any | None = None,
     ) -> None:
         self.cfg = cfg
         self.store = store
@@ -132,6 +135,7 @@ class ManagerCore:
         self.network = network
         # None: upper/work and /home/user are plain directories without a size limit.
         self.storage = storage
+        self.port_forwards = PortForwards(cfg, store, forwarder)
         self._locks: dict[str, asyncio.Lock] = {}
         self._creating: dict[str, asyncio.Task[None]] = {}
         self._watch_fds: dict[str, int] = {}
@@ -363,6 +367,7 @@ class ManagerCore:
 
     def _release(self, rec: ContainerRecord) -> None:
         """After init is gone: cgroup, mount point and host network side go; data stays."""
+        self.port_forwards.release(rec)
         if self.network is not None:
             try:
                 self.network.detach(rec.id)

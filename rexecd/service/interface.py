@@ -22,6 +22,8 @@ from rexecd.models import (
     Health,
     ImageInfo,
     ImportResult,
+    PortForwardCreate,
+    PortForwardOut,
     Role,
     SettingsPatch,
     Stats,
@@ -111,6 +113,19 @@ class ContainerService(Protocol):
     async def delete_file(self, p: Principal, ref: str, path: str) -> None: ...
 
     async def make_dir(self, p: Principal, ref: str, path: str) -> FileInfo: ...
+
+    async def add_port_forward(
+        self, p: Principal, ref: str, req: PortForwardCreate
+    ) -> PortForwardOut:
+        """Forward 127.0.0.1:host_port on the daemon's host to a port of the (running)
+        container, until it is deleted or the container stops."""
+        ...
+
+    async def list_port_forwards(self, p: Principal, ref: str) -> list[PortForwardOut]: ...
+
+    async def delete_port_forward(self, p: Principal, ref: str, forward_id: str) -> PortForwardOut:
+        """Remove one forward of the container; returns what it was."""
+        ...
 
     async def list_images(self) -> list[ImageInfo]: ...
 

@@ -32,6 +32,8 @@ from rexecd.models import (
     Health,
     ImageInfo,
     ImportResult,
+    PortForwardCreate,
+    PortForwardOut,
     Role,
     SettingsPatch,
     utcnow,
@@ -347,6 +349,27 @@ class ContainerManager(InsideOps, DaemonLife):
                 restarted = True
             self._publish("updated", rec)
         return rec.to_out(), restarted
+
+    # ------------------------------------------------------------ port forwards
+
+    async def add_port_forward(
+        self, p: Principal, ref: str, req: PortForwardCreate
+    ) -> PortForwardOut:
+        rec = await self._find(p, ref)
+        # Under the container's lock: a stop between the running check and the nft
+        # element would leave a forward to an address the container no longer has.
+        async with self._lock(rec.db_id):
+            rec = await self._find(p, ref)
+            return await asyncio.to_thread(self.port_forwards.add, rec, p.tier, req)
+
+    async def list_port_forwards(self, p: Principal, ref: str) -> list[PortForwardOut]:
+        rec = await self._find(p, ref)
+        return await asyncio.to_thread(self.port_forwards.for_container, rec)
+
+    async def delete_port_forward(self, p: Principal, ref: str, forward_id: str) -> PortForwardOut:
+        rec = await self._find(p, ref)
+        async with self._lock(rec.db_id):
+            return await asyncio.to_thread(self.port_forwards.remove, rec, forward_id)
 
     def _grow_disk(self, rec: ContainerRecord, disk_mb: int) -> None:
         vol = self._vol(rec)

@@ -65,6 +65,9 @@ class DaemonLife(ManagerCore):
                 )
             log.info("container %s (%s) marked %s", rec.name, rec.id[:12], rec.status)
         await asyncio.to_thread(self._sweep_orphans, live)
+        forwards = await asyncio.to_thread(self.port_forwards.reconcile, live)
+        if forwards:
+            log.info("reconciled port forwards: %s", forwards)
         self._spawn(self._expiry_loop())
 
     def _prepare_host(self) -> None:

@@ -1,4 +1,4 @@
-"""The daemon's SQLite state: users, tokens, containers, IP leases, volumes and the event log.
+"""The daemon's SQLite state: users, tokens, containers, IP leases, volumes, forwards, events.
 
 Concurrency: one connection, shared by every thread and serialised by one lock.
 The daemon's database work is small and short, so a single writer costs nothing
@@ -102,6 +102,21 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX events_user_seq ON events(user_id, seq)",
     ),
+    (
+        # One host port per protocol, daemon-wide: the nft map is keyed the same way.
+        # A forward lives as long as the container's current run; the cascade covers
+        # a delete, the service removes the rows when the container stops.
+        """CREATE TABLE port_forwards (
+            id TEXT PRIMARY KEY,
+            container_db_id TEXT NOT NULL REFERENCES containers(db_id) ON DELETE CASCADE,
+            protocol TEXT NOT NULL CHECK (protocol IN ('tcp', 'udp')),
+            host_port INTEGER NOT NULL CHECK (host_port BETWEEN 1 AND 65535),
+            container_port INTEGER NOT NULL CHECK (container_port BETWEEN 1 AND 65535),
+            created_at TEXT NOT NULL,
+            UNIQUE (protocol, host_port)
+        )""",
+        "CREATE INDEX port_forwards_container ON port_forwards(container_db_id)",
+    ),
 )
 
 _CONTAINER_COLUMNS = (
@@ -153,6 +168,16 @@ class IpLease:
     ip: IPv4Address
     container_db_id: str
     leased_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class PortForwardRecord:
+    id: str
+    container_db_id: str
+    protocol: str
+    host_port: int
+    container_port: int
+    created_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +256,17 @@ def _token_from_row(row: sqlite3.Row) -> TokenRecord:
 def _volume_from_row(row: sqlite3.Row) -> VolumeRecord:
     return VolumeRecord(
         row["user_id"], row["name"], row["path"], row["size_mb"], _parse_ts(row["created_at"])
+    )
+
+
+def _forward_from_row(row: sqlite3.Row) -> PortForwardRecord:
+    return PortForwardRecord(
+        id=row["id"],
+        container_db_id=row["container_db_id"],
+        protocol=row["protocol"],
+        host_port=int(row["host_port"]),
+        container_port=int(row["container_port"]),
+        created_at=_parse_ts(row["created_at"]),
     )
 
 
@@ -640,6 +676,50 @@ class Store:
         else:
             rows = self._read("SELECT * FROM volumes WHERE user_id = ? ORDER BY name", (user_id,))
         return [_volume_from_row(r) for r in rows]
+
+    # -- port forwards --------------------------------------------------------------
+
+    def insert_port_forward(self, fwd: PortForwardRecord) -> None:
+        """Record a forward; Conflict when its (protocol, host port) is recorded already."""
+        try:
+            with self._write() as db:
+                db.execute(
+                    """INSERT INTO port_forwards (id, container_db_id, protocol, host_port,
+                           container_port, created_at) VALUES (?, ?, ?, ?, ?, ?)""",
+                    (
+                        fwd.id, fwd.container_db_id, fwd.protocol, fwd.host_port,
+                        fwd.container_port, _ts(fwd.created_at),
+                    ),
+                )  # fmt: skip
+        except sqlite3.IntegrityError as exc:
+            if _is_unique_violation(exc):
+                raise Conflict(
+                    f"host port {fwd.host_port}/{fwd.protocol} is already forwarded",
+                    host_port=fwd.host_port,
+                    protocol=fwd.protocol,
+                ) from None
+            raise
+
+    def get_port_forward(self, forward_id: str) -> PortForwardRecord | None:
+        rows = self._read("SELECT * FROM port_forwards WHERE id = ?", (forward_id,))
+        return _forward_from_row(rows[0]) if rows else None
+
+    def list_port_forwards(self, container_db_id: str | None = None) -> list[PortForwardRecord]:
+        """Forwards oldest first; every container's when ``container_db_id`` is None."""
+        order = " ORDER BY created_at, rowid"
+        if container_db_id is None:
+            rows = self._read("SELECT * FROM port_forwards" + order)
+        else:
+            rows = self._read(
+                "SELECT * FROM port_forwards WHERE container_db_id = ?" + order,
+                (container_db_id,),
+            )
+        return [_forward_from_row(r) for r in rows]
+
+    def delete_port_forward(self, forward_id: str) -> bool:
+        with self._write() as db:
+            cur = db.execute("DELETE FROM port_forwards WHERE id = ?", (forward_id,))
+            return cur.rowcount > 0
 
     # -- events ---------------------------------------------------------------------
 
