@@ -209,10 +209,14 @@ class CgroupConfig(_Section):
 
 
 class StorageConfig(_Section):
+    # loop: one sparse ext4 image per container on a loop device, a hard limit.
     # auto: project quota where the state dir's file system enforces it (ext4 with
-    # prjquota, xfs with pquota), else one sparse ext4 image per container on a loop
-    # device. Forcing "project" where it cannot work stops start-up saying why.
-    method: Literal["auto", "loop", "project"] = "auto"
+    # prjquota, xfs with pquota), else loop. Forcing "project" where it cannot work
+    # stops start-up saying why. The default is loop: until the runtime's seccomp
+    # filter refuses FS_IOC_FSSETXATTR, a file's owner in a container can move its
+    # files out of their project, so project quota does not yet hold against a
+    # container that tries to escape it.
+    method: Literal["auto", "loop", "project"] = "loop"
 
 
 class TierLimits(_Section):

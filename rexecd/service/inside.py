@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 import os
@@ -115,7 +114,7 @@ class InsideOps(ManagerCore):
 
     def _stats(self, rec: ContainerRecord) -> Stats:
         res = rec.resources
-        disk_used = self._disk_used(rec)
+        disk_used, disk_limit = self._disk_space(rec)
         cg = self.runtime.cgroup(rec.id) if rec.status == "running" else None
         if cg is None:
             return Stats(
@@ -127,7 +126,7 @@ class InsideOps(ManagerCore):
                 disk_read=0,
                 disk_write=0,
                 disk_usage=disk_used,
-                disk_limit=self._disk_limit(rec),
+                disk_limit=disk_limit,
                 net_rx=0,
                 net_tx=0,
                 oom_kills=0,
@@ -149,35 +148,24 @@ class InsideOps(ManagerCore):
             disk_read=s.io_read_bytes,
             disk_write=s.io_write_bytes,
             disk_usage=disk_used,
-            disk_limit=self._disk_limit(rec),
+            disk_limit=disk_limit,
             net_rx=rx,
             net_tx=tx,
             oom_kills=s.oom_kills,
         )
 
-    def _disk_limit(self, rec: ContainerRecord) -> int:
-        """The quota in force: the volume's real size, which lags a requested grow that
-        only happens at the next start (no online resize on this host)."""
-        vol = self._vol(rec)
-        if vol is not None:
-            try:
-                return vol.image.stat().st_size
-            except FileNotFoundError:
-                pass
-        return rec.resources.disk_mb * MiB
-
-    def _disk_used(self, rec: ContainerRecord) -> int:
+    def _disk_space(self, rec: ContainerRecord) -> tuple[int, int]:
+        """``(used, limit)`` bytes of the container's storage."""
         vol = self._vol(rec)
         if vol is None or self.storage is None:
-            return _du(self.runtime.dirs(rec.id).upper) + _du(self._volume_dir(rec))
-        if rec.status == "running":
-            with contextlib.suppress(RexecError):
-                return self.storage.usage(vol)[0]
-        # Stopped: its image is not mounted; what the sparse image holds is close enough.
+            used = _du(self.runtime.dirs(rec.id).upper) + _du(self._volume_dir(rec))
+            return used, rec.resources.disk_mb * MiB
         try:
-            return vol.image.stat().st_blocks * 512
-        except FileNotFoundError:
-            return 0
+            used, limit = self.storage.space(vol)
+        except RexecError as exc:
+            log.warning("disk space of %s: %s", rec.name, exc.message)
+            return 0, rec.resources.disk_mb * MiB
+        return used, limit or rec.resources.disk_mb * MiB
 
     def _fs(self, rec: ContainerRecord) -> ContainerFS:
         assert rec.pid is not None

@@ -208,8 +208,9 @@ def test_kinds_in_use(tmp_path: Path) -> None:
 
 
 def test_storage_method_in_the_config(tmp_path: Path) -> None:
-    assert Config().storage.method == "auto"
-    assert load_config(None).storage.method == "auto"  # default.yaml spells it out
+    # loop by default: project quota is opt-in until seccomp refuses FS_IOC_FSSETXATTR.
+    assert Config().storage.method == "loop"
+    assert load_config(None).storage.method == "loop"  # default.yaml spells it out
     path = tmp_path / "c.yaml"
     path.write_text("storage: {method: project}\n")
     assert load_config(path).storage.method == "project"

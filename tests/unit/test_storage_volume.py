@@ -183,6 +183,9 @@ class FakeStorage(Storage):
     def usage(self, vol: Volume) -> tuple[int, int]:
         raise NotImplementedError
 
+    def space(self, vol: Volume) -> tuple[int, int]:
+        raise NotImplementedError
+
     def mounted(self) -> list[Volume]:
         return self.active
 

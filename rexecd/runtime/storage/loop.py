@@ -174,6 +174,17 @@ class LoopStorage(Storage):
         # f_blocks already leaves out the journal and inode tables: what df shows inside.
         return (st.f_blocks - st.f_bfree) * st.f_frsize, st.f_blocks * st.f_frsize
 
+    def space(self, vol: Volume) -> tuple[int, int]:
+        vol = self._own(vol)
+        try:
+            st = vol.image.stat()
+        except FileNotFoundError:
+            return 0, 0
+        if _is_mount(vol.mountpoint):
+            return self.usage(vol)[0], st.st_size
+        # Not mounted (stopped): what the sparse image holds is close enough.
+        return st.st_blocks * 512, st.st_size
+
     def mounted(self) -> list[Volume]:
         try:
             mounts = mountinfo.read()

@@ -437,6 +437,10 @@ class ProjectQuotaStorage(Storage):
         # the limit is above the file system's size.
         return dq.curspace, dq.bhardlimit * QIF_DQBLKSIZE
 
+    def space(self, vol: Volume) -> tuple[int, int]:
+        # The quota counts whether or not anything runs: no mount to look at.
+        return self.usage(vol)
+
     def mounted(self) -> list[Volume]:
         vols = []
         for user_id, name in self._existing():

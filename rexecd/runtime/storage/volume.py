@@ -178,6 +178,11 @@ class Storage(abc.ABC):
         """``(used bytes, total bytes)`` as the container sees them."""
 
     @abc.abstractmethod
+    def space(self, vol: Volume) -> tuple[int, int]:
+        """``(used, limit)`` bytes whether or not the container runs; ``limit`` is the
+        quota in force, which lags a grow that can only happen at the next start."""
+
+    @abc.abstractmethod
     def mounted(self) -> list[Volume]:
         """The volumes this method currently has active, sorted by (user, name)."""
 
