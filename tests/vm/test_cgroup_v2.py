@@ -21,7 +21,9 @@ ROOT = Path(__file__).resolve().parents[2]
 # Both suites in the one guest boot: booting costs more than most of the tests.
 DRIVER_SUITE = "tests/integration/test_cgroups_runtime.py"
 LIMITS_SUITE = "tests/integration/test_limits.py"
-SUITES = (DRIVER_SUITE, LIMITS_SUITE)
+# This host's kernel has no quota support; the guest's has: project quota runs there.
+PROJQUOTA_SUITE = "tests/integration/test_storage_projquota.py"
+SUITES = (DRIVER_SUITE, LIMITS_SUITE, PROJQUOTA_SUITE)
 SKIP_STATUS = 77
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(3600)]
@@ -125,5 +127,17 @@ def test_resource_limits_ran_and_passed_in_the_guest(guest: GuestRun) -> None:
     assert expected <= names, f"missing in the guest: {expected - names}"
     outcomes = {n: guest.outcomes[n] for n in names}
     assert all(o == "passed" for o in outcomes.values()), (
+        f"{outcomes}\n{ {n: guest.messages.get(n) for n in names if n in guest.messages} }"
+    )
+
+
+def test_project_quota_ran_and_passed_in_the_guest(guest: GuestRun) -> None:
+    # The host kernel skips these (no CONFIG_QFMT_V2): the guest is where they run.
+    names = guest.modules.get("test_storage_projquota", set())
+    assert names, "no test_storage_projquota results from the guest:\n" + guest.output[-5000:]
+    outcomes = {n: guest.outcomes[n] for n in names}
+    ran = [n for n, o in outcomes.items() if o == "passed"]
+    assert len(ran) >= 10, outcomes
+    assert all(o in ("passed", "skipped") for o in outcomes.values()), (
         f"{outcomes}\n{ {n: guest.messages.get(n) for n in names if n in guest.messages} }"
     )
