@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from rexecd.runtime.cgroups import open_driver
+
 ROOT = Path(__file__).resolve().parents[2]
 IMAGES = ROOT / "images"
 
@@ -36,6 +38,7 @@ def state(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def run(state: Path, *args: str) -> subprocess.CompletedProcess[str]:
     run_dir = Path("/run") / f"rexecd-cli-{uuid.uuid4().hex[:8]}"
+    parent = f"rexecd-cli-{uuid.uuid4().hex[:6]}"
     try:
         return rexecd(
             "run",
@@ -44,12 +47,16 @@ def run(state: Path, *args: str) -> subprocess.CompletedProcess[str]:
             "--run-dir",
             str(run_dir),
             "--cgroup-parent",
-            f"rexecd-cli-{uuid.uuid4().hex[:6]}",
+            parent,
             *args,
             check=False,
         )
     finally:
         subprocess.run(["rm", "-rf", str(run_dir)], check=False)
+        # The container's own cgroup went with it; the parent is the test's to remove.
+        drv = open_driver(parent)
+        assert drv.list() == [], f"rexecd run left cgroups: {drv.list()}"
+        drv.remove_parent()
 
 
 def test_image_ls_lists_imported(state: Path) -> None:
