@@ -196,7 +196,32 @@ def _drop_none(**fields: Any) -> dict[str, Any]:
 # --- streams ---------------------------------------------------------------------------
 
 
-class EventStream:
+class _SocketStream:
+    """What both WebSocket streams share: ``async with`` connects and closes, and the
+    stream is its own async iterator (``__anext__`` and ``connect`` are theirs)."""
+
+    _ws: aiohttp.ClientWebSocketResponse | None
+
+    async def connect(self) -> Self:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        if self._ws is not None:
+            await self._ws.close()
+
+    async def __aenter__(self) -> Self:
+        return await self.connect()
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    def __aiter__(self) -> Self:
+        return self
+
+
+class EventStream(_SocketStream):
     """The ``/api/containers/events`` WebSocket as an async iterator of :class:`Event`.
 
     Connects on ``async with`` or on the first iteration; iteration ends when the daemon
@@ -221,19 +246,7 @@ class EventStream:
 
     async def close(self) -> None:
         self._done = True
-        if self._ws is not None:
-            await self._ws.close()
-
-    async def __aenter__(self) -> Self:
-        return await self.connect()
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
-
-    def __aiter__(self) -> Self:
-        return self
+        await super().close()
 
     async def __anext__(self) -> Event:
         if self._done:
@@ -253,7 +266,7 @@ class EventStream:
                 continue
 
 
-class TerminalSession:
+class TerminalSession(_SocketStream):
     """One session of the terminal WebSocket ``/ws/terminal/{id}``.
 
     Use as ``async with client.terminal("web") as term:``; ``receive()`` (or iteration)
@@ -340,21 +353,6 @@ class TerminalSession:
             if msg.type is aiohttp.WSMsgType.PING:
                 continue
             return None
-
-    async def close(self) -> None:
-        if self._ws is not None:
-            await self._ws.close()
-
-    async def __aenter__(self) -> Self:
-        return await self.connect()
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
-
-    def __aiter__(self) -> Self:
-        return self
 
     async def __anext__(self) -> TerminalFrame:
         frame = await self.receive()
