@@ -306,13 +306,19 @@ class V1Driver(CgroupDriver):
 
     def create(self, name: str, limits: CgroupLimits) -> Cgroup:
         check_name(name)
-        self.prepare()
         dirs = self._dirs(name)
         created: list[Path] = []
         try:
             for d in sorted(set(dirs.values())):
                 try:
-                    d.mkdir()
+                    try:
+                        d.mkdir()
+                    except FileNotFoundError:
+                        # The parent is made on first use (or again, if removed): not on
+                        # every create, where its seven exist_ok mkdirs cost more than
+                        # the cgroup itself.
+                        self.prepare()
+                        d.mkdir()
                 except FileExistsError as exc:
                     raise Conflict(f"cgroup {name} already exists", path=str(d)) from exc
                 except OSError as exc:

@@ -291,10 +291,16 @@ class V2Driver(CgroupDriver):
 
     def create(self, name: str, limits: CgroupLimits) -> Cgroup:
         check_name(name)
-        self.prepare()
+        self.prepare()  # once per driver: it remembers
         path = self.parent_dir / name
         try:
-            path.mkdir()
+            try:
+                path.mkdir()
+            except FileNotFoundError:
+                # The parent was removed since: make it (and its controllers) again.
+                self._prepared = False
+                self.prepare()
+                path.mkdir()
         except FileExistsError as exc:
             raise Conflict(f"cgroup {name} already exists", path=str(path)) from exc
         except OSError as exc:
