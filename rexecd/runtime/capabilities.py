@@ -62,12 +62,13 @@ def drop_bounding(keep: list[str], last: int) -> None:
             prctl.capbset_drop(cap)
 
 
-def limit_sets(keep: list[str]) -> None:
-    """Cut permitted and effective to ``keep`` and clear inheritable (which clears ambient).
+def clear_inheritable() -> None:
+    """Empty the inheritable set (which empties the ambient set too).
 
-    Only meaningful while still uid 0: a switch to another uid has already cleared them.
+    With the bounding set already cut, that is all an execve needs: a root process's
+    new permitted and effective sets become the bounding set (plus inheritable, hence
+    this), and a switch to another uid has emptied them already. Limiting permitted
+    and effective here as well changes nothing after the exec and costs 0.6 ms in
+    python-prctl, on every container start and exec.
     """
     prctl.cap_inheritable.limit()
-    if os.geteuid() == 0:
-        prctl.cap_effective.limit(*keep)
-        prctl.cap_permitted.limit(*keep)

@@ -117,7 +117,7 @@ def _finish_process(proc: ProcessSpec, step: _Step, keep_caps: list[str], last: 
         os.setresgid(proc.gid, proc.gid, proc.gid)
         os.setresuid(proc.uid, proc.uid, proc.uid)
     step.name = "capabilities"
-    capabilities.limit_sets(keep_caps)
+    capabilities.clear_inheritable()
     if proc.no_new_privs:
         step.name = "no_new_privs"
         prctl.set_no_new_privs(True)

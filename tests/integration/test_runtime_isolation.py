@@ -181,6 +181,7 @@ def test_capabilities_are_docker_default(runtime: Runtime, busybox_layer: Path) 
     expect = sum(1 << getattr(prctl, "CAP_" + c.upper()) for c in caps)
     assert int(fields["CapBnd"], 16) == expect
     assert int(fields["CapEff"], 16) == expect
+    assert int(fields["CapPrm"], 16) == expect
     assert int(fields["CapInh"], 16) == 0 and int(fields["CapAmb"], 16) == 0
     assert fields["NoNewPrivs"].strip() == "1"
     assert set(caps) <= set(DEFAULT_CAPS)
