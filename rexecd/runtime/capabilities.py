@@ -6,8 +6,6 @@ a spawner child, after every privileged set-up step.
 
 from __future__ import annotations
 
-import os
-
 import prctl
 
 # Docker's default set. CAP_MKNOD is only safe while a devices controller forbids
