@@ -344,10 +344,6 @@ class Spawner:
         with self._cond:
             return self._exits.get(pid)
 
-    def forget(self, pid: int) -> None:
-        with self._cond:
-            self._exits.pop(pid, None)
-
     def close(self) -> None:
         """Stop the spawner; running containers are left alone."""
         try:
