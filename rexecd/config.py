@@ -238,65 +238,16 @@ class TierLimits(_Section):
     port_forwards: NonNegativeInt = 5
 
 
-# network_mbps is not part of the Rexec tier table; these are our own choices,
-# a step of roughly one order of magnitude per tier, with enterprise at line rate
-# of a typical 1 Gb/s host. disk_mbps/disk_iops are ours too: each container's
-# volume shares the host's disk (a few hundred MB/s and some tens of thousands of
-# IOPS on a plain SSD), so a guest gets a small slice and each tier about twice the
-# one below; still far above what an interactive shell or a package install needs.
-# port_forwards (per container) is ours as well: a dev server or two for a guest,
-# room for a small stack of services above.
-_GUEST = TierLimits(
-    cpu_millicores=500,
-    memory_mb=512,
-    disk_mb=2048,
-    containers=1,
-    session_hours=50,
-    network_mbps=10,
-    disk_mbps=20,
-    disk_iops=500,
-    port_forwards=2,
-)
-_FREE = TierLimits(
-    cpu_millicores=2000,
-    memory_mb=2048,
-    disk_mb=10240,
-    containers=5,
-    session_hours=50,
-    network_mbps=50,
-    disk_mbps=50,
-    disk_iops=1000,
-    port_forwards=5,
-)
-_PRO = TierLimits(
-    cpu_millicores=4000,
-    memory_mb=4096,
-    disk_mb=20480,
-    containers=10,
-    session_hours=None,
-    network_mbps=100,
-    disk_mbps=100,
-    disk_iops=2000,
-    port_forwards=10,
-)
-_ENTERPRISE = TierLimits(
-    cpu_millicores=8000,
-    memory_mb=8192,
-    disk_mb=51200,
-    containers=20,
-    session_hours=None,
-    network_mbps=1000,
-    disk_mbps=200,
-    disk_iops=5000,
-    port_forwards=20,
-)
+def _tier(name: str) -> TierLimits:
+    # The tier table is data, spelled out once, in default.yaml (with its reasons).
+    return TierLimits.model_validate(_embedded()["tiers"][name])
 
 
 class TiersConfig(_Section):
-    guest: TierLimits = Field(default_factory=lambda: _GUEST.model_copy())
-    free: TierLimits = Field(default_factory=lambda: _FREE.model_copy())
-    pro: TierLimits = Field(default_factory=lambda: _PRO.model_copy())
-    enterprise: TierLimits = Field(default_factory=lambda: _ENTERPRISE.model_copy())
+    guest: TierLimits = Field(default_factory=lambda: _tier("guest"))
+    free: TierLimits = Field(default_factory=lambda: _tier("free"))
+    pro: TierLimits = Field(default_factory=lambda: _tier("pro"))
+    enterprise: TierLimits = Field(default_factory=lambda: _tier("enterprise"))
 
     def get(self, tier: str) -> TierLimits:
         if tier not in TIER_NAMES:
