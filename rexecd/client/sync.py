@@ -72,19 +72,17 @@ def _blocking(
     return call
 
 
-class SyncEventStream:
-    """Blocking view of :class:`EventStream`: iterate it, then ``close()`` (or use ``with``)."""
+class _SyncSocket:
+    """What both blocking WebSocket views share: ``close()`` and ``with``."""
 
-    def __init__(self, loop: _Loop, stream: EventStream) -> None:
-        self._loop = loop
-        self._stream = stream
+    _loop: _Loop
 
-    def ping(self) -> None:
-        self._loop.run(self._stream.ping())
+    def _close(self) -> Coroutine[Any, Any, None]:
+        raise NotImplementedError
 
     def close(self) -> None:
         if not self._loop.closed:
-            self._loop.run(self._stream.close())
+            self._loop.run(self._close())
 
     def __enter__(self) -> Self:
         return self
@@ -94,11 +92,25 @@ class SyncEventStream:
     ) -> None:
         self.close()
 
+
+class SyncEventStream(_SyncSocket):
+    """Blocking view of :class:`EventStream`: iterate it, then ``close()`` (or use ``with``)."""
+
+    def __init__(self, loop: _Loop, stream: EventStream) -> None:
+        self._loop = loop
+        self._stream = stream
+
+    def ping(self) -> None:
+        self._loop.run(self._stream.ping())
+
+    def _close(self) -> Coroutine[Any, Any, None]:
+        return self._stream.close()
+
     def __iter__(self) -> Iterator[Event]:
         return _iterate(self._loop, self._stream)
 
 
-class SyncTerminal:
+class SyncTerminal(_SyncSocket):
     """Blocking view of :class:`TerminalSession`; ``receive()`` returns None once closed."""
 
     def __init__(self, loop: _Loop, session: TerminalSession) -> None:
@@ -134,17 +146,8 @@ class SyncTerminal:
             return self._loop.run(self._session.receive())
         return self._loop.run(asyncio.wait_for(self._session.receive(), timeout))
 
-    def close(self) -> None:
-        if not self._loop.closed:
-            self._loop.run(self._session.close())
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
+    def _close(self) -> Coroutine[Any, Any, None]:
+        return self._session.close()
 
     def __iter__(self) -> Iterator[TerminalFrame]:
         while (frame := self.receive()) is not None:
