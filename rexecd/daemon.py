@@ -16,8 +16,7 @@ from aiohttp import web
 
 from rexecd import __version__
 from rexecd.config import Config, TcpListen, UnixListen
-from rexecd.errors import RexecError
-from rexecd.runtime.cgroups import CgroupDriver, open_driver
+from rexecd.runtime.cgroups import open_driver_or_none
 from rexecd.runtime.container import Runtime
 from rexecd.runtime.images import ImageStore
 from rexecd.runtime.spawner import Spawner
@@ -33,14 +32,6 @@ log = logging.getLogger(__name__)
 def _private_dir(path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
     os.chmod(path, 0o700)
-
-
-def _cgroups(cfg: Config) -> CgroupDriver | None:
-    try:
-        return open_driver(cfg.cgroup.parent)
-    except RexecError as exc:
-        log.warning("cgroups unavailable, containers run without limits: %s", exc)
-        return None
 
 
 def _network(cfg: Config) -> tuple[object | None, object | None]:
@@ -97,7 +88,7 @@ async def serve(cfg: Config, ready: asyncio.Event | None = None) -> None:
     storage = choose_storage(cfg.state_dir, cfg.run_dir, cfg.storage.method)
     store = Store(cfg.state_dir)
     spawner = Spawner()
-    runtime = Runtime(cfg.state_dir, cfg.run_dir, _cgroups(cfg), spawner)
+    runtime = Runtime(cfg.state_dir, cfg.run_dir, open_driver_or_none(cfg.cgroup.parent), spawner)
     images = ImageStore(cfg.state_dir / "images")
     network, forwarder = _network(cfg)
     manager = ContainerManager(

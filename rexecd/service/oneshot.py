@@ -11,8 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
-from rexecd.errors import RexecError
-from rexecd.runtime.cgroups import CgroupDriver, CgroupLimits, open_driver
+from rexecd.runtime.cgroups import CgroupLimits, open_driver_or_none
 from rexecd.runtime.container import ImageView, Runtime, spawner_running
 from rexecd.runtime.images import ImageRecord, ImageStore
 
@@ -33,15 +32,6 @@ def image_view(store: ImageStore, rec: ImageRecord) -> ImageView:
     )
 
 
-def cgroup_driver(parent: str) -> CgroupDriver | None:
-    """The host's cgroup driver, or None (with a warning) where cgroups are unusable."""
-    try:
-        return open_driver(parent)
-    except RexecError as exc:
-        log.warning("running without cgroups: %s", exc)
-        return None
-
-
 def run_foreground(
     state_dir: Path,
     run_dir: Path,
@@ -60,7 +50,7 @@ def run_foreground(
     view = image_view(store, store.get(image_ref))
     cid = secrets.token_hex(32)
     with spawner_running() as spawner:
-        rt = Runtime(state_dir, run_dir, cgroup_driver(cgroup_parent), spawner)
+        rt = Runtime(state_dir, run_dir, open_driver_or_none(cgroup_parent), spawner)
         dirs = rt.dirs(cid, ephemeral=remove)
         rt.create_dirs(dirs)
         try:

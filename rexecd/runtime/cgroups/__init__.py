@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import abc
+import logging
 import re
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from rexecd.errors import InvalidRequest, RuntimeUnavailable
+from rexecd.errors import InvalidRequest, RexecError, RuntimeUnavailable
 
 DEFAULT_ROOT = Path("/sys/fs/cgroup")
 
@@ -226,6 +227,18 @@ def open_driver(
     return V1Driver(parent, root, proc_cgroup=proc_cgroup)
 
 
+def open_driver_or_none(parent: str) -> CgroupDriver | None:
+    """The host's driver, or None (logged) where no hierarchy is usable: containers then
+    run without limits rather than not at all."""
+    try:
+        return open_driver(parent)
+    except RexecError as exc:
+        logging.getLogger(__name__).warning(
+            "cgroups unavailable, containers run without limits: %s", exc.message
+        )
+        return None
+
+
 __all__ = [
     "DEFAULT_ROOT",
     "Cgroup",
@@ -235,5 +248,6 @@ __all__ = [
     "IoLimit",
     "check_name",
     "open_driver",
+    "open_driver_or_none",
     "probe",
 ]
