@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from tests.deadlines import scaled
+
 ROOT = Path(__file__).resolve().parents[2]
 RX = [sys.executable, "-m", "rexecd.cli"]
 
@@ -89,6 +91,7 @@ class Daemon:
         self.cli("image", "import", "--state-dir", str(self.state), str(path))
 
     def start(self, timeout: float = 30.0) -> None:
+        timeout = scaled(timeout)
         log = open(self.log, "ab")  # noqa: SIM115 - the daemon writes to it until stopped
         self.proc = subprocess.Popen(
             [*RX, "serve", "--config", str(self.config)], stdout=log, stderr=log, cwd=ROOT
@@ -114,7 +117,7 @@ class Daemon:
             return
         self.proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
         try:
-            self.proc.wait(timeout=20)
+            self.proc.wait(timeout=scaled(20))
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
@@ -169,7 +172,7 @@ def api(
     if data is not None:
         req.add_header("Content-Type", "application/json")
     try:
-        with urllib.request.urlopen(req, timeout=60) as r:
+        with urllib.request.urlopen(req, timeout=scaled(60)) as r:
             raw = r.read()
             return r.status, json.loads(raw) if raw else {}, dict(r.headers)
     except urllib.error.HTTPError as e:
@@ -178,6 +181,7 @@ def api(
 
 
 def wait_status(d: Daemon, token: str, ref: str, want: str, timeout: float = 30) -> dict[str, Any]:
+    timeout = scaled(timeout)
     deadline = time.monotonic() + timeout
     last: dict[str, Any] = {}
     while time.monotonic() < deadline:

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import aiohttp
 import pytest
 
+from tests.deadlines import scaled
 from tests.integration.daemon import ROOT, Daemon
 
 IMAGES = ROOT / "images"
@@ -71,7 +72,9 @@ def running_daemon(
 def poll(
     fn: Callable[[], T | None], timeout: float = 20.0, interval: float = 0.05, what: str = ""
 ) -> T:
-    """Call ``fn`` until it returns something truthy; fail past ``timeout`` seconds."""
+    """Call ``fn`` until it returns something truthy; fail past ``timeout`` seconds
+    (stretched by the slow factor)."""
+    timeout = scaled(timeout)
     deadline = time.monotonic() + timeout
     last: T | None = None
     while True:
@@ -89,6 +92,8 @@ async def apoll(
     interval: float = 0.05,
     what: str = "",
 ) -> T:
+    """``poll`` for a coroutine."""
+    timeout = scaled(timeout)
     deadline = time.monotonic() + timeout
     while True:
         last = await fn()
@@ -140,7 +145,7 @@ class ApiClient:
         else:
             connector = aiohttp.TCPConnector(limit=0)
         self.session = aiohttp.ClientSession(
-            connector=connector, timeout=aiohttp.ClientTimeout(total=120)
+            connector=connector, timeout=aiohttp.ClientTimeout(total=scaled(120))
         )
         return self
 

@@ -31,8 +31,8 @@ from rexecd.runtime.cgroups import (
     open_driver,
     probe,
 )
+from tests.deadlines import SLOW
 
-SLOW = float(os.environ.get("REXECD_TEST_SLOW", "1"))
 MIB = 1 << 20
 
 pytestmark = pytest.mark.skipif(

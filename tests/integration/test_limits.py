@@ -12,7 +12,6 @@ nothing here needs it, and the guest has no bridge or nftables to offer.
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import time
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests.deadlines import SLOW, scaled
 from tests.integration.daemon import Daemon
 from tests.integration.daemon_fixtures import (
     ApiClient,
@@ -32,7 +32,6 @@ from tests.integration.daemon_fixtures import (
     unique,
 )
 
-SLOW = float(os.environ.get("REXECD_TEST_SLOW", "1"))
 MiB = 1024 * 1024
 EVENTS = "/api/containers/events"
 PIDS_MAX = 64  # low, so a fork bomb fills it quickly even on 2 emulated vCPUs
@@ -80,7 +79,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
 async def running(c: ApiClient, name: str, **resources: int) -> dict[str, Any]:
     """A new busybox container, running; a small disk keeps mkfs cheap in the guest."""
     (await c.create(name, **{"disk_mb": 64, **resources})).expect(202)
-    return await c.wait_status(name, "running", timeout=30 * SLOW)
+    return await c.wait_status(name, "running", timeout=30)
 
 
 def exec_body(command: str, timeout: float) -> dict[str, Any]:
@@ -114,6 +113,7 @@ async def next_event(
 ) -> dict[str, Any]:
     """The first event frame of ``kind`` about container ``cid``, within ``timeout``."""
     seen: list[str] = []
+    timeout = scaled(timeout)
     deadline = time.monotonic() + timeout
     while True:
         left = deadline - time.monotonic()
@@ -187,9 +187,9 @@ async def test_memory_hog_is_oom_killed_and_reported(daemon: Daemon) -> None:
                 s = await stats(c, name)
                 return s if s["oom_kills"] >= 1 else None
 
-            s = await apoll(counted, 30 * SLOW, what="oom_kills in stats")
+            s = await apoll(counted, 30, what="oom_kills in stats")
             assert s["memory"] <= s["memory_limit"] == limit * MiB
-            frame = await next_event(ws, "oom", ctr["id"], 30 * SLOW)
+            frame = await next_event(ws, "oom", ctr["id"], 30)
             assert frame["container"]["name"] == name
             print(
                 f"oom: memory_mb={limit}, peak sampled {peak / MiB:.1f} MiB, "
@@ -209,7 +209,7 @@ async def test_cpu_quota_holds_and_a_live_change_takes_effect(daemon: Daemon) ->
         await running(c, name, cpu_shares=500)
         burn = "(while :; do :; done) >/dev/null 2>&1 </dev/null &"
         await c.sh(name, f"{burn} {burn} echo started")
-        await pids_at_least(c, name, 3, 30 * SLOW)  # init and the two loops
+        await pids_at_least(c, name, 3, 30)  # init and the two loops
 
         used = await cores_used(c, name)
         print(f"cpu quota 500m: measured {used * 1000:.0f}m")
@@ -240,7 +240,7 @@ async def test_fork_bomb_stops_at_pids_max_and_the_daemon_answers(daemon: Daemon
         bomb = "b(){ b|b & sleep 1000; }; b &"
         r = await c.exec(name, f"(yes '{bomb}' | sh -i) >/dev/null 2>&1 </dev/null & echo go")
         assert r.expect(200)["stdout"] == "go\n", r.body
-        await pids_at_least(c, name, PIDS_MAX - 2, 60 * SLOW)
+        await pids_at_least(c, name, PIDS_MAX - 2, 60)
 
         slowest = 0.0
         highest = 0
@@ -268,7 +268,7 @@ async def test_fork_bomb_stops_at_pids_max_and_the_daemon_answers(daemon: Daemon
         async def clean() -> bool:
             return leftovers(daemon, ctr, lease=False) == {}
 
-        await apoll(clean, 20 * SLOW, what="the bomb's cgroup and mounts to go")
+        await apoll(clean, 20, what="the bomb's cgroup and mounts to go")
         assert cgroup_dirs(daemon, ctr["id"]) == []
 
 

@@ -29,6 +29,7 @@ import pytest
 
 from rexecd.errors import Conflict, InvalidRequest, NotFound, RuntimeFailure
 from rexecd.runtime.storage import LoopStorage, ProjectQuotaStorage, choose_storage, projquota
+from tests.deadlines import scaled
 
 MiB = 1024 * 1024
 USER = "7d3a9c1e-0f4b-4e2a-b8c6-5d1e2f3a4b5c"
@@ -127,7 +128,7 @@ def write(path: Path, limit: int, *, caps: bool = False, mode: str = "wb") -> tu
 
 
 def wait_for(check: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + scaled(timeout)
     while not check():
         if time.monotonic() > deadline:
             return False
@@ -232,7 +233,7 @@ df -k {merged} | tail -n1
         ["unshare", "-m", "--propagation", "private", "sh", "-c", script],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=scaled(300),
     )
     out = proc.stdout + proc.stderr
     assert "lower=ok" in out and "copyup=ok" in out, out
