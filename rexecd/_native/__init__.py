@@ -2,7 +2,7 @@
 errno and the path involved.
 
 Every wrapper requires a Linux kernel with the call (unshare/setns: 3.8; openat2: 5.6;
-close_range: 5.9; quotactl_fd: 5.14) and the privilege the kernel asks for
+close_range: 5.9; quotactl_fd: 5.14; keyctl: 2.6.10) and the privilege the kernel asks for
 (CAP_SYS_ADMIN for mount, pivot_root, unshare and setns of most namespace types and for
 setting quota limits; CAP_MKNOD for device nodes).
 """
@@ -149,3 +149,13 @@ def quotactl_fd(fd: int, cmd: int, qid: int, addr: bytearray | None, path: str) 
     """
     buf = ffi.from_buffer(addr) if addr is not None else ffi.NULL
     _check(lib.rx_quotactl_fd(fd, cmd, qid, buf), "quotactl", path)
+
+
+def join_session_keyring(name: str | None = None) -> int:
+    """keyctl(KEYCTL_JOIN_SESSION_KEYRING): give the caller a session keyring of its own
+    (a fresh anonymous one for ``None``) and return its serial.
+
+    Keyrings are not namespaced: a process keeps the session keyring it inherited, and
+    with it possession of every key its ancestors put there, until it joins another.
+    """
+    return int(_check(lib.rx_join_session_keyring(_b(name)), "keyctl join session keyring"))

@@ -25,6 +25,7 @@ ffibuilder.cdef(
     int rx_sethostname(const char *name, size_t len);
     int rx_syncfs(int fd);
     int rx_quotactl_fd(int fd, unsigned int cmd, unsigned int id, void *addr);
+    long rx_join_session_keyring(const char *name);
     """
 )
 
@@ -42,6 +43,7 @@ ffibuilder.set_source(
     #include <sys/sysmacros.h>
     #include <sys/syscall.h>
     #include <sys/mman.h>
+    #include <linux/keyctl.h>
     #include <linux/openat2.h>
 
     int rx_unshare(int flags) { return unshare(flags); }
@@ -83,6 +85,9 @@ ffibuilder.set_source(
         errno = ENOSYS;
         return -1;
     #endif
+    }
+    long rx_join_session_keyring(const char *name) {
+        return syscall(SYS_keyctl, KEYCTL_JOIN_SESSION_KEYRING, name);
     }
     """,
 )

@@ -1,10 +1,12 @@
 """What a spawner child does between fork and execve, for a new container or an exec.
 
 Runs only in a process the single-threaded spawner has just forked, already in its
-final pid namespace. It marks itself non-dumpable first, joins the container's
-cgroup, unshares (new container) or joins (exec) the other namespaces, builds the
-root or opens a PTY, drops privileges and execs. Any failure is sent to the caller
-as ``ChildError(step, errno, message)``; nothing here ever returns.
+final pid namespace. It marks itself non-dumpable first, takes a session keyring of
+its own, joins the container's cgroup, unshares (new container) or joins (exec) the
+other namespaces, builds the root or opens a PTY, drops privileges and execs. Of the
+spawner's descriptors it keeps none: stdio is what the caller passed, a PTY, or the
+container's own /dev/null. Any failure is sent to the caller as
+``ChildError(step, errno, message)``; nothing here ever returns.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ import fcntl
 import os
 import signal
 import socket
+import stat
 import struct
 import termios
+from errno import ENODEV
 from typing import NoReturn
 
 import prctl
@@ -68,6 +72,28 @@ def _take_stdio(stdio: list[int]) -> None:
             os.close(fd)
 
 
+def _null_stdio(first: int) -> None:
+    """Point stdio slots ``first``..2 at the container's own /dev/null.
+
+    Called once inside the container's mount namespace: until then those slots are the
+    spawner's, which are the daemon's log. An exec resolves a path the tenant controls,
+    so anything but the null device there (a FIFO, a symlink, another node) is refused.
+    """
+    if first >= 3:
+        return
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    fd = os.open("/dev/null", flags)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISCHR(st.st_mode) or st.st_rdev != os.makedev(1, 3):
+            raise OSError(ENODEV, "/dev/null: not the null device")
+        os.set_blocking(fd, True)
+        for target in range(first, 3):
+            os.dup2(fd, target)
+    finally:
+        os.close(fd)
+
+
 def _join_cgroup(paths: list[str]) -> None:
     for path in paths:
         fd = os.open(path, os.O_WRONLY)
@@ -84,6 +110,10 @@ def enter(body: ContainerSpec | ExecSpec, stdio: list[int], step: _Step, pidfd: 
     _reset_signals()
     step.name = "prctl dumpable"
     prctl.set_dumpable(False)
+    # Keyrings are not namespaced: the inherited session keyring is the daemon's (and
+    # the host login's), shared by every container. runc does the same.
+    step.name = "session keyring"
+    n.join_session_keyring()
     step.name = "stdio"
     _take_stdio(stdio)
     step.name = "cgroup join"
@@ -159,6 +189,8 @@ def container_init(
         os.close(rootfd)
         step.name = "pivot_root"
         rootfs.pivot(spec.rootfs.target)
+        step.name = "stdio"
+        _null_stdio(len(stdio))
         if spec.wait_for_go:
             step.name = "wait for go"
             msg, fds = sync.recv(sock)
@@ -210,6 +242,9 @@ def exec_in_container(
         if spec.process.tty:
             step.name = "open pty"
             _open_pty(sock)
+        else:
+            step.name = "stdio"
+            _null_stdio(len(stdio))
         _finish_process(spec.process, step, spec.process.capabilities, last)
         step.name = "exec"
         env = _env_dict(spec.process.env)

@@ -233,6 +233,9 @@ class Spawner:
             [sys.executable, "-m", "rexecd.runtime.spawner", str(theirs.fileno())],
             pass_fds=[theirs.fileno()],
             close_fds=True,
+            # Its stdout/stderr are the daemon's log, for its own errors; a child never
+            # keeps any of the three (see child._null_stdio).
+            stdin=subprocess.DEVNULL,
         )
         theirs.close()
         self._send_lock = threading.Lock()

@@ -64,13 +64,16 @@ async def run_exec(
     # The child's ends must block: a program may not expect non-blocking stdio.
     os.set_blocking(out_w, True)
     os.set_blocking(err_w, True)
-    devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    # stdin is an empty pipe, not the host's /dev/null: a container's root could chmod
+    # that device node of the host through /proc/self/fd/0.
+    stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)
+    os.close(stdin_w)
     budget = [cap]
     sinks = [_Sink(out_r, budget), _Sink(err_r, budget)]
     try:
         try:
             child, _ = await asyncio.to_thread(
-                runtime.exec, cid, pid, process, [devnull, out_w, err_w]
+                runtime.exec, cid, pid, process, [stdin_r, out_w, err_w]
             )
         except ChildSetupError as exc:
             if exc.step == "exec" and exc.errno in (errno.ENOENT, errno.EACCES, errno.ENOEXEC):
@@ -91,7 +94,7 @@ async def run_exec(
                 ) from None
             raise
         finally:
-            for fd in (out_w, err_w, devnull):
+            for fd in (out_w, err_w, stdin_r):
                 os.close(fd)
         for s in sinks:
             loop.add_reader(s.fd, s.on_readable)
