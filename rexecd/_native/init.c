@@ -7,6 +7,11 @@
  * every orphan re-parented to it, and exits with the command's status
  * (128 + signal when the command was killed by a signal).
  *
+ * It makes itself non-dumpable first: execve made it dumpable again, and a dumpable
+ * pid 1 can be ptrace-attached by any process of the container with its uid (a stopped
+ * init reaps nothing, so the container runs out of pids) and its /proc/1/fd, environ
+ * and mem opened. Non-dumpable, only CAP_SYS_PTRACE (which containers never have) can.
+ *
  * Usage: rexec-init PROGRAM [ARG...]   (PROGRAM is looked up in PATH when it has no '/')
  *        rexec-init                     idle: reap orphans until SIGTERM/SIGINT, then pass
  *                                       the signal to every process of the container and
@@ -19,6 +24,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -77,6 +83,10 @@ int main(int argc, char **argv) {
     int status = 0, code = 0;
     size_t i;
 
+    if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) < 0) {
+        perror("rexec-init: prctl(PR_SET_DUMPABLE)");
+        return 127;
+    }
     if (argc < 2)
         return idle();
     /* Block signals across fork so the handlers cannot run before child_pid is set. */

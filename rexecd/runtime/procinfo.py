@@ -1,4 +1,5 @@
-"""Process identity from /proc: start times that tell a container's init from a recycled pid."""
+"""Process identity and state from /proc: start times that tell a container's init from a
+recycled pid, and whether a process is stopped."""
 
 from __future__ import annotations
 
@@ -20,6 +21,13 @@ def start_time(pid: int) -> int | None:
     """Field 22 of /proc/PID/stat (clock ticks since boot), or None if ``pid`` is gone."""
     fields = _stat_fields(pid)
     return None if fields is None else int(fields[19])
+
+
+def state(pid: int) -> str | None:
+    """Field 3 of /proc/PID/stat (``R``, ``S``, ``T`` stopped, ``t`` traced, ``Z``...), or
+    None if ``pid`` is gone."""
+    fields = _stat_fields(pid)
+    return None if fields is None else fields[0].decode()
 
 
 def is_same_process(pid: int, recorded_start: int | None) -> bool:

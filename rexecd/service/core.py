@@ -38,6 +38,7 @@ from rexecd.runtime.users import resolve_user
 from rexecd.service import quotas
 from rexecd.service.auth import Principal
 from rexecd.service.events import EventBus
+from rexecd.service.initguard import InitGuard
 from rexecd.service.interface import ProgressFn
 from rexecd.service.portforwards import PortForwards
 from rexecd.service.store import Store
@@ -144,6 +145,8 @@ class ManagerCore:
         self._cpu_prev: dict[str, tuple[float, int]] = {}
         self._bg: set[asyncio.Task[Any]] = set()
         self._closing = False
+        self.init_guard = InitGuard(store)
+        self._guarding = False
         self.terminals = TerminalRegistry(
             cfg.terminal.scrollback_bytes, float(cfg.terminal.idle_timeout_s)
         )
@@ -405,7 +408,8 @@ class ManagerCore:
     # ------------------------------------------------------------ watching
 
     def _watch(self, rec: ContainerRecord) -> None:
-        """Notice when init exits (pidfd: works for adopted containers too) and OOM kills."""
+        """Notice when init exits (pidfd: works for adopted containers too), when it is
+        stopped (the init guard continues it) and OOM kills."""
         assert rec.pid is not None
         loop = asyncio.get_running_loop()
         try:
@@ -415,6 +419,10 @@ class ManagerCore:
             return
         self._watch_fds[rec.db_id] = pidfd
         loop.add_reader(pidfd, lambda: self._spawn(self._on_exit(rec.db_id, rec.pid or 0)))
+        self.init_guard.watch(rec.db_id, rec.pid, pidfd, rec.name, rec.user_id)
+        if not self._guarding:
+            self._guarding = True
+            self._spawn(self.init_guard.run())
         cg = self.runtime.cgroup(rec.id)
         if cg is not None:
             fd = cg.oom_fd()
@@ -425,6 +433,7 @@ class ManagerCore:
 
     def _unwatch(self, db_id: str) -> None:
         loop = asyncio.get_running_loop()
+        self.init_guard.forget(db_id)  # before its pidfd closes
         for table in (self._watch_fds, self._oom_fds):
             fd = table.pop(db_id, None)
             if fd is not None:
