@@ -343,6 +343,12 @@ class ExecConfig(_Section):
     output_cap_bytes: PositiveInt = 1048576
 
 
+class AuthConfig(_Section):
+    # API.md: ``?token=`` on a WebSocket upgrade is a legacy fallback the config must
+    # switch on; a URL is copied into proxy logs and browser histories.
+    ws_query_token: bool = False
+
+
 # --- the whole document ----------------------------------------------------------------
 
 
@@ -367,6 +373,7 @@ class Config(_Section):
     terminal: TerminalConfig = Field(default_factory=TerminalConfig)
     exec: ExecConfig = Field(default_factory=ExecConfig)
     stop_timeout_s: NonNegativeInt = 10
+    auth: AuthConfig = Field(default_factory=AuthConfig)
 
     @field_validator("listen")
     @classmethod

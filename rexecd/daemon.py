@@ -75,9 +75,11 @@ async def serve(cfg: Config, ready: asyncio.Event | None = None) -> None:
     """Run the daemon until SIGTERM/SIGINT; containers are left running on exit."""
     import prctl
 
+    from rexecd.api.accesslog import AccessLogger, scrub_log_handlers
     from rexecd.api.app import make_app
     from rexecd.api.terminal import add_terminal_routes
 
+    scrub_log_handlers()
     # Containers re-parent to us if the spawner dies, so we can still reap them.
     prctl.set_child_subreaper(True)
     _private_dir(cfg.state_dir)
@@ -117,7 +119,7 @@ async def serve(cfg: Config, ready: asyncio.Event | None = None) -> None:
             build="dev",
             extra_routes=lambda a: add_terminal_routes(a, manager, cfg),
         )
-        runner = web.AppRunner(app, shutdown_timeout=5.0)
+        runner = web.AppRunner(app, shutdown_timeout=5.0, access_log_class=AccessLogger)
         await runner.setup()
         where = await _listen(runner, cfg)
         print(f"rexecd {__version__} listening on {', '.join(where)}", file=sys.stderr, flush=True)

@@ -9,7 +9,7 @@ import re
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from rexecd.api.keys import PRINCIPAL, STORE, lookup
+from rexecd.api.keys import CONFIG, PRINCIPAL, STORE, lookup
 from rexecd.errors import Unauthorized
 from rexecd.service import auth
 from rexecd.service.auth import Principal
@@ -52,11 +52,16 @@ def is_websocket_upgrade(request: web.Request) -> bool:
     return request.headers.get("Upgrade", "").strip().lower() == "websocket"
 
 
+def _ws_credentials(request: web.Request) -> auth.WsCredentials:
+    allow_query = request.app[CONFIG].auth.ws_query_token
+    return auth.extract_ws_token(request.headers, request.query, allow_query=allow_query)
+
+
 def request_token(request: web.Request) -> str | None:
-    """The token a request carries; WebSocket upgrades may also use the subprotocol or
-    ``?token=``, because a browser cannot set headers on an upgrade."""
+    """The token a request carries; WebSocket upgrades may also use the subprotocol or,
+    where the config allows it, ``?token=``: a browser cannot set headers on an upgrade."""
     if is_websocket_upgrade(request):
-        return auth.extract_ws_token(request.headers, request.query).token
+        return _ws_credentials(request).token
     # A token in a plain request's URL would end up in logs and histories.
     return auth.bearer_token(request.headers.get("Authorization"))
 
@@ -82,8 +87,7 @@ async def principal_from_ws_request(request: web.Request) -> Principal:
     """
     found = lookup(request, PRINCIPAL)
     if found is None:
-        creds = auth.extract_ws_token(request.headers, request.query)
-        found = await _authenticate(request, creds.token)
+        found = await _authenticate(request, _ws_credentials(request).token)
         request[PRINCIPAL] = found
     scope = auth.required_scope(request.method, request.path)
     if scope is not None:

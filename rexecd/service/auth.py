@@ -279,9 +279,12 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
     return None
 
 
-def extract_ws_token(headers: Mapping[str, str], query: Mapping[str, str]) -> WsCredentials:
+def extract_ws_token(
+    headers: Mapping[str, str], query: Mapping[str, str], *, allow_query: bool = False
+) -> WsCredentials:
     """Find the token: ``Authorization: Bearer``, then ``Sec-WebSocket-Protocol:
-    rexec.v1, rexec.token.<tok>``, then the legacy ``?token=``, in that order."""
+    rexec.v1, rexec.token.<tok>``, then the legacy ``?token=`` (only with
+    ``allow_query``: the config switches it on), in that order."""
     offered = [
         p.strip()
         for p in (_header(headers, "Sec-WebSocket-Protocol") or "").split(",")
@@ -294,7 +297,7 @@ def extract_ws_token(headers: Mapping[str, str], query: Mapping[str, str]) -> Ws
     for p in offered:
         if p.startswith(WS_TOKEN_PROTOCOL_PREFIX) and len(p) > len(WS_TOKEN_PROTOCOL_PREFIX):
             return WsCredentials(p[len(WS_TOKEN_PROTOCOL_PREFIX) :], protocol, "protocol")
-    legacy = (query.get("token") or "").strip()
+    legacy = (query.get("token") or "").strip() if allow_query else ""
     if legacy:
         return WsCredentials(legacy, protocol, "query")
     return WsCredentials(None, protocol, None)
