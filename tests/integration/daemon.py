@@ -40,6 +40,9 @@ class Daemon:
     overrides: dict[str, Any] = field(default_factory=dict)
     tag: str = field(default_factory=lambda: secrets.token_hex(3))
     proc: subprocess.Popen[bytes] | None = None
+    # A command that execs its arguments, run in front of the daemon (a wrapper that
+    # gives it a session keyring, say).
+    launcher: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.state = self.base / "state"
@@ -94,7 +97,10 @@ class Daemon:
         timeout = scaled(timeout)
         log = open(self.log, "ab")  # noqa: SIM115 - the daemon writes to it until stopped
         self.proc = subprocess.Popen(
-            [*RX, "serve", "--config", str(self.config)], stdout=log, stderr=log, cwd=ROOT
+            [*self.launcher, *RX, "serve", "--config", str(self.config)],
+            stdout=log,
+            stderr=log,
+            cwd=ROOT,
         )
         log.close()
         deadline = time.monotonic() + timeout

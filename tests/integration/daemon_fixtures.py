@@ -46,13 +46,16 @@ def running_daemon(
     tmp_path_factory: pytest.TempPathFactory,
     overrides: dict[str, Any] | None = None,
     images: tuple[Path, ...] = (BUSYBOX_TAR,),
+    launcher: list[str] | None = None,
 ) -> Iterator[Daemon]:
     """A started daemon with ``images`` imported; everything it made is removed after,
-    whatever the test did."""
+    whatever the test did. ``launcher`` runs in front of it (see ``Daemon``)."""
     for img in images:
         if not img.exists():
             pytest.skip(f"{img} missing: run ./scripts/setup (scripts/build-test-image)")
-    d = Daemon(tmp_path_factory.mktemp("rexecd"), overrides=overrides or {})
+    d = Daemon(
+        tmp_path_factory.mktemp("rexecd"), overrides=overrides or {}, launcher=launcher or []
+    )
     try:
         for img in images:
             d.import_image(img)
