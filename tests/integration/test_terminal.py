@@ -36,7 +36,9 @@ class Env:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    with running_daemon(tmp_path_factory.mktemp("terminal")) as d:
+    # The legacy ?token= is switched on to test it (off by default).
+    legacy = {"auth": {"ws_query_token": True}}
+    with running_daemon(tmp_path_factory.mktemp("terminal"), legacy) as d:
         token = d.token("alice", tier="pro")
         c = create_running(d, token, "term")
         yield Env(d, token, c["id"])

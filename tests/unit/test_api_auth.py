@@ -255,9 +255,14 @@ async def test_websocket_token_styles(tmp_path: Path) -> None:
         ) as ws:
             assert ws.protocol == "rexec.v1"
             assert (await ws.receive_json())["type"] == "list"
-        async with h.client.ws_connect(f"/api/containers/events?token={token}") as ws:
-            assert (await ws.receive_json())["type"] == "list"
         async with h.client.ws_connect("/api/containers/events", headers=h.headers()) as ws:
+            assert (await ws.receive_json())["type"] == "list"
+        # ?token= is a legacy fallback: refused until the config switches it on.
+        with pytest.raises(WSServerHandshakeError) as refused:
+            await h.client.ws_connect(f"/api/containers/events?token={token}")
+        assert refused.value.status == 401
+        h.cfg.auth.ws_query_token = True
+        async with h.client.ws_connect(f"/api/containers/events?token={token}") as ws:
             assert (await ws.receive_json())["type"] == "list"
         try:
             await h.client.ws_connect("/api/containers/events?token=rexec_bad")
@@ -292,7 +297,7 @@ async def test_terminal_hook_gets_ws_auth(tmp_path: Path) -> None:
         assert seen == ["alice"]
         # A terminal is a shell: a read-only token may not open one.
         try:
-            await h.client.ws_connect(f"/ws/terminal/abc?token={h.tokens['alice-ro']}")
+            await h.client.ws_connect("/ws/terminal/abc", headers=h.headers("alice-ro"))
         except WSServerHandshakeError as exc:
             assert exc.status == 403
         else:

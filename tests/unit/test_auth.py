@@ -195,7 +195,12 @@ def test_ws_subprotocol() -> None:
 
 
 def test_ws_legacy_query_and_nothing() -> None:
-    creds = extract_ws_token({}, {"token": "Q"})
+    creds = extract_ws_token({}, {"token": "Q"}, allow_query=True)
     assert (creds.token, creds.protocol, creds.source) == ("Q", None, "query")
-    empty = extract_ws_token({"Sec-WebSocket-Protocol": "rexec.v1, rexec.token."}, {"token": ""})
+    # The legacy fallback is off unless the config switches it on.
+    off = extract_ws_token({"Sec-WebSocket-Protocol": "rexec.v1"}, {"token": "Q"})
+    assert (off.token, off.protocol, off.source) == (None, "rexec.v1", None)
+    empty = extract_ws_token(
+        {"Sec-WebSocket-Protocol": "rexec.v1, rexec.token."}, {"token": ""}, allow_query=True
+    )
     assert (empty.token, empty.protocol, empty.source) == (None, "rexec.v1", None)
