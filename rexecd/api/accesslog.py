@@ -76,7 +76,12 @@ class TokenScrubber(logging.Filter):
     _formatter = logging.Formatter()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
+        try:
+            message = record.getMessage()
+        except Exception:
+            # A malformed call: the handler reports it ("--- Logging error ---") when it
+            # formats; raising here would raise at the caller's log call instead.
+            return True
         clean = _TOKEN.sub("rexec_" + REDACTED, message)
         if clean != message:
             record.msg, record.args = clean, None

@@ -80,3 +80,8 @@ def test_scrubber_masks_messages_args_and_tracebacks() -> None:
     assert len(seen) == 2
     assert all(TOKEN not in text for text in seen), seen
     assert "rexec_<redacted>" in seen[0] and "ValueError: bad token rexec_<redacted>" in seen[1]
+
+
+def test_scrubber_lets_a_malformed_record_through() -> None:
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "%s %s", ("one",), None)
+    assert TokenScrubber().filter(record) is True
