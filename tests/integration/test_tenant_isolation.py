@@ -39,6 +39,7 @@ from tests.integration.test_terminal_support import terminal
 
 PROBE_SRC = Path(__file__).with_name("probe.c")
 EVENTS = "/api/containers/events"
+CAP_SYS_PTRACE = 19
 
 
 @pytest.fixture(scope="module")
@@ -323,6 +324,9 @@ async def test_init_cannot_be_ptraced_from_inside(daemon: Daemon, probe: Path) -
     name = unique("ptrace")
     async with tenant(daemon, name) as c:
         p = await install_probe(c, name, probe)
+        # Non-dumpable only stops a tracer that lacks CAP_SYS_PTRACE: none may have it.
+        bounding = (await c.sh(name, "grep CapBnd /proc/self/status")).split()[1]
+        assert not int(bounding, 16) & (1 << CAP_SYS_PTRACE), bounding
         code, out = await run(c, name, f"{p} ptrace 1")
         assert code == 1, out
         assert re.search(r"^attach: EPERM$", out, re.M) and re.search(r"^seize: EPERM$", out, re.M)
