@@ -34,9 +34,9 @@ TIER_NAMES: tuple[str, ...] = ("guest", "free", "pro", "enterprise")
 # sun_path is 108 bytes including the terminating NUL.
 _UNIX_PATH_MAX = 107
 # IFNAMSIZ is 16 including the NUL; the kernel also refuses '/', ':' and whitespace.
-_IFNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
-_CGROUP_SEGMENT_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
-_SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9._:-]*$")
+_IFNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}\Z")
+_CGROUP_SEGMENT_RE = re.compile(r"^[A-Za-z0-9_.-]+\Z")
+_SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9._:-]*\Z")
 
 
 class ConfigError(ValueError):
@@ -165,7 +165,7 @@ class NetworkConfig(_Section):
     @field_validator("bridge")
     @classmethod
     def _bridge_name(cls, v: str) -> str:
-        if not _IFNAME_RE.match(v):
+        if not _IFNAME_RE.fullmatch(v):
             raise ValueError(
                 f"{v!r} is not a valid interface name (1-15 of [A-Za-z0-9_.-], "
                 "starting with a letter or digit)"
@@ -200,7 +200,7 @@ class CgroupConfig(_Section):
     @classmethod
     def _relative_path(cls, v: str) -> str:
         segments = v.split("/")
-        if not all(_CGROUP_SEGMENT_RE.match(s) and s not in (".", "..") for s in segments):
+        if not all(_CGROUP_SEGMENT_RE.fullmatch(s) and s not in (".", "..") for s in segments):
             raise ValueError(
                 f"{v!r} must be a relative cgroup path of [A-Za-z0-9_.-] segments "
                 "(no leading '/', no '..')"
@@ -296,7 +296,7 @@ class CatalogueImage(_Section):
     @field_validator("name")
     @classmethod
     def _slug(cls, v: str) -> str:
-        if not _SLUG_RE.match(v):
+        if not _SLUG_RE.fullmatch(v):
             raise ValueError(f"{v!r} must be lower-case [a-z0-9._:-]")
         return v
 
@@ -325,7 +325,7 @@ class RoleConfig(_Section):
     @field_validator("id")
     @classmethod
     def _slug(cls, v: str) -> str:
-        if not _SLUG_RE.match(v):
+        if not _SLUG_RE.fullmatch(v):
             raise ValueError(f"{v!r} must be lower-case [a-z0-9._:-]")
         return v
 

@@ -15,7 +15,7 @@ DEFAULT_ROOT = Path("/sys/fs/cgroup")
 
 # A name becomes a directory beside the kernel's interface files: no dots, so it can
 # never collide with "memory.max" or "cgroup.procs", and no path separators.
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}\Z")
 
 V1_CONTROLLERS = ("cpu", "cpuacct", "memory", "pids", "blkio", "freezer", "devices")
 
@@ -168,7 +168,7 @@ class CgroupDriver(abc.ABC):
 
 def check_name(name: str) -> str:
     """``name`` if it is usable as a cgroup directory name, else ``InvalidRequest``."""
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         raise InvalidRequest(f"invalid cgroup name {name!r}: use [A-Za-z0-9_-], at most 128")
     return name
 
