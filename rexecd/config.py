@@ -195,6 +195,18 @@ class NetworkConfig(_Section):
 
 class CgroupConfig(_Section):
     parent: str = "rexecd"
+    # Where the cgroup hierarchy is mounted (v2, or the v1 controller hierarchies).
+    root: Path = Path("/sys/fs/cgroup")
+    # With no usable hierarchy at root, containers would run without any limit: the
+    # daemon refuses to start them (503) unless this says that is acceptable.
+    allow_unlimited: bool = False
+
+    @field_validator("root")
+    @classmethod
+    def _absolute_root(cls, v: Path) -> Path:
+        if not v.is_absolute():
+            raise ValueError(f"{str(v)!r} must be an absolute path")
+        return v
 
     @field_validator("parent")
     @classmethod

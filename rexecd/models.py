@@ -457,12 +457,17 @@ class TokenValidation(_Response):
 # --- daemon ----------------------------------------------------------------------------
 
 
-class Health(_Response):
+class Health(_OmitNone):
+    """``status`` is "ok", or "degraded" with ``reason`` (e.g. no usable cgroups)."""
+
+    _omit_when_none: ClassVar[frozenset[str]] = frozenset({"reason"})
+
     status: str
     containers_total: int
     containers_running: int
     cgroup: str
     version: str
+    reason: str | None = None
 
 
 class Version(_Response):
