@@ -222,6 +222,7 @@ class ContainerManager(InsideOps, DaemonLife):
                 raise Conflict("container is already running", status=rec.status)
             if rec.status in ("creating", "configuring"):
                 raise Conflict("container is still being created", status=rec.status)
+            self._require_limits()  # before the expiry below is renewed
             if rec.status == "expired":
                 exp = quotas.session_expiry(self.cfg, p.tier, rec.created_at)
                 if exp is not None and exp <= utcnow():

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.integration.daemon import Daemon
 from tests.integration.daemon_fixtures import (
@@ -336,10 +337,32 @@ async def test_allow_unlimited_runs_containers_and_health_stays_degraded(
     unlimited_daemon: Daemon,
 ) -> None:
     d = unlimited_daemon
-    async with ApiClient(d, d.token(unique("nu"))) as c, cleaning(c) as refs:
-        ct = await c.create_running(unique("nu"))
-        refs.append(ct["id"])
-        assert (await c.sh(ct["id"], "echo hi")).strip() == "hi"
-        health = (await c.get("/health", anonymous=True)).expect(200).body
-        assert health["status"] == "degraded", health
-        assert "without limits" in health["reason"], health
+    tok = d.token(unique("nu"))
+    name = unique("nu")
+    try:
+        async with ApiClient(d, tok) as c:
+            ct = await c.create_running(name)
+            assert (await c.sh(ct["id"], "echo hi")).strip() == "hi"
+            health = (await c.get("/health", anonymous=True)).expect(200).body
+            assert health["status"] == "degraded", health
+            assert "without limits" in health["reason"], health
+
+        # The same host with unlimited containers no longer allowed: the running one
+        # is re-adopted, but nothing starts again, and a refused restart leaves it be.
+        cfg = yaml.safe_load(d.config.read_text())
+        cfg["cgroup"]["allow_unlimited"] = False
+        d.config.write_text(yaml.safe_dump(cfg))
+        d.restart()
+        async with ApiClient(d, tok) as c:
+            r = await c.post(f"/api/containers/{name}/restart")
+            assert r.status == 503, r.body
+            assert (await c.container(name))["status"] == "running"
+            (await c.post(f"/api/containers/{name}/stop")).expect(200)
+            assert (await c.post(f"/api/containers/{name}/start")).status == 503
+            assert (await c.container(name))["status"] == "stopped"
+    finally:
+        # No cgroup to kill it by: only the daemon can stop this container.
+        if d.proc is None or d.proc.poll() is not None:
+            d.start()
+        async with ApiClient(d, tok) as c:
+            await c.remove(name)
