@@ -34,9 +34,9 @@ TIER_NAMES: tuple[str, ...] = ("guest", "free", "pro", "enterprise")
 # sun_path is 108 bytes including the terminating NUL.
 _UNIX_PATH_MAX = 107
 # IFNAMSIZ is 16 including the NUL; the kernel also refuses '/', ':' and whitespace.
-_IFNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
-_CGROUP_SEGMENT_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
-_SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9._:-]*$")
+_IFNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}\Z")
+_CGROUP_SEGMENT_RE = re.compile(r"^[A-Za-z0-9_.-]+\Z")
+_SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9._:-]*\Z")
 
 
 class ConfigError(ValueError):
@@ -165,7 +165,7 @@ class NetworkConfig(_Section):
     @field_validator("bridge")
     @classmethod
     def _bridge_name(cls, v: str) -> str:
-        if not _IFNAME_RE.match(v):
+        if not _IFNAME_RE.fullmatch(v):
             raise ValueError(
                 f"{v!r} is not a valid interface name (1-15 of [A-Za-z0-9_.-], "
                 "starting with a letter or digit)"
@@ -195,12 +195,24 @@ class NetworkConfig(_Section):
 
 class CgroupConfig(_Section):
     parent: str = "rexecd"
+    # Where the cgroup hierarchy is mounted (v2, or the v1 controller hierarchies).
+    root: Path = Path("/sys/fs/cgroup")
+    # With no usable hierarchy at root, containers would run without any limit: the
+    # daemon refuses to start them (503) unless this says that is acceptable.
+    allow_unlimited: bool = False
+
+    @field_validator("root")
+    @classmethod
+    def _absolute_root(cls, v: Path) -> Path:
+        if not v.is_absolute():
+            raise ValueError(f"{str(v)!r} must be an absolute path")
+        return v
 
     @field_validator("parent")
     @classmethod
     def _relative_path(cls, v: str) -> str:
         segments = v.split("/")
-        if not all(_CGROUP_SEGMENT_RE.match(s) and s not in (".", "..") for s in segments):
+        if not all(_CGROUP_SEGMENT_RE.fullmatch(s) and s not in (".", "..") for s in segments):
             raise ValueError(
                 f"{v!r} must be a relative cgroup path of [A-Za-z0-9_.-] segments "
                 "(no leading '/', no '..')"
@@ -296,7 +308,7 @@ class CatalogueImage(_Section):
     @field_validator("name")
     @classmethod
     def _slug(cls, v: str) -> str:
-        if not _SLUG_RE.match(v):
+        if not _SLUG_RE.fullmatch(v):
             raise ValueError(f"{v!r} must be lower-case [a-z0-9._:-]")
         return v
 
@@ -325,7 +337,7 @@ class RoleConfig(_Section):
     @field_validator("id")
     @classmethod
     def _slug(cls, v: str) -> str:
-        if not _SLUG_RE.match(v):
+        if not _SLUG_RE.fullmatch(v):
             raise ValueError(f"{v!r} must be lower-case [a-z0-9._:-]")
         return v
 

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from rexecd import __version__
 from rexecd.config import Config, TcpListen, UnixListen
-from rexecd.runtime.cgroups import open_driver_or_none
+from rexecd.runtime.cgroups import choose_driver
 from rexecd.runtime.container import Runtime
 from rexecd.runtime.images import ImageStore
 from rexecd.runtime.spawner import Spawner
@@ -90,7 +90,8 @@ async def serve(cfg: Config, ready: asyncio.Event | None = None) -> None:
     storage = choose_storage(cfg.state_dir, cfg.run_dir, cfg.storage.method)
     store = Store(cfg.state_dir)
     spawner = Spawner()
-    runtime = Runtime(cfg.state_dir, cfg.run_dir, open_driver_or_none(cfg.cgroup.parent), spawner)
+    cgroups = choose_driver(cfg.cgroup.parent, cfg.cgroup.root)
+    runtime = Runtime(cfg.state_dir, cfg.run_dir, cgroups.driver, spawner)
     images = ImageStore(cfg.state_dir / "images")
     network, forwarder = _network(cfg)
     manager = ContainerManager(
@@ -102,7 +103,10 @@ async def serve(cfg: Config, ready: asyncio.Event | None = None) -> None:
         network,
         storage,
         forwarder=forwarder,
+        no_cgroups_reason=cgroups.reason,
     )
+    if (degraded := manager.degraded()) is not None:
+        log.warning("degraded: %s", degraded)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -22,10 +22,12 @@ from pydantic import (
 
 # --- shared vocabulary -----------------------------------------------------------------
 
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+# Names become paths and mount points: every check matches the whole string (\Z and
+# fullmatch), since "$" also matches before a trailing newline and would let "x\n" in.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z"
 NAME_RE = re.compile(NAME_PATTERN)
-ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-RUNTIME_ID_RE = re.compile(r"^[0-9a-f]{64}$")
+ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
+RUNTIME_ID_RE = re.compile(r"^[0-9a-f]{64}\Z")
 # Image references as a user types them: "ubuntu", "alpine:3.20", "registry/x:tag".
 _IMAGE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,254}$"
 
@@ -99,14 +101,14 @@ class _OmitNone(_Response):
 
 
 def _check_name(v: str | None) -> str | None:
-    if v is not None and not NAME_RE.match(v):
+    if v is not None and not NAME_RE.fullmatch(v):
         raise ValueError("name must be 1-64 of [A-Za-z0-9_-] and must not start with '-' or '_'")
     return v
 
 
 def _check_env_map(v: dict[str, str]) -> dict[str, str]:
     for key, value in v.items():
-        if not ENV_KEY_RE.match(key):
+        if not ENV_KEY_RE.fullmatch(key):
             raise ValueError(f"environment name {key!r} must match [A-Za-z_][A-Za-z0-9_]*")
         _no_nul(value, f"environment value of {key}")
     return v
@@ -252,7 +254,7 @@ class ExecRequest(_Request):
     def _env(cls, v: list[str]) -> list[str]:
         for item in v:
             key, sep, value = item.partition("=")
-            if not sep or not ENV_KEY_RE.match(key):
+            if not sep or not ENV_KEY_RE.fullmatch(key):
                 raise ValueError(f"env entry {item!r} must be K=V with K of [A-Za-z_][A-Za-z0-9_]*")
             _no_nul(value, f"env value of {key}")
         return v
@@ -455,12 +457,17 @@ class TokenValidation(_Response):
 # --- daemon ----------------------------------------------------------------------------
 
 
-class Health(_Response):
+class Health(_OmitNone):
+    """``status`` is "ok", or "degraded" with ``reason`` (e.g. no usable cgroups)."""
+
+    _omit_when_none: ClassVar[frozenset[str]] = frozenset({"reason"})
+
     status: str
     containers_total: int
     containers_running: int
     cgroup: str
     version: str
+    reason: str | None = None
 
 
 class Version(_Response):
@@ -584,7 +591,7 @@ class ContainerRecord(BaseModel):
     @field_validator("id")
     @classmethod
     def _runtime_id(cls, v: str) -> str:
-        if not RUNTIME_ID_RE.match(v):
+        if not RUNTIME_ID_RE.fullmatch(v):
             raise ValueError("runtime id must be 64 lower-case hex characters")
         return v
 

@@ -74,11 +74,17 @@ def open_dir_in_root(rootfd: int, rel: str, *, create: bool, strict: bool = Fals
         )
 
 
-def _overlay_options(spec: ContainerSpec) -> str:
+def _overlay_options(spec: ContainerSpec, fds: dict[str, int]) -> str:
+    """Overlay options naming each layer by ``/proc/self/fd/N`` of an fd in ``fds``.
+
+    The kernel shows the option strings as given in the container's own mountinfo, so
+    host paths here would tell a tenant where the state and run dirs are, their user
+    id and container name; fd paths tell it nothing (and keep the options short).
+    """
     r = spec.rootfs
     # overlayfs lists the uppermost lower layer first.
-    lower = ":".join(reversed(r.lowerdirs))
-    opts = f"lowerdir={lower},upperdir={r.upperdir},workdir={r.workdir}"
+    lower = ":".join(_fdpath(fds[p]) for p in reversed(r.lowerdirs))
+    opts = f"lowerdir={lower},upperdir={_fdpath(fds[r.upperdir])},workdir={_fdpath(fds[r.workdir])}"
     if len(opts) >= 4000:
         raise OSError(7, "overlay options exceed one page (too many layers)", r.target)
     return opts
@@ -87,8 +93,17 @@ def _overlay_options(spec: ContainerSpec) -> str:
 def mount_root(spec: ContainerSpec) -> int:
     """Make every mount private, mount the overlay root; returns an O_PATH fd of it."""
     n.mount(None, "/", None, n.MS_REC | n.MS_PRIVATE)
-    n.mount("overlay", spec.rootfs.target, "overlay", 0, _overlay_options(spec))
-    return os.open(spec.rootfs.target, os.O_PATH | os.O_DIRECTORY)
+    r = spec.rootfs
+    fds: dict[str, int] = {}
+    try:
+        for path in (*r.lowerdirs, r.upperdir, r.workdir):
+            if path not in fds:
+                fds[path] = os.open(path, os.O_PATH | os.O_DIRECTORY)
+        n.mount("overlay", r.target, "overlay", 0, _overlay_options(spec, fds))
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return os.open(r.target, os.O_PATH | os.O_DIRECTORY)
 
 
 def mount_dev(rootfd: int) -> None:

@@ -76,6 +76,13 @@ DEFAULT_MASKED_PATHS = (
     "/proc/scsi",
     "/sys/firmware",
     "/sys/devices/virtual/powercap",
+    # Every loop device's backing_file (other tenants' volume images, by user id and
+    # container name) is under devices/virtual/block; the other three only list the
+    # host's block devices, which a container has none of.
+    "/sys/devices/virtual/block",
+    "/sys/block",
+    "/sys/class/block",
+    "/sys/dev/block",
 )
 
 

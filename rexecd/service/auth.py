@@ -26,7 +26,7 @@ from rexecd.models import (
 from rexecd.service.store import Store, TokenRecord
 
 TOKEN_PREFIX = "rexec_"
-TOKEN_RE = re.compile(r"^rexec_[0-9a-f]{48}$")
+TOKEN_RE = re.compile(r"^rexec_[0-9a-f]{48}\Z")
 TOKEN_PREFIX_LEN = 12
 SCOPES: tuple[Scope, ...] = ("read", "write", "admin")
 DEFAULT_SCOPES: tuple[Scope, ...] = ("read", "write")
@@ -107,7 +107,7 @@ def create_token(
     A ``tier`` given for an existing user changes the user's tier. Returns the
     plaintext token, which is not stored anywhere and cannot be shown again.
     """
-    if not NAME_RE.match(user_name):
+    if not NAME_RE.fullmatch(user_name):
         raise InvalidRequest(
             "user name must be 1-64 of [A-Za-z0-9_-], not starting with '-' or '_'"
         )
@@ -179,7 +179,7 @@ def authenticate(
     if token is None:
         raise Unauthorized(MSG_TOKEN_REQUIRED)
     # Malformed tokens are refused before touching the database.
-    if not TOKEN_RE.match(token):
+    if not TOKEN_RE.fullmatch(token):
         raise Unauthorized(MSG_TOKEN_INVALID)
     digest = hash_token(token)
     found = store.get_token_by_hash(digest)

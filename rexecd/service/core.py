@@ -16,6 +16,7 @@ from rexecd.errors import (
     InvalidRequest,
     NotFound,
     RexecError,
+    RuntimeUnavailable,
     UnsupportedImage,
 )
 from rexecd.models import (
@@ -127,6 +128,7 @@ class ManagerCore:
         storage: Storage | None = None,
         *,
         forwarder: Any | None = None,
+        no_cgroups_reason: str = "",
     ) -> None:
         self.cfg = cfg
         self.store = store
@@ -137,6 +139,8 @@ class ManagerCore:
         # None: upper/work and /home/user are plain directories without a size limit.
         self.storage = storage
         self.port_forwards = PortForwards(cfg, store, forwarder)
+        # Why runtime.cgroups is None (what probing found), for the 503 and /health.
+        self._no_cgroups_reason = no_cgroups_reason or "no cgroup driver"
         self._locks: dict[str, asyncio.Lock] = {}
         self._creating: dict[str, asyncio.Task[None]] = {}
         self._watch_fds: dict[str, int] = {}
@@ -150,6 +154,33 @@ class ManagerCore:
         self.terminals = TerminalRegistry(
             cfg.terminal.scrollback_bytes, float(cfg.terminal.idle_timeout_s)
         )
+
+    # ------------------------------------------------------------ limits
+
+    def limits_missing(self) -> str | None:
+        """What stops containers from having cgroup limits, or None when they have them."""
+        if self.runtime.cgroups is not None:
+            return None
+        return f"cgroups unavailable: {self._no_cgroups_reason}"
+
+    def degraded(self) -> str | None:
+        """Why the daemon is not fully serving (``/health`` says "degraded"), or None."""
+        missing = self.limits_missing()
+        if missing is None:
+            return None
+        if self.cfg.cgroup.allow_unlimited:
+            return f"{missing}: containers run without limits (cgroup.allow_unlimited)"
+        return f"{missing}: containers are not started"
+
+    def _require_limits(self) -> None:
+        """Refuse to start a container that would run without limits (fail closed),
+        unless the config explicitly allows it (``cgroup.allow_unlimited``)."""
+        missing = self.limits_missing()
+        if missing is not None and not self.cfg.cgroup.allow_unlimited:
+            raise RuntimeUnavailable(
+                f"containers cannot start: {missing}, so no cpu, memory or pids limit would hold",
+                reason=missing,
+            )
 
     # ------------------------------------------------------------ plumbing
 
@@ -263,6 +294,7 @@ class ManagerCore:
         self, rec: ContainerRecord, image: ImageRecord, report: _Reporter | None = None
     ) -> ContainerRecord:
         """Start ``rec``'s container; on failure undo every step and re-raise."""
+        self._require_limits()
         view = await asyncio.to_thread(self._view, image)
         ip: str | None = None
         attached = False

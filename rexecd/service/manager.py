@@ -108,12 +108,14 @@ class ContainerManager(InsideOps, DaemonLife):
     async def health(self) -> Health:
         counts = await asyncio.to_thread(self.store.container_counts)
         drv = self.runtime.cgroups
+        degraded = self.degraded()
         return Health(
-            status="ok",
+            status="ok" if degraded is None else "degraded",
             containers_total=sum(counts.values()),
             containers_running=counts.get("running", 0),
             cgroup=f"v{drv.version}" if drv is not None else "none",
             version=__version__,
+            reason=degraded,
         )
 
     def subscribe(self, p: Principal) -> AsyncIterator[Event]:
@@ -124,6 +126,7 @@ class ContainerManager(InsideOps, DaemonLife):
     async def create_container(
         self, p: Principal, req: ContainerCreate, progress: ProgressFn | None = None
     ) -> ContainerOut:
+        self._require_limits()
         report = _Reporter(progress)
         ref = self._image_ref(req)
         image = await asyncio.to_thread(self._image, ref)
@@ -219,6 +222,7 @@ class ContainerManager(InsideOps, DaemonLife):
                 raise Conflict("container is already running", status=rec.status)
             if rec.status in ("creating", "configuring"):
                 raise Conflict("container is still being created", status=rec.status)
+            self._require_limits()  # before the expiry below is renewed
             if rec.status == "expired":
                 exp = quotas.session_expiry(self.cfg, p.tier, rec.created_at)
                 if exp is not None and exp <= utcnow():
@@ -260,6 +264,8 @@ class ContainerManager(InsideOps, DaemonLife):
                     code="session_expired",
                     tier=p.tier,
                 )
+            # Before the halt: a restart that cannot start again must not stop it.
+            self._require_limits()
             if rec.status == "running":
                 rec = await self._halt(rec, float(self.cfg.stop_timeout_s))
             image = await asyncio.to_thread(self._image, rec.image)
@@ -329,6 +335,7 @@ class ContainerManager(InsideOps, DaemonLife):
                     )
             restart = renaming and rec.status == "running" and self.storage is not None
             if restart:
+                self._require_limits()
                 rec = await self._halt(rec, float(self.cfg.stop_timeout_s))
             elif rec.status == "running":
                 cg = self.runtime.cgroup(rec.id)

@@ -157,10 +157,10 @@ class PortForwards:
                 self.store.delete_port_forward(row.id)
 
     def reconcile(self, live: set[str]) -> list[str]:
-        """At start-up: keep the forwards of running containers (re-installed if their
-        nft element is missing), drop the rows of any other, and remove nft elements no
-        row explains. ``live`` holds the runtime ids of the re-adopted containers.
-        Returns what changed, for the log."""
+        """At start-up: keep the forwards of running containers (their host ports held
+        again, their nft elements re-installed if missing), drop the rows of any other,
+        and remove nft elements no row explains. ``live`` holds the runtime ids of the
+        re-adopted containers. Returns what changed, for the log."""
         changed: list[str] = []
         with self._mutex:
             by_db_id = {r.db_id: r for r in self.store.list_containers()}
@@ -184,15 +184,18 @@ class PortForwards:
                     self.forwarder.remove(nft_port, nft_proto)
                     changed.append(f"removed nft {nft_port}/{nft_proto}")
             for (proto, port), (ip, cport, row) in wanted.items():
-                if have.get((proto, port)) == (ip, cport):
-                    continue
+                # Every kept forward is added again, element present or not: that
+                # takes its host port back, which the last daemon held until it died.
                 try:
                     self.forwarder.add(port, ip, cport, proto)
-                    changed.append(f"restored nft {port}/{proto}")
+                    if have.get((proto, port)) != (ip, cport):
+                        changed.append(f"restored nft {port}/{proto}")
                 except RexecError as exc:
                     # The port was taken on the host while the daemon was down: the
-                    # forward cannot be kept, so its record goes too.
+                    # forward cannot be kept (the host service owns the port now), so
+                    # its element and record go.
                     log.warning("port forward %d/%s not restored: %s", port, proto, exc.message)
+                    self._remove_element(port, proto)
                     self.store.delete_port_forward(row.id)
                     changed.append(f"dropped record {port}/{proto}")
         return changed

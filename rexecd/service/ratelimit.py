@@ -26,8 +26,9 @@ WINDOW_S = 60.0
 # How many checks between sweeps of users idle for a whole window.
 _SWEEP_EVERY = 1024
 
-_EXEC_RE = re.compile(r"^/containers/[^/]+/exec$")
-_FILES_RE = re.compile(r"^/containers/[^/]+/files(/.*)?$")
+_EXEC_RE = re.compile(r"^/containers/[^/]+/exec\Z")
+# DOTALL: a file path may hold a newline (%0A) and is still a file endpoint.
+_FILES_RE = re.compile(r"^/containers/[^/]+/files(/.*)?\Z", re.DOTALL)
 _READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
@@ -129,9 +130,10 @@ def classify(method: str, path: str) -> RateClass | None:
     if path == "/health":
         return None
     method = method.upper()
-    if method == "POST" and (path in ("/containers", "/containers/stream") or _EXEC_RE.match(path)):
+    creating = path in ("/containers", "/containers/stream") or _EXEC_RE.fullmatch(path)
+    if method == "POST" and creating:
         return "create"
-    if _FILES_RE.match(path):
+    if _FILES_RE.fullmatch(path):
         return "ops"
     if method in _READ_METHODS:
         return "read"

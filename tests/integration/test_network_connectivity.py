@@ -107,13 +107,26 @@ def test_port_forward_from_host_loopback(env: Env) -> None:
         (host_port, env.ip(2), 7000)
     ]
     assert env.probe(None, "127.0.0.1", host_port)
+    assert not _bindable(host_port)  # held while the forward exists
     assert fwd.remove(host_port)
     assert not fwd.remove(host_port)
     assert not env.probe(None, "127.0.0.1", host_port)
-    # detach removes the container's forwards.
+    assert _bindable(host_port)
+    # detach removes the container's forwards; the next listing frees their ports.
     fwd.add(host_port, env.ip(2), 7000)
     env.net.detach("pf")
     assert fwd.list() == []
+    assert _bindable(host_port)
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def test_attach_failure_leaves_nothing(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:

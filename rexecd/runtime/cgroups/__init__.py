@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -15,7 +16,7 @@ DEFAULT_ROOT = Path("/sys/fs/cgroup")
 
 # A name becomes a directory beside the kernel's interface files: no dots, so it can
 # never collide with "memory.max" or "cgroup.procs", and no path separators.
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}\Z")
 
 V1_CONTROLLERS = ("cpu", "cpuacct", "memory", "pids", "blkio", "freezer", "devices")
 
@@ -168,7 +169,7 @@ class CgroupDriver(abc.ABC):
 
 def check_name(name: str) -> str:
     """``name`` if it is usable as a cgroup directory name, else ``InvalidRequest``."""
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         raise InvalidRequest(f"invalid cgroup name {name!r}: use [A-Za-z0-9_-], at most 128")
     return name
 
@@ -227,16 +228,33 @@ def open_driver(
     return V1Driver(parent, root, proc_cgroup=proc_cgroup)
 
 
-def open_driver_or_none(parent: str) -> CgroupDriver | None:
-    """The host's driver, or None (logged) where no hierarchy is usable: containers then
-    run without limits rather than not at all."""
+@dataclass(frozen=True)
+class DriverChoice:
+    """What probing found: the driver, or None and why no hierarchy is usable."""
+
+    driver: CgroupDriver | None
+    reason: str = ""
+
+
+def choose_driver(parent: str, root: Path | None = None) -> DriverChoice:
+    """The driver for ``parent`` under ``root``, or why there is none. Whether
+    containers may then run without limits is the caller's policy: the daemon refuses
+    them unless its config allows it."""
     try:
-        return open_driver(parent)
+        return DriverChoice(open_driver(parent, root))
     except RexecError as exc:
+        return DriverChoice(None, exc.message)
+
+
+def open_driver_or_none(parent: str) -> CgroupDriver | None:
+    """The host's driver, or None (logged) where no hierarchy is usable: ``rexecd run``
+    then runs its container without a cgroup rather than not at all."""
+    choice = choose_driver(parent)
+    if choice.driver is None:
         logging.getLogger(__name__).warning(
-            "cgroups unavailable, containers run without limits: %s", exc.message
+            "cgroups unavailable, containers run without limits: %s", choice.reason
         )
-        return None
+    return choice.driver
 
 
 __all__ = [
@@ -245,8 +263,10 @@ __all__ = [
     "CgroupDriver",
     "CgroupLimits",
     "CgroupStats",
+    "DriverChoice",
     "IoLimit",
     "check_name",
+    "choose_driver",
     "open_driver",
     "open_driver_or_none",
     "probe",

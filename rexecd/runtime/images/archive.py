@@ -23,9 +23,9 @@ from .models import DIGEST_RE, ImageConfig, parse_reference
 
 # Small JSON documents only: a bigger one is not an image, and must not fill memory.
 _JSON_LIMIT = 16 << 20
-_BLOB_DIGEST_RE = re.compile(r"^(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})$")
-_BLOB_PATH_RE = re.compile(r"^blobs/(sha256)/([0-9a-f]{64})$")
-_LEGACY_CONFIG_RE = re.compile(r"^([0-9a-f]{64})\.json$")
+_BLOB_DIGEST_RE = re.compile(r"^(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})\Z")
+_BLOB_PATH_RE = re.compile(r"^blobs/(sha256)/([0-9a-f]{64})\Z")
+_LEGACY_CONFIG_RE = re.compile(r"^([0-9a-f]{64})\.json\Z")
 
 _INDEX_TYPES = {
     "application/vnd.oci.image.index.v1+json",
@@ -271,7 +271,7 @@ def _descriptor(d: Any, where: str) -> dict[str, Any]:
     if not isinstance(d, dict):
         raise ImageError(f"{where}: descriptor is not an object")
     digest, size = d.get("digest"), d.get("size")
-    if not isinstance(digest, str) or not _BLOB_DIGEST_RE.match(digest):
+    if not isinstance(digest, str) or not _BLOB_DIGEST_RE.fullmatch(digest):
         raise ImageError(f"{where}: invalid digest {digest!r}")
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise ImageError(f"{where}: invalid size for {digest}")
@@ -405,9 +405,9 @@ def _docker_entry(e: Any) -> tuple[str, list[str], list[tuple[str, str | None]]]
 def _digest_in_name(path: str) -> str | None:
     # Docker 25+ names blobs by digest; older saves name the config "<sha256>.json".
     p = _norm(path)
-    if m := _BLOB_PATH_RE.match(p):
+    if m := _BLOB_PATH_RE.fullmatch(p):
         return f"{m.group(1)}:{m.group(2)}"
-    if m := _LEGACY_CONFIG_RE.match(p):
+    if m := _LEGACY_CONFIG_RE.fullmatch(p):
         return f"sha256:{m.group(1)}"
     return None
 
@@ -429,7 +429,7 @@ def _parse_config(raw: bytes, where: str) -> tuple[ImageConfig, datetime | None,
         raise ImageError(f"{where}: rootfs.type is not 'layers'")
     diff_ids = rootfs.get("diff_ids")
     if not isinstance(diff_ids, list) or not all(
-        isinstance(d, str) and DIGEST_RE.match(d) for d in diff_ids
+        isinstance(d, str) and DIGEST_RE.fullmatch(d) for d in diff_ids
     ):
         raise ImageError(f"{where}: rootfs.diff_ids must be sha256 digests")
     try:

@@ -17,9 +17,9 @@ DEFAULT_TAG = "latest"
 # names safe to turn into record file names.
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _HOST = r"[A-Za-z0-9][A-Za-z0-9.-]*(?::[0-9]+)?"
-_NAME_RE = re.compile(rf"^(?:{_HOST}/)?{_COMPONENT}(?:/{_COMPONENT})*$")
-_TAG_RE = re.compile(r"^[\w][\w.-]{0,127}$")
-DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+_NAME_RE = re.compile(rf"^(?:{_HOST}/)?{_COMPONENT}(?:/{_COMPONENT})*\Z")
+_TAG_RE = re.compile(r"^[\w][\w.-]{0,127}\Z")
+DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}\Z")
 
 # Docker Hub spellings that mean the same image as the short name.
 _HUB_PREFIXES = ("docker.io/library/", "index.docker.io/library/", "docker.io/", "index.docker.io/")
@@ -39,9 +39,9 @@ def parse_reference(ref: str) -> tuple[str, str | None]:
         if name.startswith(prefix):
             name = name[len(prefix) :]
             break
-    if len(ref) > 255 or not _NAME_RE.match(name):
+    if len(ref) > 255 or not _NAME_RE.fullmatch(name):
         raise InvalidRequest(f"invalid image name {ref!r}")
-    if tag is not None and not _TAG_RE.match(tag):
+    if tag is not None and not _TAG_RE.fullmatch(tag):
         raise InvalidRequest(f"invalid image tag in {ref!r}")
     return name, tag
 
@@ -115,7 +115,7 @@ class ImageRecord(BaseModel):
     @field_validator("digest")
     @classmethod
     def _digest(cls, v: str) -> str:
-        if not DIGEST_RE.match(v):
+        if not DIGEST_RE.fullmatch(v):
             raise ValueError(f"invalid digest {v!r}")
         return v
 
@@ -123,7 +123,7 @@ class ImageRecord(BaseModel):
     @classmethod
     def _layers(cls, v: list[str]) -> list[str]:
         for d in v:
-            if not DIGEST_RE.match(d):
+            if not DIGEST_RE.fullmatch(d):
                 raise ValueError(f"invalid diff_id {d!r}")
         return v
 

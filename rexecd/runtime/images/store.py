@@ -191,7 +191,7 @@ class ImageStore:
     def get(self, ref: str) -> ImageRecord:
         """The image named ``ref`` ("busybox" means "busybox:latest"), or by digest
         ("sha256:..."). Raises NotFound."""
-        if DIGEST_RE.match(ref):
+        if DIGEST_RE.fullmatch(ref):
             for rec in self.list():
                 if rec.digest == ref:
                     return rec
@@ -289,7 +289,7 @@ class ImageStore:
 
 def _hex(digest: str) -> str:
     algo, _, hexd = digest.partition(":")
-    if algo != "sha256" or not DIGEST_RE.match(digest):
+    if algo != "sha256" or not DIGEST_RE.fullmatch(digest):
         raise ImageError(f"invalid layer digest {digest!r}")
     return hexd
 

@@ -17,14 +17,14 @@ RESOLVED_UPSTREAM = "/run/systemd/resolve/resolv.conf"
 # RFC 1123 labels plus "_" and a trailing "-": container names may hold both and
 # resolvers accept them in /etc/hosts. What matters is that nothing can break the
 # line format (whitespace, "#", newlines).
-_LABEL = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,62}$")
-_SEARCH = re.compile(r"^[A-Za-z0-9_.-]{1,253}$")
-_OPTION = re.compile(r"^[A-Za-z0-9_:.-]{1,64}$")
+_LABEL = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,62}\Z")
+_SEARCH = re.compile(r"^[A-Za-z0-9_.-]{1,253}\Z")
+_OPTION = re.compile(r"^[A-Za-z0-9_:.-]{1,64}\Z")
 
 
 def check_hostname(hostname: str) -> None:
     labels = hostname.split(".")
-    if len(hostname) > 253 or not all(_LABEL.match(label) for label in labels):
+    if len(hostname) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
         raise InvalidRequest(f"hostname {hostname!r} is not a valid host name")
 
 
@@ -54,9 +54,9 @@ def parse_resolv_conf(text: str) -> Resolv:
             if addr.version == 4 and not addr.is_loopback and args[0] not in out.nameservers:
                 out.nameservers.append(args[0])
         elif key in ("search", "domain"):
-            out.search = [a for a in args if _SEARCH.match(a)]
+            out.search = [a for a in args if _SEARCH.fullmatch(a)]
         elif key == "options":
-            out.options.extend(a for a in args if _OPTION.match(a))
+            out.options.extend(a for a in args if _OPTION.fullmatch(a))
     return out
 
 

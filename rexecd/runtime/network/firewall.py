@@ -18,12 +18,12 @@ from .naming import bridge_mac, check_ifname
 
 NFT = "nft"
 _TIMEOUT = 30
-_TABLE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,31}$")
+_TABLE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,31}\Z")
 PROTOCOLS = ("tcp", "udp")
 
 
 def check_table(name: str) -> None:
-    if not _TABLE.match(name):
+    if not _TABLE.fullmatch(name):
         raise InvalidRequest(f"nft table name {name!r} is invalid ([A-Za-z][A-Za-z0-9_]{{0,31}})")
 
 

@@ -14,22 +14,22 @@ IFB_PREFIX = "ri"
 # 44 bits of hash keep the name at 13 characters (IFNAMSIZ allows 15) while making a
 # collision between two live containers of one bridge vanishingly unlikely.
 _HEX_LEN = 11
-_OUR_NAME = re.compile(r"^(rx|ri)[0-9a-f]{11}$")
-_CONTAINER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_IFNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
+_OUR_NAME = re.compile(r"^(rx|ri)[0-9a-f]{11}\Z")
+_CONTAINER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+_IFNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}\Z")
 _GROUP_MAX = 64
 # The kernel caps IFLA_IFALIAS at IFALIASZ - 1 bytes.
 _ALIAS_MAX = 255
 
 
 def check_container_id(container_id: str) -> None:
-    if not _CONTAINER_ID.match(container_id):
+    if not _CONTAINER_ID.fullmatch(container_id):
         raise InvalidRequest(f"container id {container_id!r} is not a valid network id")
 
 
 def check_ifname(name: str) -> None:
     """Refuse names the kernel would reject or that could break an nft ruleset string."""
-    if not _IFNAME.match(name):
+    if not _IFNAME.fullmatch(name):
         raise InvalidRequest(f"interface name {name!r} is invalid (1-15 of [A-Za-z0-9_.-])")
 
 
@@ -55,7 +55,7 @@ def ifb_ifname(bridge: str, container_id: str) -> str:
 
 
 def is_our_name(name: str) -> bool:
-    return bool(_OUR_NAME.match(name))
+    return bool(_OUR_NAME.fullmatch(name))
 
 
 def _mac(seed: bytes) -> str:

@@ -26,7 +26,7 @@ MAX_SIZE_MB = 16 * 1024 * 1024
 
 # Both parts become path components and mount points: no dots (so never "." or "..",
 # never an ".img" look-alike), no separators, nothing /proc/self/mountinfo escapes.
-_COMPONENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+_COMPONENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}\Z")
 
 IMAGE_SUFFIX = ".img"
 # A new image is made under this suffix and renamed when complete, so a daemon killed
@@ -66,7 +66,7 @@ class Volume(BaseModel):
 
 def check_component(kind: str, value: str) -> str:
     """``value`` if usable as a user id or volume name in paths, else ``InvalidRequest``."""
-    if not isinstance(value, str) or not _COMPONENT_RE.match(value):
+    if not isinstance(value, str) or not _COMPONENT_RE.fullmatch(value):
         raise InvalidRequest(f"invalid volume {kind} {value!r}: use [A-Za-z0-9_-], at most 128")
     return value
 
@@ -124,7 +124,7 @@ class Layout:
         if mountpoint.parent.parent != self.mounts:
             return None
         user_id, name = mountpoint.parent.name, mountpoint.name
-        if not (_COMPONENT_RE.match(user_id) and _COMPONENT_RE.match(name)):
+        if not (_COMPONENT_RE.fullmatch(user_id) and _COMPONENT_RE.fullmatch(name)):
             return None
         return user_id, name
 
