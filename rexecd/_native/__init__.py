@@ -149,3 +149,11 @@ def quotactl_fd(fd: int, cmd: int, qid: int, addr: bytearray | None, path: str) 
     """
     buf = ffi.from_buffer(addr) if addr is not None else ffi.NULL
     _check(lib.rx_quotactl_fd(fd, cmd, qid, buf), "quotactl", path)
+
+
+def fstatfs_type(fd: int, path: str) -> int:
+    """fstatfs(2)'s ``f_type`` (a ``*_MAGIC`` of linux/magic.h): which kind of file system
+    holds the open file ``fd`` (an ``O_PATH`` fd will do). Raises OSError naming ``path``."""
+    out = ffi.new("long long *")
+    _check(lib.rx_fstatfs_type(fd, out), "fstatfs", path)
+    return int(out[0]) & 0xFFFFFFFF

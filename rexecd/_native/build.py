@@ -25,6 +25,7 @@ ffibuilder.cdef(
     int rx_sethostname(const char *name, size_t len);
     int rx_syncfs(int fd);
     int rx_quotactl_fd(int fd, unsigned int cmd, unsigned int id, void *addr);
+    int rx_fstatfs_type(int fd, long long *type);
     """
 )
 
@@ -42,6 +43,7 @@ ffibuilder.set_source(
     #include <sys/sysmacros.h>
     #include <sys/syscall.h>
     #include <sys/mman.h>
+    #include <sys/vfs.h>
     #include <linux/openat2.h>
 
     int rx_unshare(int flags) { return unshare(flags); }
@@ -83,6 +85,13 @@ ffibuilder.set_source(
         errno = ENOSYS;
         return -1;
     #endif
+    }
+    int rx_fstatfs_type(int fd, long long *type) {
+        struct statfs st;
+        if (fstatfs(fd, &st) < 0)
+            return -1;
+        *type = (long long)st.f_type;
+        return 0;
     }
     """,
 )
