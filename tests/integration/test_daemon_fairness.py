@@ -170,7 +170,6 @@ async def test_daemon_with_requests_in_flight_stops_on_sigterm_within_stop_timeo
             for t in execs + fifo_reads:
                 t.cancel()
             await asyncio.gather(*execs, *fifo_reads, return_exceptions=True)
-        print(f"SIGTERM to exit: {took:.2f} s")
         assert took <= limit, f"SIGTERM took {took:.1f} s (limit {limit:.1f} s)"
         assert d.proc.returncode == 0, d.logs()[-3000:]
     # The container outlives the daemon; the next daemon finds it and can remove it.
