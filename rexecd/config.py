@@ -297,6 +297,15 @@ class RateLimitsConfig(_Section):
     read_per_min: PositiveInt = 120
 
 
+class ConcurrencyConfig(_Section):
+    """Requests one user may have in flight at once (429 past it): bounds what a single
+    tenant can have the daemon doing, whatever its request rate."""
+
+    exec_per_user: PositiveInt = 16
+    # Every file endpoint, a download counted until its last byte is sent.
+    file_ops_per_user: PositiveInt = 4
+
+
 class CatalogueImage(_Section):
     name: str
     display_name: str
@@ -378,6 +387,7 @@ class Config(_Section):
     defaults: DefaultsConfig = Field(default_factory=DefaultsConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     rate_limits: RateLimitsConfig = Field(default_factory=RateLimitsConfig)
+    concurrency: ConcurrencyConfig = Field(default_factory=ConcurrencyConfig)
     images: ImagesConfig = Field(default_factory=ImagesConfig)
     roles: list[RoleConfig] = Field(
         default_factory=lambda: [RoleConfig.model_validate(r) for r in _embedded()["roles"]]

@@ -123,7 +123,13 @@ async def serve(cfg: Config, ready: asyncio.Event | None = None) -> None:
             build="dev",
             extra_routes=lambda a: add_terminal_routes(a, manager, cfg),
         )
-        runner = web.AppRunner(app, shutdown_timeout=5.0, access_log_class=AccessLogger)
+        # Requests still running at SIGTERM get stop_timeout_s in all, then are cancelled
+        # (an exec's command is killed with its request). aiohttp spends the timeout
+        # twice over: waiting for handlers to end, then for cancelled ones to unwind,
+        # and it cancels only at the end of the second wait.
+        runner = web.AppRunner(
+            app, shutdown_timeout=cfg.stop_timeout_s / 2, access_log_class=AccessLogger
+        )
         await runner.setup()
         where = await _listen(runner, cfg)
         print(f"rexecd {__version__} listening on {', '.join(where)}", file=sys.stderr, flush=True)

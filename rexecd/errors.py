@@ -12,6 +12,7 @@
     ├── Conflict (409, conflict)
     ├── PayloadTooLarge (413, payload_too_large)
     ├── RateLimited (429, rate_limited)
+    │   └── ConcurrencyLimited (429, concurrency_limited)  too many requests in flight
     ├── ImageError (400, image_invalid)       bad archive, digest mismatch, unsafe member
     ├── RuntimeFailure (500, runtime_failure)  kernel step failed: carries step and errno
     │   └── ChildSetupError (500, child_setup)  a container child reported a failed step
@@ -88,6 +89,12 @@ class PayloadTooLarge(RexecError):
 class RateLimited(RexecError):
     status = 429
     code = "rate_limited"
+
+
+class ConcurrencyLimited(RateLimited):
+    """One user already has as many requests of a kind in flight as it may."""
+
+    code = "concurrency_limited"
 
 
 class ImageError(RexecError):

@@ -159,3 +159,11 @@ def join_session_keyring(name: str | None = None) -> int:
     with it possession of every key its ancestors put there, until it joins another.
     """
     return int(_check(lib.rx_join_session_keyring(_b(name)), "keyctl join session keyring"))
+
+
+def fstatfs_type(fd: int, path: str) -> int:
+    """fstatfs(2)'s ``f_type`` (a ``*_MAGIC`` of linux/magic.h): which kind of file system
+    holds the open file ``fd`` (an ``O_PATH`` fd will do). Raises OSError naming ``path``."""
+    out = ffi.new("long long *")
+    _check(lib.rx_fstatfs_type(fd, out), "fstatfs", path)
+    return int(out[0]) & 0xFFFFFFFF

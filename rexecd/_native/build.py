@@ -26,6 +26,7 @@ ffibuilder.cdef(
     int rx_syncfs(int fd);
     int rx_quotactl_fd(int fd, unsigned int cmd, unsigned int id, void *addr);
     long rx_join_session_keyring(const char *name);
+    int rx_fstatfs_type(int fd, long long *type);
     """
 )
 
@@ -44,6 +45,7 @@ ffibuilder.set_source(
     #include <sys/syscall.h>
     #include <sys/mman.h>
     #include <linux/keyctl.h>
+    #include <sys/vfs.h>
     #include <linux/openat2.h>
 
     int rx_unshare(int flags) { return unshare(flags); }
@@ -88,6 +90,13 @@ ffibuilder.set_source(
     }
     long rx_join_session_keyring(const char *name) {
         return syscall(SYS_keyctl, KEYCTL_JOIN_SESSION_KEYRING, name);
+    }
+    int rx_fstatfs_type(int fd, long long *type) {
+        struct statfs st;
+        if (fstatfs(fd, &st) < 0)
+            return -1;
+        *type = (long long)st.f_type;
+        return 0;
     }
     """,
 )

@@ -26,6 +26,7 @@ from rexecd.api.errors import error_middleware
 from rexecd.api.keys import (
     BUILD,
     CONFIG,
+    IN_FLIGHT,
     LIMITER,
     OPENAPI,
     SERVICE,
@@ -35,6 +36,7 @@ from rexecd.api.keys import (
 )
 from rexecd.api.ratelimit import add_rate_headers, rate_limit_middleware
 from rexecd.config import Config
+from rexecd.service.inflight import InFlightLimiter
 from rexecd.service.interface import ContainerService
 from rexecd.service.ratelimit import RateLimiter
 from rexecd.service.store import Store
@@ -89,6 +91,7 @@ def make_app(
     app[STORE] = store
     app[CONFIG] = cfg
     app[LIMITER] = limiter
+    app[IN_FLIGHT] = InFlightLimiter(cfg.concurrency)
     app[VERSION] = version
     app[BUILD] = build
     app[WEBSOCKETS] = weakref.WeakSet[web.WebSocketResponse]()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 
@@ -13,6 +12,7 @@ from rexecd.api.keys import CONFIG, PRINCIPAL, STORE, lookup
 from rexecd.errors import Unauthorized
 from rexecd.service import auth
 from rexecd.service.auth import Principal
+from rexecd.service.storethread import in_store_thread
 
 # Offer these to ``web.WebSocketResponse(protocols=...)``: browsers drop a socket whose
 # offered subprotocol gets no answer, and Rexec clients offer ``rexec.v1``.
@@ -67,8 +67,9 @@ def request_token(request: web.Request) -> str | None:
 
 
 async def _authenticate(request: web.Request, token: str | None) -> Principal:
-    # The store is SQLite; a concurrent CLI writer can make a lookup wait.
-    return await asyncio.to_thread(auth.authenticate, request.app[STORE], token)
+    # The store is SQLite (a concurrent CLI writer can make a lookup wait): off the
+    # loop, on the store's own thread, where no tenant's work can delay it.
+    return await in_store_thread(auth.authenticate, request.app[STORE], token)
 
 
 def principal(request: web.Request) -> Principal:

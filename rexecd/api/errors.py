@@ -8,7 +8,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from rexecd.api.wire import respond_json
-from rexecd.errors import RexecError, Unauthorized
+from rexecd.errors import RateLimited, RexecError, Unauthorized
 
 log = logging.getLogger("rexecd.api")
 
@@ -20,6 +20,8 @@ _BODY_HEADERS = frozenset({"content-type", "content-length", "content-encoding"}
 
 def render_rexec_error(exc: RexecError) -> web.Response:
     headers = {"WWW-Authenticate": 'Bearer realm="rexec"'} if isinstance(exc, Unauthorized) else {}
+    if isinstance(exc, RateLimited) and "retry_after" in exc.extra:
+        headers["Retry-After"] = str(exc.extra["retry_after"])
     return respond_json(exc.to_json(), exc.status, headers)
 
 

@@ -8,6 +8,7 @@ from rexecd.api.auth import principal
 from rexecd.api.containers import REF_ERRORS, ref
 from rexecd.api.endpoint import Endpoint
 from rexecd.api.keys import SERVICE
+from rexecd.api.ratelimit import in_flight
 from rexecd.api.wire import read_model, respond_json
 from rexecd.models import ExecRequest, ExecResult
 
@@ -23,7 +24,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint(
         "POST",
         "/api/containers/{id}/exec",
-        exec_command,
+        in_flight("exec", exec_command),
         "Run a command (sh -c string or argv) to completion; 504 with partial output on timeout",
         "exec",
         body=ExecRequest,

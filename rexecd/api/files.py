@@ -13,6 +13,7 @@ from rexecd.api.auth import principal
 from rexecd.api.containers import REF_ERRORS, ref
 from rexecd.api.endpoint import Endpoint, Query
 from rexecd.api.keys import SERVICE
+from rexecd.api.ratelimit import in_flight
 from rexecd.api.wire import parse_model, read_json, respond, respond_json
 from rexecd.errors import InvalidRequest, PayloadTooLarge
 from rexecd.models import FileInfo, FileList, FilePathBody
@@ -167,7 +168,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint(
         "POST",
         _F,
-        upload_file,
+        in_flight("files", upload_file),
         f"Upload a file (multipart field `file`, at most {UPLOAD_MAX_BYTES} bytes) into a "
         f"directory (default {HOME_DIR})",
         "files",
@@ -179,7 +180,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint(
         "GET",
         _F,
-        download_file,
+        in_flight("files", download_file),
         "Download a file's raw bytes (X-File-Size, X-File-Mode headers)",
         "files",
         response="application/octet-stream",
@@ -189,7 +190,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint(
         "GET",
         f"{_F}/list",
-        list_files,
+        in_flight("files", list_files),
         f"List a directory (default {HOME_DIR})",
         "files",
         response=FileList,
@@ -199,7 +200,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint(
         "DELETE",
         _F,
-        delete_file,
+        in_flight("files", delete_file),
         "Delete a file or directory",
         "files",
         errors=_FILE_ERRORS,
@@ -208,7 +209,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint(
         "POST",
         f"{_F}/mkdir",
-        make_dir,
+        in_flight("files", make_dir),
         "Create a directory",
         "files",
         response=FileInfo,

@@ -9,6 +9,7 @@ from aiohttp import web
 
 from rexecd.config import Config
 from rexecd.service.auth import Principal
+from rexecd.service.inflight import InFlightLimiter
 from rexecd.service.interface import ContainerService
 from rexecd.service.ratelimit import RateDecision, RateLimiter
 from rexecd.service.store import Store
@@ -18,6 +19,7 @@ SERVICE = web.AppKey[ContainerService]("rexecd.service")
 STORE = web.AppKey[Store]("rexecd.store")
 CONFIG = web.AppKey[Config]("rexecd.config")
 LIMITER = web.AppKey[RateLimiter]("rexecd.limiter")
+IN_FLIGHT = web.AppKey[InFlightLimiter]("rexecd.in_flight")
 VERSION = web.AppKey[str]("rexecd.version")
 BUILD = web.AppKey[str]("rexecd.build")
 # The OpenAPI document, serialised once when the app is made.

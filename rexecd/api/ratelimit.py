@@ -1,12 +1,17 @@
-"""Per-user rate limiting of requests, and the X-RateLimit headers on every answer."""
+"""Per-user rate limiting of requests, the X-RateLimit headers on every answer, and the
+per-user cap on requests in flight that exec and file routes carry."""
 
 from __future__ import annotations
+
+import functools
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from rexecd.api.keys import LIMITER, PRINCIPAL, RATE_DECISION, lookup
+from rexecd.api.auth import principal
+from rexecd.api.keys import IN_FLIGHT, LIMITER, PRINCIPAL, RATE_DECISION, lookup
 from rexecd.errors import RateLimited
+from rexecd.service.inflight import InFlightKind
 from rexecd.service.ratelimit import classify
 
 MSG_RATE_LIMITED = "rate limit exceeded"
@@ -40,3 +45,15 @@ async def add_rate_headers(request: web.Request, response: web.StreamResponse) -
     response.headers["X-RateLimit-Remaining"] = str(decision.remaining)
     if response.status == 429 and not decision.allowed:
         response.headers["Retry-After"] = str(decision.retry_after_header)
+
+
+def in_flight(kind: InFlightKind, handler: Handler) -> Handler:
+    """``handler`` holding one of the caller's ``kind`` slots until it returns (a
+    streamed download until its last byte); 429 when the caller has none left."""
+
+    @functools.wraps(handler)
+    async def limited(request: web.Request) -> web.StreamResponse:
+        with request.app[IN_FLIGHT].hold(principal(request).user_id, kind):
+            return await handler(request)
+
+    return limited

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from aiohttp import web
 
 from rexecd.api.auth import principal
@@ -13,12 +11,13 @@ from rexecd.api.keys import STORE
 from rexecd.api.wire import read_model, respond, respond_json
 from rexecd.models import TokenCreate, TokenCreated, TokenList, TokenValidation
 from rexecd.service import auth
+from rexecd.service.storethread import in_store_thread
 
 
 async def create_token(request: web.Request) -> web.Response:
     body = await read_model(request, TokenCreate)
-    # The store is SQLite behind a lock: kept off the event loop like every store call.
-    plaintext, out = await asyncio.to_thread(
+    # The store is SQLite behind a lock: off the event loop, on the store's thread.
+    plaintext, out = await in_store_thread(
         auth.create_token_for, request.app[STORE], principal(request), body
     )
     created = TokenCreated.model_validate({**out.model_dump(), "token": plaintext})
@@ -26,13 +25,13 @@ async def create_token(request: web.Request) -> web.Response:
 
 
 async def list_tokens(request: web.Request) -> web.Response:
-    tokens = await asyncio.to_thread(auth.list_tokens, request.app[STORE], principal(request))
+    tokens = await in_store_thread(auth.list_tokens, request.app[STORE], principal(request))
     return respond(TokenList(tokens=tokens, count=len(tokens)))
 
 
 async def revoke_token(request: web.Request) -> web.Response:
     token_id = request.match_info["token_id"]
-    await asyncio.to_thread(auth.revoke_token, request.app[STORE], principal(request), token_id)
+    await in_store_thread(auth.revoke_token, request.app[STORE], principal(request), token_id)
     return respond_json({"message": "token revoked", "id": token_id})
 
 

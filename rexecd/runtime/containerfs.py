@@ -2,8 +2,12 @@
 
 Every path is resolved with openat2(RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS) against
 the container's root, so ``..``, absolute symlinks and /proc magic links inside the
-container can never lead to a host file. Needs the daemon's privileges (root) and a
-live container init ``pid``. Errors are ``InvalidRequest``/``NotFound``/``Conflict``.
+container can never lead to a host file. Every directory it opens, and every file it
+reads, is refused if it lies on a kernel file system (the container's /proc and /sys
+would answer host root with more than they tell the container), and only regular
+files are ever opened for reading (see ``safeopen``). Needs the daemon's privileges
+(root) and a live container init ``pid``. Errors are
+``InvalidRequest``/``NotFound``/``Conflict``.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import BinaryIO
 
 from rexecd import _native as n
 from rexecd.errors import Conflict, InvalidRequest, NotFound, RexecError
+from rexecd.runtime.safeopen import refuse_kernel_fs, reopen_regular
 
 _RESOLVE = n.RESOLVE_IN_ROOT | n.RESOLVE_NO_MAGICLINKS
 
@@ -85,9 +90,15 @@ class ContainerFS:
     def _open(self, path: str, flags: int, mode: int = 0) -> int:
         rel = _clean(path).lstrip("/") or "."
         try:
-            return n.openat2(self.root, rel, flags, mode, _RESOLVE)
+            fd = n.openat2(self.root, rel, flags, mode, _RESOLVE)
         except OSError as exc:
             raise _translate(exc, path) from exc
+        try:
+            refuse_kernel_fs(fd, path)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     @contextmanager
     def _parent(self, path: str) -> Iterator[tuple[int, str]]:
@@ -143,11 +154,14 @@ class ContainerFS:
             os.close(fd)
 
     def open_read(self, path: str) -> tuple[Entry, BinaryIO]:
-        fd = self._open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        """A regular file, open for reading; anything else is refused before it is
+        opened (a FIFO would block, a device would wake its driver)."""
+        pfd = self._open(path, os.O_PATH | os.O_NOFOLLOW)
+        try:
+            fd = reopen_regular(pfd, path)
+        finally:
+            os.close(pfd)
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            os.close(fd)
-            raise InvalidRequest(f"not a regular file: {path}", path=path)
         clean = _clean(path)
         entry = Entry(
             clean.rpartition("/")[2],
@@ -184,6 +198,13 @@ class ContainerFS:
             try:
                 st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
                 if stat.S_ISDIR(st.st_mode):
+                    # A mount point of /proc or /sys is a directory of the parent's file
+                    # system by name only: what rmtree would walk is the kernel's.
+                    dfd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY, dir_fd=pfd)
+                    try:
+                        refuse_kernel_fs(dfd, path)
+                    finally:
+                        os.close(dfd)
                     # fd-based and symlink-safe: never follows a link out of the tree.
                     shutil.rmtree(name, dir_fd=pfd)
                 else:

@@ -1,6 +1,8 @@
 """Image user resolution: ``User`` strings ("1000", "user", "user:group", "0:0") to ids,
 read from the image's own /etc/passwd and /etc/group without following any link out
-of a layer."""
+of a layer. For an exec the "layer" is a running container's root, which its tenant
+controls: only a regular file off the kernel file systems is read (``safeopen``), so a
+FIFO in place of /etc/passwd is an error, not a hang."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from pathlib import Path
 
 from rexecd import _native as n
 from rexecd.errors import InvalidRequest
+from rexecd.runtime.safeopen import reopen_regular
 
 
 @dataclass(frozen=True)
@@ -25,18 +28,29 @@ def _read_from_layers(layers: list[Path], rel: str) -> str:
     for layer in reversed(layers):
         dfd = os.open(layer, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            fd = n.openat2(
-                dfd, rel, os.O_RDONLY, resolve=n.RESOLVE_IN_ROOT | n.RESOLVE_NO_MAGICLINKS
-            )
+            fd = _open_link_followed(dfd, rel)
         except FileNotFoundError:
             continue
         except OSError as exc:
             raise InvalidRequest(f"cannot read /{rel} of the image: {exc.strerror}") from exc
+        except InvalidRequest as exc:
+            raise InvalidRequest(f"cannot read /{rel} of the image: {exc.message}") from exc
         finally:
             os.close(dfd)
         with os.fdopen(fd, "r", errors="replace") as f:
             return f.read(1 << 20)
     return ""
+
+
+def _open_link_followed(dfd: int, rel: str) -> int:
+    """``rel`` for reading, a final symlink followed (images link /etc/passwd at times)
+    but resolved inside ``dfd`` like every other component."""
+    resolve = n.RESOLVE_IN_ROOT | n.RESOLVE_NO_MAGICLINKS
+    pfd = n.openat2(dfd, rel, os.O_PATH, 0, resolve)
+    try:
+        return reopen_regular(pfd, "/" + rel)
+    finally:
+        os.close(pfd)
 
 
 def _table(text: str) -> list[list[str]]:

@@ -40,9 +40,11 @@ from rexecd.service import quotas
 from rexecd.service.auth import Principal
 from rexecd.service.events import EventBus
 from rexecd.service.initguard import InitGuard
+from rexecd.service.exits import ProcessExits
 from rexecd.service.interface import ProgressFn
 from rexecd.service.portforwards import PortForwards
 from rexecd.service.store import Store
+from rexecd.service.storethread import in_store_thread
 from rexecd.service.terminals import TerminalRegistry
 
 log = logging.getLogger(__name__)
@@ -151,6 +153,8 @@ class ManagerCore:
         self._closing = False
         self.init_guard = InitGuard(store)
         self._guarding = False
+        # Exec and terminal processes are awaited on the loop, never in a worker thread.
+        self.exits = ProcessExits(runtime)
         self.terminals = TerminalRegistry(
             cfg.terminal.scrollback_bytes, float(cfg.terminal.idle_timeout_s)
         )
@@ -191,13 +195,13 @@ class ManagerCore:
         return lock
 
     async def _find(self, p: Principal, ref: str) -> ContainerRecord:
-        rec = await asyncio.to_thread(self.store.find_container, p.user_id, ref)
+        rec = await in_store_thread(self.store.find_container, p.user_id, ref)
         if rec is None:
             raise NotFound("container not found", code="container_not_found")
         return rec
 
     async def _update(self, db_id: str, **fields: Any) -> ContainerRecord:
-        return await asyncio.to_thread(self.store.update_container, db_id, **fields)
+        return await in_store_thread(self.store.update_container, db_id, **fields)
 
     def _publish(self, kind: str, rec: ContainerRecord) -> None:
         event = Event.model_validate(
@@ -205,7 +209,7 @@ class ManagerCore:
         )
         self.events.publish(rec.user_id, event)
         self._spawn(
-            asyncio.to_thread(
+            in_store_thread(
                 self.store.append_event,
                 kind,
                 {"name": rec.name, "status": rec.status},
@@ -498,13 +502,13 @@ class ManagerCore:
         return True
 
     async def _publish_oom(self, db_id: str) -> None:
-        rec = await asyncio.to_thread(self.store.get_container, db_id)
+        rec = await in_store_thread(self.store.get_container, db_id)
         if rec is not None:
             self._publish("oom", rec)
 
     async def _on_exit(self, db_id: str, pid: int) -> None:
         async with self._lock(db_id):
-            rec = await asyncio.to_thread(self.store.get_container, db_id)
+            rec = await in_store_thread(self.store.get_container, db_id)
             if rec is None or rec.pid != pid or rec.status != "running":
                 # Already handled by stop/delete, or an exit of an older incarnation.
                 if rec is None or rec.pid == pid:

@@ -1,4 +1,8 @@
-"""Run a command to completion inside a container and collect its output (``POST /exec``)."""
+"""Run a command to completion inside a container and collect its output (``POST /exec``).
+
+Nothing here holds a thread while the command runs: its pipes are read and its exit
+is awaited on the event loop (``ProcessExits``), so a thousand sleeping commands
+cost file descriptors, not worker threads."""
 
 from __future__ import annotations
 
@@ -14,10 +18,14 @@ from rexecd.errors import ChildSetupError, InvalidRequest
 from rexecd.models import ExecResult
 from rexecd.runtime.container import Runtime
 from rexecd.runtime.spec import ProcessSpec
+from rexecd.service.exits import ProcessExits
 
 # After the process exits, output still buffered in the pipes is collected for at most
 # this long: a background child holding stdout open must not make the call hang.
 DRAIN_AFTER_EXIT_S = 0.5
+# How long a killed command's group may take to die before the answer goes without
+# its status.
+KILL_GRACE_S = 10.0
 
 
 @dataclass
@@ -50,6 +58,7 @@ class _Sink:
 
 async def run_exec(
     runtime: Runtime,
+    exits: ProcessExits,
     cid: str,
     pid: int,
     process: ProcessSpec,
@@ -98,17 +107,16 @@ async def run_exec(
                 os.close(fd)
         for s in sinks:
             loop.add_reader(s.fd, s.on_readable)
-        waiter = asyncio.ensure_future(asyncio.to_thread(runtime.spawner.wait, child.pid, timeout))
-        status: int | None = None
         try:
-            status = await asyncio.wait_for(asyncio.shield(waiter), timeout)
-        except TimeoutError:
-            status = None
+            status = await exits.wait(child.pid, timeout)
+        except asyncio.CancelledError:
+            # The caller is gone (client disconnect, daemon shutdown): nobody will read
+            # the output, so the command does not outlive its request.
+            _kill_group(child.pid)
+            raise
         if status is None:
-            # Kill the whole process group the exec started (it called setsid).
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(child.pid, signal.SIGKILL)
-            await waiter
+            _kill_group(child.pid)
+            await exits.wait(child.pid, KILL_GRACE_S)
             await _drain(sinks, 0.2)
             return 504, _result(sinks, -1, started, error="command timed out")
         await _drain(sinks, DRAIN_AFTER_EXIT_S)
@@ -117,6 +125,12 @@ async def run_exec(
         for s in sinks:
             loop.remove_reader(s.fd)
             os.close(s.fd)
+
+
+def _kill_group(pid: int) -> None:
+    """SIGKILL the process group the exec started (it called setsid)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
 
 
 async def _drain(sinks: list[_Sink], limit: float) -> None:

@@ -44,6 +44,7 @@ from rexecd.service.core import (
 )
 from rexecd.service.execution import run_exec
 from rexecd.service.interface import FileDownload, TerminalProcess
+from rexecd.service.storethread import in_store_thread
 from rexecd.service.terminals import TerminalSession
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ class InsideOps(ManagerCore):
         try:
             code, result = await run_exec(
                 self.runtime,
+                self.exits,
                 rec.id,
                 rec.pid,
                 proc,
@@ -101,7 +103,7 @@ class InsideOps(ManagerCore):
     async def _gone_while_entering(self, rec: ContainerRecord) -> None:
         """Raise NotFound/Conflict if ``rec`` was deleted or stopped under a request."""
         async with self._lock(rec.db_id):  # a stop under way finishes first
-            now = await asyncio.to_thread(self.store.get_container, rec.db_id)
+            now = await in_store_thread(self.store.get_container, rec.db_id)
         if now is None:
             raise NotFound("container not found", code="container_not_found")
         alive = rec.pid is not None and procinfo.is_same_process(rec.pid, rec.pid_start_time)
@@ -253,10 +255,10 @@ class InsideOps(ManagerCore):
         assert master is not None
         set_size(master, cols or 80, rows or 24)
         await self._touch(rec)
-        spawner = self.runtime.spawner
+        exits = self.exits
 
         async def wait() -> int | None:
-            return await asyncio.to_thread(spawner.wait, child.pid, None)
+            return await exits.wait(child.pid)
 
         return TerminalProcess(master=master, pid=child.pid, pts="", wait=wait)
 

@@ -46,6 +46,7 @@ from rexecd.service.inside import InsideOps
 from rexecd.service.interface import ProgressFn
 from rexecd.service.names import generate_name
 from rexecd.service.reconcile import DaemonLife
+from rexecd.service.storethread import in_store_thread
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ class ContainerManager(InsideOps, DaemonLife):
     # ------------------------------------------------------------ queries
 
     async def list_containers(self, p: Principal) -> list[ContainerOut]:
-        recs = await asyncio.to_thread(self.store.list_containers, p.user_id)
+        recs = await in_store_thread(self.store.list_containers, p.user_id)
         now = utcnow()
         return [r.to_out(now) for r in recs]
 
@@ -106,7 +107,7 @@ class ContainerManager(InsideOps, DaemonLife):
         return (await self._find(p, ref)).to_out()
 
     async def health(self) -> Health:
-        counts = await asyncio.to_thread(self.store.container_counts)
+        counts = await in_store_thread(self.store.container_counts)
         drv = self.runtime.cgroups
         degraded = self.degraded()
         return Health(
@@ -149,7 +150,7 @@ class ContainerManager(InsideOps, DaemonLife):
             last_used_at=now,
             expires_at=quotas.session_expiry(self.cfg, p.tier, now),
         )
-        await asyncio.to_thread(self.store.insert_container_checked, rec, self.container_limit(p))
+        await in_store_thread(self.store.insert_container_checked, rec, self.container_limit(p))
         # Only now: the first frame starts the SSE answer, so a refusal above (image,
         # quota, name taken) still reaches a stream client as a plain JSON error.
         await report("validating", "request validated", 5, container_id=rec.id)
@@ -165,7 +166,7 @@ class ContainerManager(InsideOps, DaemonLife):
         return rec.to_out(async_=True)
 
     async def _free_name(self, p: Principal) -> str:
-        taken = {r.name for r in await asyncio.to_thread(self.store.list_containers, p.user_id)}
+        taken = {r.name for r in await in_store_thread(self.store.list_containers, p.user_id)}
         return generate_name(taken=taken)
 
     async def wait_ready(self, p: Principal, ref: str, timeout: float) -> ContainerOut:
@@ -326,7 +327,7 @@ class ContainerManager(InsideOps, DaemonLife):
             if renaming:
                 assert patch.name is not None
                 fields["name"] = patch.name
-                taken = await asyncio.to_thread(self.store.find_container, p.user_id, patch.name)
+                taken = await in_store_thread(self.store.find_container, p.user_id, patch.name)
                 if taken is not None and taken.name == patch.name:
                     raise Conflict("container with this name already exists", name=patch.name)
                 if await asyncio.to_thread(self._volume_exists, p.user_id, patch.name):

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import io
 import json
+import os
 import secrets
 import sqlite3
 import subprocess
@@ -105,6 +106,31 @@ async def apoll(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or fn}")
         await asyncio.sleep(interval)
+
+
+def pids_with_cmdline(needle: bytes) -> list[int]:
+    """Host pids whose command line contains ``needle`` (a container's processes are
+    host processes too, seen from the host)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if needle in f.read():
+                    found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+async def until_running(needle: str, count: int, timeout: float = 60.0) -> None:
+    """Wait until ``count`` processes whose command line holds ``needle`` run."""
+
+    async def enough() -> bool:
+        return len(pids_with_cmdline(needle.encode())) >= count
+
+    await apoll(enough, timeout, what=f"{count} processes running {needle!r}")
 
 
 # ------------------------------------------------------------------ HTTP client

@@ -135,9 +135,9 @@ async def test_proc_and_sys_through_the_files_api(box: tuple[ApiClient, str]) ->
     for path in ("/proc/1/root/etc/passwd", "/proc/1/cwd", "/proc/1/exe"):
         r = await c.get(f, params={"path": path})
         assert r.status in (400, 404), (path, r.status)
-    # The container's own init is visible as the container sees it.
-    r = (await c.get(f, params={"path": "/proc/1/environ"})).expect(200)
-    assert b"HOSTNAME=" + name.encode() in r.raw and b"PYTHONUNBUFFERED" not in r.raw
+    # Not even the container's own init: /proc is refused as a whole (see below).
+    r = await c.get(f, params={"path": "/proc/1/environ"})
+    assert r.status == 400 and b"HOSTNAME=" not in r.raw, (r.status, r.raw[:200])
     for directory, fname in (("/proc/sys/kernel", "core_pattern"), ("/proc", "sysrq-trigger")):
         r = await upload(c, name, directory, b"|/tmp/rexecd-evil %p", fname)
         assert r.status in (400, 404, 409), (directory, r.status, r.raw[:200])
@@ -146,6 +146,45 @@ async def test_proc_and_sys_through_the_files_api(box: tuple[ApiClient, str]) ->
     r = await c.post(f + "/mkdir", params={"path": "/sys/fs/cgroup/rexecd-evil"})
     assert r.status in (400, 404, 409), r.raw[:200]
     assert Path("/proc/sys/kernel/core_pattern").read_bytes() == core_pattern
+
+
+async def test_kernel_files_are_refused_however_the_path_reaches_them(
+    box: tuple[ApiClient, str],
+) -> None:
+    """The daemon reads as host root: through the container's /proc and /sys it would
+    see what the container cannot (real kernel addresses in /proc/kallsyms, /proc/iomem,
+    other tasks' kernel stacks). Paths on proc or sysfs are refused, whether named,
+    reached through a symlink made inside, or through ``..``."""
+    c, name = box
+    f = F.format(name)
+    # What the container itself sees: zeroed addresses (it lacks CAP_SYSLOG).
+    inside = await c.sh(name, "head -n 3 /proc/kallsyms")
+    assert all(ln.split()[0].strip("0") == "" for ln in inside.splitlines()), inside
+    await c.sh(name, "ln -s /proc /home/user/p && ln -s /sys/kernel /home/user/k")
+    for path in (
+        "/proc/kallsyms",
+        "/proc/iomem",
+        "/proc/1/stack",
+        "/proc/version",
+        "/sys/kernel/notes",
+        "/sys/kernel/vmcoreinfo",
+        "/sys/class/net/lo/address",
+        "/home/user/p/kallsyms",
+        "/home/user/p/1/stack",
+        "/home/user/k/notes",
+        "/home/user/../../proc/iomem",
+        "/tmp/../proc/kallsyms",
+    ):
+        r = await c.get(f, params={"path": path})
+        assert r.status == 400, (path, r.status, r.raw[:200])
+        assert "kernel file system" in r.body["error"], (path, r.body)
+    for path in ("/proc", "/proc/1", "/sys", "/sys/kernel", "/home/user/p", "/home/user/k"):
+        r = await c.get(f + "/list", params={"path": path})
+        assert r.status == 400, (path, r.status, r.raw[:200])
+    # The rest of the container is served as before.
+    listing = (await c.get(f + "/list", params={"path": "/"})).expect(200).body
+    assert {"proc", "sys", "etc"} <= {e["name"] for e in listing["files"]}
+    (await c.get(f, params={"path": "/etc/passwd"})).expect(200)
 
 
 async def test_unicode_names_and_recursive_delete_of_links(

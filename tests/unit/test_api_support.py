@@ -15,7 +15,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from rexecd.api import make_app
-from rexecd.config import Config, RateLimitsConfig
+from rexecd.config import ConcurrencyConfig, Config, RateLimitsConfig
 from rexecd.errors import Conflict, InvalidRequest, NotFound, UnsupportedImage
 from rexecd.models import (
     ContainerCreate,
@@ -93,6 +93,8 @@ class FakeService:
                 "truncated": False,
             },
         )
+        # Set: every exec waits for it, so a test can keep execs in flight.
+        self.exec_gate: asyncio.Event | None = None
         self.stop_timeouts: list[float | None] = []
         self.deleted_volumes: list[bool] = []
         self.subscribers: dict[str, list[asyncio.Queue[Event | None]]] = {}
@@ -228,6 +230,8 @@ class FakeService:
 
     async def exec(self, p: Principal, ref: str, req: ExecRequest) -> tuple[int, dict[str, object]]:
         self._running(p, ref)
+        if self.exec_gate is not None:
+            await self.exec_gate.wait()
         return self.exec_answer
 
     async def stats(self, p: Principal, ref: str) -> Stats:
@@ -381,9 +385,14 @@ async def harness(
     limits: RateLimitsConfig | None = None,
     clock: Callable[[], float] | None = None,
     extra_routes: Callable[[web.Application], None] | None = None,
+    concurrency: ConcurrencyConfig | None = None,
 ) -> AsyncIterator[Harness]:
     """A served app with users alice (read+write), alice-ro (read), bob, root (admin)."""
-    cfg = Config(state_dir=tmp_path / "state", stop_timeout_s=7)
+    cfg = Config(
+        state_dir=tmp_path / "state",
+        stop_timeout_s=7,
+        concurrency=concurrency or ConcurrencyConfig(),
+    )
     limits = limits or RateLimitsConfig(create_per_min=1000, ops_per_min=1000, read_per_min=1000)
     limiter = RateLimiter(limits, clock=clock) if clock else RateLimiter(limits)
     service = FakeService()
