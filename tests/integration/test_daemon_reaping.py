@@ -9,7 +9,6 @@ import re
 import signal
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -18,9 +17,12 @@ from tests.integration.daemon_fixtures import (
     ApiClient,
     cleaning,
     db_rows,
+    kill_spawner,
     poll,
+    proc_stat,
     running_daemon,
     unique,
+    zombies_of,
 )
 
 SPAWNER_DEATHS = 3
@@ -32,61 +34,24 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
         yield d
 
 
-def _stat(pid: int) -> tuple[str, str, int] | None:
-    """(comm, state, ppid) of ``pid``, or None once it is gone."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_bytes()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    comm = raw[raw.index(b"(") + 1 : raw.rindex(b")")].decode(errors="replace")
-    fields = raw[raw.rindex(b")") + 2 :].split()
-    return comm, fields[0].decode(), int(fields[1])
-
-
-def children(ppid: int) -> list[tuple[int, str, str]]:
-    """(pid, comm, state) of every process whose parent is ``ppid``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        st = _stat(int(entry))
-        if st is not None and st[2] == ppid:
-            found.append((int(entry), st[0], st[1]))
-    return found
-
-
-def zombies_of(ppid: int) -> list[tuple[int, str]]:
-    return [(pid, comm) for pid, comm, state in children(ppid) if state == "Z"]
-
-
-def spawner_pid(d: Daemon) -> int:
-    assert d.proc is not None
-    found = [pid for pid, comm, state in children(d.proc.pid) if comm == "rexecd-spawner"]
-    found = [pid for pid in found if _stat(pid) is not None and _stat(pid)[1] != "Z"]  # type: ignore[index]
-    assert len(found) == 1, children(d.proc.pid)
-    return found[0]
-
-
 def init_pid(d: Daemon, db_id: str) -> int:
     rows = db_rows(d, "SELECT pid FROM containers WHERE db_id = ?", db_id)
     assert rows and rows[0][0] is not None, rows
     return int(rows[0][0])
 
 
-def kill_spawner(d: Daemon) -> None:
-    pid = spawner_pid(d)
-    os.kill(pid, signal.SIGKILL)
-    poll(lambda: _stat(pid) is None or _stat(pid)[1] in ("Z", "X"), what="the spawner to die")  # type: ignore[index]
-
-
-def reaped_lines(d: Daemon, pid: int) -> list[str]:
-    return re.findall(rf"process {pid} exited with status \d+ \(reaped by the daemon\)", d.logs())
+def reaped_lines(d: Daemon, pid: int, status: str = r"\d+") -> list[str]:
+    """The daemon's log lines saying it collected ``pid``'s exit itself (waitid)."""
+    return re.findall(
+        rf"process {pid} exited with status {status} \(reaped by the daemon\)", d.logs()
+    )
 
 
 async def test_spawner_deaths_leave_no_zombies(daemon: Daemon) -> None:
     """Each container outlives a SIGKILLed spawner; stopping or deleting it reaps its
     init at once (the daemon is its parent now), and the dead spawners are reaped too."""
     assert daemon.proc is not None
+    dpid = daemon.proc.pid
     tok = daemon.token(unique("reap"), tier="pro")
     async with ApiClient(daemon, tok) as c, cleaning(c) as refs:
         adopted: list[tuple[str, int]] = []
@@ -96,7 +61,8 @@ async def test_spawner_deaths_leave_no_zombies(daemon: Daemon) -> None:
             rec = await c.create_running(name)
             pid = init_pid(daemon, rec["db_id"])
             kill_spawner(daemon)
-            assert _stat(pid) is not None and _stat(pid)[2] == daemon.proc.pid  # type: ignore[index]
+            st = proc_stat(pid)
+            assert st is not None and st[2] == dpid, st  # the daemon is its parent now
             adopted.append((name, pid))
         timings = []
         for i, (name, pid) in enumerate(adopted):
@@ -107,17 +73,18 @@ async def test_spawner_deaths_leave_no_zombies(daemon: Daemon) -> None:
                 (await c.post(f"/api/containers/{name}/stop")).expect(200)
             timings.append(time.monotonic() - t0)
             # Reaped before the answer: no zombie left for anyone to collect.
-            assert _stat(pid) is None, (name, pid, _stat(pid))
+            assert proc_stat(pid) is None, (name, pid, proc_stat(pid))
             # The status came from waitid() on the pidfd, not from a timed-out wait.
             assert reaped_lines(daemon, pid), daemon.logs()[-3000:]
         print(f"stop/delete of re-adopted containers: {[round(t, 3) for t in timings]} s")
         # The dead spawners themselves are the daemon's children too.
-        poll(lambda: not zombies_of(daemon.proc.pid), what="no zombie children of the daemon")  # type: ignore[union-attr]
+        poll(lambda: not zombies_of(dpid), what="no zombie children of the daemon")
 
 
 async def test_adopted_init_exiting_alone_is_reaped(daemon: Daemon) -> None:
     """An init that exits on its own after its spawner died is collected by the watcher."""
     assert daemon.proc is not None
+    dpid = daemon.proc.pid
     tok = daemon.token(unique("reap"), tier="pro")
     async with ApiClient(daemon, tok) as c, cleaning(c) as refs:
         name = unique("alone")
@@ -127,9 +94,9 @@ async def test_adopted_init_exiting_alone_is_reaped(daemon: Daemon) -> None:
         kill_spawner(daemon)
         os.kill(pid, signal.SIGKILL)
         await c.wait_status(name, "stopped")
-        poll(lambda: _stat(pid) is None, what=f"init {pid} to be reaped")
-        assert reaped_lines(daemon, pid)
-        poll(lambda: not zombies_of(daemon.proc.pid), what="no zombie children of the daemon")  # type: ignore[union-attr]
+        poll(lambda: proc_stat(pid) is None, what=f"init {pid} to be reaped")
+        assert reaped_lines(daemon, pid, status=str(128 + signal.SIGKILL))
+        poll(lambda: not zombies_of(dpid), what="no zombie children of the daemon")
 
 
 async def test_stop_after_daemon_restart_does_not_wait(daemon: Daemon) -> None:
@@ -142,7 +109,7 @@ async def test_stop_after_daemon_restart_does_not_wait(daemon: Daemon) -> None:
     pid = init_pid(daemon, rec["db_id"])
     daemon.restart()
     assert daemon.proc is not None
-    st = _stat(pid)
+    st = proc_stat(pid)
     assert st is not None and st[2] != daemon.proc.pid
     async with ApiClient(daemon, tok) as c, cleaning(c) as refs:
         refs.append(name)
