@@ -357,6 +357,18 @@ class TerminalConfig(_Section):
     scrollback_bytes: int = Field(default=262144, ge=65536)
 
 
+class HttpConfig(_Section):
+    """How long a client connection may take, and how many one address may hold, before
+    it has shown itself: slow or silent clients are closed, not kept."""
+
+    header_timeout_s: float = Field(default=10, gt=0)
+    keepalive_timeout_s: float = Field(default=60, gt=0)
+    body_timeout_s: float = Field(default=30, gt=0)
+    # TCP connections per client address that have not made an authenticated request
+    # yet; 0 = no cap. Unix socket clients are not counted (the socket is 0660).
+    unauthenticated_per_ip: NonNegativeInt = 64
+
+
 class ExecConfig(_Section):
     # A default above the max is not refused: the max wins (see quotas.exec_timeout).
     default_timeout_s: PositiveInt = 60
@@ -377,6 +389,7 @@ class Config(_Section):
     """The daemon's configuration; ``Config()`` equals the embedded default.yaml."""
 
     listen: list[str] = Field(default_factory=lambda: ["unix:/run/rexecd/rexecd.sock"])
+    http: HttpConfig = Field(default_factory=HttpConfig)
     state_dir: Path = Path("/var/lib/rexecd")
     run_dir: Path = Path("/run/rexecd")
     network: NetworkConfig = Field(default_factory=NetworkConfig)

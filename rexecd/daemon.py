@@ -5,17 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
+import socket
 import stat
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import web
 
 from rexecd import __version__
+from rexecd.api.guard import ConnectionGuard, GuardedSite, GuardLimits
 from rexecd.config import Config, TcpListen, UnixListen
+from rexecd.errors import RuntimeUnavailable
 from rexecd.runtime.cgroups import choose_driver
 from rexecd.runtime.container import Runtime
 from rexecd.runtime.images import ImageStore
@@ -27,6 +32,8 @@ from rexecd.service.ratelimit import RateLimiter
 from rexecd.service.store import Store
 
 log = logging.getLogger(__name__)
+
+BACKLOG = 128
 
 
 def _private_dir(path: Path) -> None:
@@ -50,29 +57,140 @@ def _network(cfg: Config) -> tuple[object | None, object | None]:
     return Network(net), PortForwarder(net)
 
 
-async def _listen(runner: web.AppRunner, cfg: Config) -> list[str]:
-    where = []
-    for addr in cfg.listen_addresses():
-        if isinstance(addr, UnixListen):
-            path = Path(addr.path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(FileNotFoundError):
-                if stat.S_ISSOCK(path.lstat().st_mode):
-                    path.unlink()  # stale socket of a previous daemon
-            site: web.BaseSite = web.UnixSite(runner, str(path))
-            await site.start()
-            os.chmod(path, 0o660)
-            where.append(f"unix:{path}")
-        else:
-            assert isinstance(addr, TcpListen)
-            site = web.TCPSite(runner, addr.host, addr.port)
-            await site.start()
-            where.append(f"tcp:{addr.host}:{addr.port}")
-    return where
+@dataclass
+class Listener:
+    """A bound, listening socket for one ``listen`` address."""
+
+    where: str
+    sock: socket.socket
+    # A unix socket's path, and the directories made for it: undone if start-up fails.
+    path: Path | None = None
+    made_dirs: list[Path] = field(default_factory=list)
+    serving: bool = False
+
+    def close(self, unlink: bool) -> None:
+        self.sock.close()
+        if unlink and self.path is not None:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+            for d in reversed(self.made_dirs):
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+
+
+def bind_listeners(cfg: Config) -> list[Listener]:
+    """Bind every listen address. Done first, before the daemon makes any host state
+    (bridge, nft tables, cgroups, state dir): a busy address then stops start-up with
+    nothing to undo. Raises ``RuntimeUnavailable`` naming the address."""
+    bound: list[Listener] = []
+    try:
+        for addr in cfg.listen_addresses():
+            bound.extend(_bind(addr))
+    except BaseException:
+        for lst in bound:
+            lst.close(unlink=True)
+        raise
+    return bound
+
+
+def _bind(addr: UnixListen | TcpListen) -> list[Listener]:
+    if isinstance(addr, UnixListen):
+        where = f"unix:{addr.path}"
+        made = _make_parents(addr.path)
+        try:
+            return [Listener(where, _bind_unix(addr.path), addr.path, made)]
+        except OSError as exc:
+            for d in reversed(made):
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+            raise _cannot_listen(where, exc) from None
+    host = f"[{addr.host}]" if ":" in addr.host else addr.host
+    where = f"tcp:{host}:{addr.port}"
+    socks: list[socket.socket] = []
+    try:
+        # A name may stand for several addresses (localhost: 127.0.0.1 and ::1).
+        infos = socket.getaddrinfo(
+            addr.host, addr.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        for family, kind, proto, _name, sockaddr in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(sockaddr)
+            sock.listen(BACKLOG)
+    except OSError as exc:
+        for sock in socks:
+            sock.close()
+        raise _cannot_listen(where, exc) from None
+    return [Listener(f"tcp:{host}:{s.getsockname()[1]}", s) for s in socks]
+
+
+def _cannot_listen(where: str, exc: OSError) -> RuntimeUnavailable:
+    return RuntimeUnavailable(f"cannot listen on {where}: {exc.strerror or exc}")
+
+
+def _make_parents(path: Path) -> list[Path]:
+    """Create the missing parents of ``path``; returns the ones made, outermost first."""
+    missing = [d for d in path.parents if not d.exists()]
+    for d in reversed(missing):
+        d.mkdir(exist_ok=True)
+    return list(reversed(missing))
+
+
+def _bind_unix(path: Path) -> socket.socket:
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(path.lstat().st_mode):
+            if _unix_socket_in_use(path):
+                raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE))
+            path.unlink()  # stale socket of a previous daemon
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        os.chmod(path, 0o660)
+        sock.listen(BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _unix_socket_in_use(path: Path) -> bool:
+    """Whether a process listens on ``path``: only a dead daemon's socket is replaced."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except BlockingIOError:
+        return True  # a full backlog: someone is there
+    finally:
+        probe.close()
+    return True
+
+
+async def _serve_on(
+    runner: web.AppRunner, listeners: list[Listener], guard: ConnectionGuard
+) -> None:
+    for lst in listeners:
+        await GuardedSite(runner, lst.sock, guard).start()
+        lst.serving = True
 
 
 async def serve(cfg: Config, ready: asyncio.Event | None = None) -> None:
     """Run the daemon until SIGTERM/SIGINT; containers are left running on exit."""
+    listeners = bind_listeners(cfg)
+    try:
+        await _run(cfg, ready, listeners)
+    except BaseException:
+        for lst in listeners:
+            lst.close(unlink=not lst.serving)
+        raise
+
+
+async def _run(cfg: Config, ready: asyncio.Event | None, listeners: list[Listener]) -> None:
     import prctl
 
     from rexecd.api.accesslog import AccessLogger, scrub_log_handlers
@@ -123,16 +241,25 @@ async def serve(cfg: Config, ready: asyncio.Event | None = None) -> None:
             build="dev",
             extra_routes=lambda a: add_terminal_routes(a, manager, cfg),
         )
+        h = cfg.http
+        guard = ConnectionGuard(
+            GuardLimits(h.header_timeout_s, h.body_timeout_s, h.unauthenticated_per_ip)
+        )
+        guard.install(app)
         # Requests still running at SIGTERM get stop_timeout_s in all, then are cancelled
         # (an exec's command is killed with its request). aiohttp spends the timeout
         # twice over: waiting for handlers to end, then for cancelled ones to unwind,
         # and it cancels only at the end of the second wait.
         runner = web.AppRunner(
-            app, shutdown_timeout=cfg.stop_timeout_s / 2, access_log_class=AccessLogger
+            app,
+            shutdown_timeout=cfg.stop_timeout_s / 2,
+            access_log_class=AccessLogger,
+            keepalive_timeout=h.keepalive_timeout_s,
         )
         await runner.setup()
-        where = await _listen(runner, cfg)
-        print(f"rexecd {__version__} listening on {', '.join(where)}", file=sys.stderr, flush=True)
+        await _serve_on(runner, listeners, guard)
+        where = ", ".join(lst.where for lst in listeners)
+        print(f"rexecd {__version__} listening on {where}", file=sys.stderr, flush=True)
         if ready is not None:
             ready.set()
         await stop.wait()

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rexecd.errors import ChildSetupError, NotFound, RexecError, RuntimeFailure
-from rexecd.runtime import sync
+from rexecd.runtime import procinfo, sync
 from rexecd.runtime.capabilities import DEFAULT_CAPS
 from rexecd.runtime.cgroups import Cgroup, CgroupDriver, CgroupLimits
 from rexecd.runtime.spawner import Child, Spawner
@@ -29,6 +29,11 @@ from rexecd.runtime.users import resolve_user
 
 log = logging.getLogger(__name__)
 
+# How long a reaped child's status may take to come back from the spawner: it sends it
+# right after waitpid, so this only bounds a wait on a wedged spawner.
+SPAWNER_REPORT_S = 10.0
+# How long a SIGKILLed init may take to go (uninterruptible sleep) before a stop gives up.
+KILL_WAIT_S = 10.0
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -273,26 +278,67 @@ class Runtime:
 
     def stop(self, cid: str, pid: int, timeout: float = 10.0) -> int | None:
         """SIGTERM to init, then SIGKILL to every process of the container after
-        ``timeout`` seconds. Returns init's exit status when the spawner reaped it."""
+        ``timeout`` seconds; returns once init has exited, with its status if known
+        (see ``exit_status``). Blocking: the daemon halts a container it watches on
+        its event loop instead, with ``signal`` and ``kill``."""
         try:
             pidfd = os.pidfd_open(pid)
         except ProcessLookupError:
-            self._kill_cgroup(cid)
-            return self.spawner.poll(pid)
+            self.kill_cgroup(cid)
+            return self._spawner.poll(pid)
         try:
-            signal.pidfd_send_signal(pidfd, signal.SIGTERM)
-            if not _wait_pidfd(pidfd, timeout):
-                self._kill_cgroup(cid)
-                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-                _wait_pidfd(pidfd, 10.0)
-        except ProcessLookupError:
-            pass
+            self.signal(pidfd, signal.SIGTERM)
+            exited = _wait_pidfd(pidfd, timeout)
+            if not exited:
+                self.kill(cid, pidfd)
+                exited = _wait_pidfd(pidfd, KILL_WAIT_S)
+            self.kill_cgroup(cid)
+            return self.exit_status(pid, pidfd) if exited else None
         finally:
             os.close(pidfd)
-        self._kill_cgroup(cid)
-        return self.spawner.wait(pid, timeout=1.0)
 
-    def _kill_cgroup(self, cid: str) -> None:
+    @staticmethod
+    def signal(pidfd: int, sig: int) -> None:
+        """Send ``sig`` to the process behind ``pidfd``; nothing if it has exited."""
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(pidfd, sig)
+
+    def kill(self, cid: str, pidfd: int) -> None:
+        """SIGKILL every process of the container, init (``pidfd``) last."""
+        self.kill_cgroup(cid)
+        self.signal(pidfd, signal.SIGKILL)
+
+    def exit_status(self, pid: int, pidfd: int) -> int | None:
+        """The exit status of ``pid``, which has exited (its ``pidfd`` polled readable),
+        collected from whichever process is its parent; None when that is not ours.
+
+        - the daemon, once the spawner that started it died (the daemon is a child
+          subreaper): ``waitid`` on the pidfd reaps it here;
+        - the live spawner: it reaps the process and reports the status at once;
+        - anyone else (after a daemon restart, the old daemon's nearest subreaper or
+          pid 1): that parent reaps it, and this daemon has no status to wait for.
+        """
+        status = _reap(pid, pidfd)
+        if status is not None:
+            return status
+        sp = self._spawner
+        if sp.is_parent_of(pid):
+            # The report follows the spawner's waitpid; the bound is only a safety net.
+            status = sp.wait(pid, timeout=SPAWNER_REPORT_S)
+            if status is not None:
+                log.debug("process %d exited with status %d (reaped by the spawner)", pid, status)
+                return status
+            # The spawner died before reaping it; now that it is gone (``wait`` returns
+            # only then), the process is the daemon's child.
+            return _reap(pid, pidfd)
+        ppid = procinfo.parent(pid)
+        if ppid is None:
+            log.info("process %d exited (already reaped by its parent)", pid)
+        else:
+            log.info("process %d exited (its parent, pid %d, collects it)", pid, ppid)
+        return None
+
+    def kill_cgroup(self, cid: str) -> None:
         cg = self.cgroup(cid)
         if cg is not None:
             cg.kill()
@@ -308,6 +354,13 @@ class Runtime:
         """Remove everything of a stopped container, its data included."""
         self.release(cid)
         shutil.rmtree(self.dirs(cid, ephemeral).base, ignore_errors=True)
+
+
+def _reap(pid: int, pidfd: int) -> int | None:
+    status = procinfo.reap_pidfd(pidfd)
+    if status is not None:
+        log.info("process %d exited with status %d (reaped by the daemon)", pid, status)
+    return status
 
 
 def _wait_pidfd(pidfd: int, timeout: float) -> bool:

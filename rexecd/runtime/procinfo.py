@@ -30,6 +30,12 @@ def state(pid: int) -> str | None:
     return None if fields is None else fields[0].decode()
 
 
+def parent(pid: int) -> int | None:
+    """The parent pid of ``pid`` (a zombie's too), or None once it has been reaped."""
+    fields = _stat_fields(pid)
+    return None if fields is None else int(fields[1])
+
+
 def is_same_process(pid: int, recorded_start: int | None) -> bool:
     """Whether ``pid`` is alive and still the process that started at ``recorded_start``.
 

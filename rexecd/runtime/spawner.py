@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import select
 import signal
@@ -28,6 +29,8 @@ from rexecd import _native as n
 from rexecd.errors import ChildSetupError, RuntimeUnavailable
 from rexecd.runtime import capabilities, sync
 from rexecd.runtime.spec import ContainerSpec, ExecSpec
+
+log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- server side
 
@@ -245,6 +248,9 @@ class Spawner:
         # Exit statuses not yet collected, oldest first; bounded so that statuses nobody
         # asks for (a waiter that gave up) cannot accumulate forever.
         self._exits: OrderedDict[int, int] = OrderedDict()
+        # Children this spawner started and has not reported: it is their parent, and
+        # the one to say how they ended.
+        self._children: set[int] = set()
         self._listeners: list[Callable[[int, int], None]] = []
         self._closed = False
         self._reader = threading.Thread(target=self._read_loop, name="spawner-reader", daemon=True)
@@ -260,6 +266,11 @@ class Spawner:
         with self._cond:
             return not self._closed
 
+    def is_parent_of(self, pid: int) -> bool:
+        """Whether ``pid`` is a child this spawner started and reaps (or has reaped)."""
+        with self._cond:
+            return pid in self._children or pid in self._exits
+
     def add_exit_listener(self, fn: Callable[[int, int], None]) -> None:
         """``fn(pid, status)`` is called from the reader thread for every reaped process."""
         with self._cond:
@@ -273,6 +284,8 @@ class Spawner:
                 msg, fds = None, []
             for fd in fds:
                 os.close(fd)
+            if msg is None:
+                self._collect_process()
             with self._cond:
                 if msg is None:
                     self._closed = True
@@ -281,6 +294,7 @@ class Spawner:
                 if isinstance(msg, sync.Reply):
                     self._replies[msg.rid] = msg
                 elif isinstance(msg, sync.Exited):
+                    self._children.discard(msg.pid)
                     self._exits[msg.pid] = msg.status
                     while len(self._exits) > MAX_UNCOLLECTED_EXITS:
                         self._exits.popitem(last=False)
@@ -291,6 +305,15 @@ class Spawner:
             if isinstance(msg, sync.Exited):
                 for fn in listeners:
                     fn(msg.pid, msg.status)
+
+    def _collect_process(self) -> None:
+        """Reap the spawner process once its socket closed. Only then are the children it
+        left re-parented to the daemon (a subreaper), so whoever wakes on ``alive``
+        turning False can wait for them itself; and no dead spawner stays a zombie."""
+        try:
+            self._proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            log.warning("spawner process %d closed its socket but did not exit", self.pid)
 
     def _request(self, op: str, body: dict[str, object], stdio: list[int] | None) -> Child:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -325,6 +348,9 @@ class Spawner:
             finally:
                 ours.close()
             raise ChildSetupError("spawn", reply.error or "child exited during set-up")
+        with self._cond:
+            if reply.pid not in self._exits:
+                self._children.add(reply.pid)
         return Child(reply.pid, ours)
 
     def run(self, spec: ContainerSpec, stdio: list[int] | None = None) -> Child:

@@ -6,8 +6,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 from collections.abc import Awaitable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from rexecd.models import (
 )
 from rexecd.runtime import procinfo
 from rexecd.runtime.cgroups import CgroupLimits, IoLimit
-from rexecd.runtime.container import ContainerDirs, ImageView, Runtime
+from rexecd.runtime.container import KILL_WAIT_S, ContainerDirs, ImageView, Runtime
 from rexecd.runtime.containerfs import Entry, mode_string
 from rexecd.runtime.images import ImageRecord, ImageStore
 from rexecd.runtime.spec import BindMount
@@ -39,8 +40,8 @@ from rexecd.runtime.users import resolve_user
 from rexecd.service import quotas
 from rexecd.service.auth import Principal
 from rexecd.service.events import EventBus
-from rexecd.service.initguard import InitGuard
 from rexecd.service.exits import ProcessExits
+from rexecd.service.initguard import InitGuard
 from rexecd.service.interface import ProgressFn
 from rexecd.service.portforwards import PortForwards
 from rexecd.service.store import Store
@@ -95,6 +96,16 @@ def _file_info(e: Entry) -> FileInfo:
     )
 
 
+@dataclass
+class _InitWatch:
+    """A running container's init as the daemon watches it: its pidfd, and the future
+    its exit status (None when another process is its parent) is set on."""
+
+    pid: int
+    pidfd: int
+    exited: asyncio.Future[int | None]
+
+
 class _Reporter:
     """Sends StreamProgress frames to an optional callback; never fails the create."""
 
@@ -145,7 +156,7 @@ class ManagerCore:
         self._no_cgroups_reason = no_cgroups_reason or "no cgroup driver"
         self._locks: dict[str, asyncio.Lock] = {}
         self._creating: dict[str, asyncio.Task[None]] = {}
-        self._watch_fds: dict[str, int] = {}
+        self._inits: dict[str, _InitWatch] = {}
         self._oom_fds: dict[str, int] = {}
         self._oom_seen: dict[str, int] = {}
         self._cpu_prev: dict[str, tuple[float, int]] = {}
@@ -430,16 +441,37 @@ class ManagerCore:
         status: str = "stopped",
         reason: str | None = None,
     ) -> ContainerRecord:
-        self._unwatch(rec.db_id)
         self.terminals.close_container(rec.db_id, "container_status", f"container {status}")
         if rec.pid is not None and procinfo.is_same_process(rec.pid, rec.pid_start_time):
-            await asyncio.to_thread(self.runtime.stop, rec.id, rec.pid, timeout)
+            await self._terminate(rec, rec.pid, timeout)
+        self._unwatch(rec.db_id)
         await asyncio.to_thread(self._release, rec)
         rec = await self._update(
             rec.db_id, status=status, pid=None, pid_start_time=None, error_message=reason
         )
         self._publish("stopped", rec)
         return rec
+
+    async def _terminate(self, rec: ContainerRecord, pid: int, timeout: float) -> None:
+        """SIGTERM to init, SIGKILL to the whole container after ``timeout`` seconds.
+
+        Woken by init's exit as its watcher sees it (which also collects the status
+        and frees the zombie): no worker thread waits on a process the tenant controls.
+        """
+        watch = self._inits.get(rec.db_id)
+        if watch is None or watch.pid != pid:
+            await asyncio.to_thread(self.runtime.stop, rec.id, pid, timeout)
+            return
+        self.runtime.signal(watch.pidfd, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(asyncio.shield(watch.exited), timeout)
+        except TimeoutError:
+            await asyncio.to_thread(self.runtime.kill, rec.id, watch.pidfd)
+            try:
+                await asyncio.wait_for(asyncio.shield(watch.exited), KILL_WAIT_S)
+            except TimeoutError:
+                log.warning("init %d of %s still runs %gs after SIGKILL", pid, rec.id, KILL_WAIT_S)
+        await asyncio.to_thread(self.runtime.kill_cgroup, rec.id)
 
     # ------------------------------------------------------------ watching
 
@@ -451,10 +483,11 @@ class ManagerCore:
         try:
             pidfd = os.pidfd_open(rec.pid)
         except ProcessLookupError:
-            self._spawn(self._on_exit(rec.db_id, rec.pid))
+            self._spawn(self._on_exit(rec.db_id, rec.pid, None))
             return
-        self._watch_fds[rec.db_id] = pidfd
-        loop.add_reader(pidfd, lambda: self._spawn(self._on_exit(rec.db_id, rec.pid or 0)))
+        watch = _InitWatch(rec.pid, pidfd, loop.create_future())
+        self._inits[rec.db_id] = watch
+        loop.add_reader(pidfd, self._init_exited, rec.db_id, watch)
         self.init_guard.watch(rec.db_id, rec.pid, pidfd, rec.name, rec.user_id)
         if not self._guarding:
             self._guarding = True
@@ -467,14 +500,39 @@ class ManagerCore:
                 self._oom_seen[rec.db_id] = cg.stats().oom_kills
                 loop.add_reader(fd, lambda: self._on_oom(rec.db_id, rec.id, fd))
 
+    def _init_exited(self, db_id: str, watch: _InitWatch) -> None:
+        # A pidfd stays readable once its process has exited: one wake-up is enough.
+        asyncio.get_running_loop().remove_reader(watch.pidfd)
+        self._spawn(self._collect_exit(db_id, watch))
+
+    async def _collect_exit(self, db_id: str, watch: _InitWatch) -> None:
+        """Collect the status of an init that exited (reaping it if the daemon is its
+        parent), wake a stop waiting for it, and record the exit if nobody stopped it."""
+        # A duplicate: _unwatch may close the watch's own fd while the thread uses it.
+        fd = os.dup(watch.pidfd)
+        try:
+            status = await asyncio.to_thread(self.runtime.exit_status, watch.pid, fd)
+        except Exception:
+            log.exception("collecting the exit of init %d", watch.pid)
+            status = None
+        finally:
+            os.close(fd)
+        if not watch.exited.done():
+            watch.exited.set_result(status)
+        await self._on_exit(db_id, watch.pid, status)
+
     def _unwatch(self, db_id: str) -> None:
         loop = asyncio.get_running_loop()
         self.init_guard.forget(db_id)  # before its pidfd closes
-        for table in (self._watch_fds, self._oom_fds):
-            fd = table.pop(db_id, None)
-            if fd is not None:
-                loop.remove_reader(fd)
-                os.close(fd)
+        watch = self._inits.pop(db_id, None)
+        if watch is not None:
+            loop.remove_reader(watch.pidfd)
+            os.close(watch.pidfd)
+            watch.exited.cancel()
+        fd = self._oom_fds.pop(db_id, None)
+        if fd is not None:
+            loop.remove_reader(fd)
+            os.close(fd)
 
     def _on_oom(self, db_id: str, cid: str, fd: int) -> None:
         with contextlib.suppress(OSError):
@@ -506,7 +564,7 @@ class ManagerCore:
         if rec is not None:
             self._publish("oom", rec)
 
-    async def _on_exit(self, db_id: str, pid: int) -> None:
+    async def _on_exit(self, db_id: str, pid: int, status: int | None) -> None:
         async with self._lock(db_id):
             rec = await in_store_thread(self.store.get_container, db_id)
             if rec is None or rec.pid != pid or rec.status != "running":
@@ -514,10 +572,6 @@ class ManagerCore:
                 if rec is None or rec.pid == pid:
                     self._unwatch(db_id)
                 return
-            pidfd = self._watch_fds.get(db_id)
-            status = procinfo.reap_pidfd(pidfd) if pidfd is not None else None
-            if status is None:
-                status = await asyncio.to_thread(self.runtime.spawner.wait, pid, 1.0)
             oom = self._oom_seen.get(db_id, 0) > 0
             reason = None
             if oom and status is not None and status == 128 + 9:

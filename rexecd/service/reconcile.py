@@ -131,7 +131,7 @@ class DaemonLife(ManagerCore):
         for task in list(self._creating.values()):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(task), 30)
-        for db_id in list(self._watch_fds) + list(self._oom_fds):
+        for db_id in list(self._inits) + list(self._oom_fds):
             self._unwatch(db_id)
         await self.terminals.close_all()
         for task in list(self._bg):

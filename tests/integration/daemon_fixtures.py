@@ -15,6 +15,7 @@ import io
 import json
 import os
 import secrets
+import signal
 import sqlite3
 import subprocess
 import tarfile
@@ -453,6 +454,48 @@ def pid_alive(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         return False
     return state not in ("Z", "X")
+
+
+def proc_stat(pid: int) -> tuple[str, str, int] | None:
+    """(comm, state, ppid) of ``pid``, or None once it is gone (reaped)."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    comm = raw[raw.index(b"(") + 1 : raw.rindex(b")")].decode(errors="replace")
+    fields = raw[raw.rindex(b")") + 2 :].split()
+    return comm, fields[0].decode(), int(fields[1])
+
+
+def children(ppid: int) -> list[tuple[int, str, str]]:
+    """(pid, comm, state) of every process whose parent is ``ppid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        st = proc_stat(int(entry.name)) if entry.name.isdigit() else None
+        if st is not None and st[2] == ppid:
+            found.append((int(entry.name), st[0], st[1]))
+    return found
+
+
+def zombies_of(ppid: int) -> list[tuple[int, str]]:
+    """(pid, comm) of the children of ``ppid`` that have exited and not been waited for."""
+    return [(pid, comm) for pid, comm, state in children(ppid) if state == "Z"]
+
+
+def spawner_pid(d: Daemon) -> int:
+    """The daemon's live spawner process."""
+    assert d.proc is not None
+    mine = children(d.proc.pid)
+    found = [pid for pid, comm, state in mine if comm == "rexecd-spawner" and state != "Z"]
+    assert len(found) == 1, mine
+    return found[0]
+
+
+def kill_spawner(d: Daemon) -> None:
+    """SIGKILL the daemon's spawner and wait until it has died."""
+    pid = spawner_pid(d)
+    os.kill(pid, signal.SIGKILL)
+    poll(lambda: not pid_alive(pid), what="the spawner to die")
 
 
 # ------------------------------------------------------------------ test images
