@@ -6,7 +6,8 @@
     ├── InvalidRequest (400, invalid_request)
     │   ├── UnsupportedImage (400, unsupported_image)
     │   ├── InvalidJson (400, invalid_json)         not JSON, or too deep or too big to decode
-    │   └── InvalidMultipart (400, invalid_multipart)  a form body that cannot be parsed
+    │   ├── InvalidMultipart (400, invalid_multipart)  a form body that cannot be parsed
+    │   └── UnreadableBody (400, invalid_body)      a broken content or transfer encoding
     ├── Unauthorized (401, unauthorized)
     ├── Forbidden (403, forbidden)
     │   └── QuotaExceeded (403, quota_exceeded)
@@ -68,6 +69,13 @@ class InvalidMultipart(InvalidRequest):
     header (a NUL in a name), a truncated body."""
 
     code = "invalid_multipart"
+
+
+class UnreadableBody(InvalidRequest):
+    """A body that cannot be read at all: a ``Content-Encoding: gzip`` that is not gzip,
+    a broken chunked encoding found while the handler reads."""
+
+    code = "invalid_body"
 
 
 class Unauthorized(RexecError):

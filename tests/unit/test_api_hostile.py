@@ -178,3 +178,24 @@ async def test_an_empty_file_part_is_whole(tmp_path: Path) -> None:
         status, body = await _post_raw(h, "POST", f"/api/containers/{rec.id}/files", raw, B)
         assert status == 200, body
         assert h.service.uploads == [("/home/user", "empty", b"", 100 * 1024 * 1024)]
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_a_body_that_is_not_its_content_encoding_is_400(
+    tmp_path: Path, encoding: str
+) -> None:
+    async with harness(tmp_path) as h:
+        rec = h.service.add(h.user_id(), "box")
+        for who, path, content_type in (
+            ("alice", "/api/containers", "application/json"),
+            ("alice", f"/api/containers/{rec.id}/files", B),
+            ("root", "/api/images/import", "application/x-tar"),
+        ):
+            headers = {**h.headers(who), "Content-Type": content_type}
+            headers["Content-Encoding"] = encoding
+            async with h.client.post(path, data=b"not compressed", headers=headers) as resp:
+                body = await resp.json()
+                assert resp.status == 400, (path, body)
+                assert body["code"] == "invalid_body" and body["error"], (path, body)
+        assert h.service.uploads == [] and h.service.imports == []
+        assert len(h.service.records) == 1
