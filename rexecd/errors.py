@@ -4,7 +4,10 @@
 
     RexecError (500, internal_error)
     ├── InvalidRequest (400, invalid_request)
-    │   └── UnsupportedImage (400, unsupported_image)
+    │   ├── UnsupportedImage (400, unsupported_image)
+    │   ├── InvalidJson (400, invalid_json)         not JSON, or too deep or too big to decode
+    │   ├── InvalidMultipart (400, invalid_multipart)  a form body that cannot be parsed
+    │   └── UnreadableBody (400, invalid_body)      a broken content or transfer encoding
     ├── Unauthorized (401, unauthorized)
     ├── Forbidden (403, forbidden)
     │   └── QuotaExceeded (403, quota_exceeded)
@@ -53,6 +56,27 @@ class InvalidRequest(RexecError):
 
 class UnsupportedImage(InvalidRequest):
     code = "unsupported_image"
+
+
+class InvalidJson(InvalidRequest):
+    """A body or frame that is not strict JSON: bad syntax, not UTF-8, lone surrogates,
+    NaN, nesting past the decoder's depth, or an integer past Python's digit limit."""
+
+    code = "invalid_json"
+
+
+class InvalidMultipart(InvalidRequest):
+    """A ``multipart/form-data`` body the parser rejects: no boundary, a malformed part
+    header (a NUL in a name), a truncated body."""
+
+    code = "invalid_multipart"
+
+
+class UnreadableBody(InvalidRequest):
+    """A body that cannot be read at all: a ``Content-Encoding: gzip`` that is not gzip,
+    a broken chunked encoding found while the handler reads."""
+
+    code = "invalid_body"
 
 
 class Unauthorized(RexecError):

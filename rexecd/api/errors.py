@@ -6,14 +6,16 @@ import logging
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from aiohttp.web_protocol import RequestPayloadError
 
 from rexecd.api.wire import respond_json
-from rexecd.errors import RateLimited, RexecError, Unauthorized
+from rexecd.errors import RateLimited, RexecError, Unauthorized, UnreadableBody
 
 log = logging.getLogger("rexecd.api")
 
 MSG_INTERNAL = "internal server error"
 MSG_TIMEOUT = "operation timed out"
+MSG_UNREADABLE_BODY = "request body could not be read"
 # Headers describing an aiohttp error's text body, which a JSON body replaces.
 _BODY_HEADERS = frozenset({"content-type", "content-length", "content-encoding"})
 
@@ -58,6 +60,14 @@ def render_exception(request: web.Request, exc: Exception) -> web.Response:
             # Redirects and the like are answers, not errors: aiohttp sends them as is.
             raise exc
         return render_http_exception(exc)
+    if isinstance(exc, RequestPayloadError):
+        # aiohttp's parser found the body broken (bad gzip, bad chunking) while a
+        # handler read it: whichever handler, it is the client's fault. The rest of
+        # the body cannot be skipped to reach a next request, so the connection ends.
+        detail = " ".join(str(exc).split())[:200]
+        response = render_rexec_error(UnreadableBody(MSG_UNREADABLE_BODY, details=detail))
+        response.force_close()
+        return response
     if isinstance(exc, TimeoutError):
         log.warning("%s %s timed out", request.method, request.path, exc_info=exc)
         return respond_json({"error": MSG_TIMEOUT}, 504)

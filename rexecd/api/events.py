@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -14,7 +13,8 @@ from rexecd.api.auth import WS_PROTOCOLS, principal
 from rexecd.api.containers import COMMON_ERRORS
 from rexecd.api.endpoint import Endpoint
 from rexecd.api.keys import SERVICE, track_websocket
-from rexecd.api.wire import respond
+from rexecd.api.wire import decode_json, respond
+from rexecd.errors import InvalidJson
 from rexecd.models import Event
 
 log = logging.getLogger("rexecd.api")
@@ -52,9 +52,10 @@ async def _close_iterator(events: AsyncIterator[Event]) -> None:
 
 
 def _is_ping(data: str) -> bool:
+    # Every other frame, JSON or not, however deep or large, is ignored.
     try:
-        frame = json.loads(data)
-    except ValueError:
+        frame = decode_json(data)
+    except InvalidJson:
         return False
     return isinstance(frame, dict) and frame.get("type") == "ping"
 

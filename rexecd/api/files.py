@@ -13,6 +13,7 @@ from rexecd.api.auth import principal
 from rexecd.api.containers import REF_ERRORS, ref
 from rexecd.api.endpoint import Endpoint, Query
 from rexecd.api.keys import SERVICE
+from rexecd.api.multipart import open_form, read_chunk
 from rexecd.api.ratelimit import in_flight
 from rexecd.api.wire import parse_model, read_json, respond, respond_json
 from rexecd.errors import InvalidRequest, PayloadTooLarge
@@ -70,7 +71,7 @@ def _upload_name(raw: str | None) -> str:
 
 async def _read_field(part: BodyPartReader) -> str:
     data = bytearray()
-    while chunk := await part.read_chunk(CHUNK_BYTES):
+    while chunk := await read_chunk(part, CHUNK_BYTES):
         data += chunk
         if len(data) > _PATH_FIELD_MAX:
             raise InvalidRequest(f"multipart field {part.name!r} is too long")
@@ -82,7 +83,7 @@ async def _read_field(part: BodyPartReader) -> str:
 
 async def _chunks(part: BodyPartReader, limit: int) -> AsyncIterator[bytes]:
     total = 0
-    while chunk := await part.read_chunk(CHUNK_BYTES):
+    while chunk := await read_chunk(part, CHUNK_BYTES):
         total += len(chunk)
         # Counted here as well as by the service: a client that sends no
         # Content-Length is stopped as soon as it passes the cap.
@@ -99,10 +100,8 @@ async def upload_file(request: web.Request) -> web.Response:
         raise PayloadTooLarge(MSG_TOO_LARGE, limit=UPLOAD_MAX_BYTES)
     p = principal(request)
     directory = request.query.get("path") or None
-    reader = await request.multipart()
-    while (part := await reader.next()) is not None:
-        if not isinstance(part, BodyPartReader):
-            continue
+    form = await open_form(request)
+    while (part := await form.next()) is not None:
         if part.name == "path" and directory is None:
             directory = await _read_field(part) or None
         elif part.name == "file":

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from aiohttp import BodyPartReader, web
+from aiohttp import web
 
 from rexecd.api.containers import COMMON_ERRORS
 from rexecd.api.endpoint import Endpoint, Query
 from rexecd.api.keys import CONFIG, SERVICE
+from rexecd.api.multipart import open_form, read_chunk
 from rexecd.api.wire import respond
 from rexecd.errors import InvalidRequest
 from rexecd.models import ImageList, ImportResult, RoleList
@@ -46,10 +48,10 @@ async def _body_reader(request: web.Request) -> Callable[[int], Awaitable[bytes]
     """Reads of the tarball: the raw body, or the ``file`` part of a form (curl -F)."""
     if not request.content_type.startswith("multipart/"):
         return request.content.read
-    reader = await request.multipart()
-    while (part := await reader.next()) is not None:
-        if isinstance(part, BodyPartReader) and (part.name == "file" or part.filename):
-            return part.read_chunk
+    form = await open_form(request)
+    while (part := await form.next()) is not None:
+        if part.name == "file" or part.filename:
+            return functools.partial(read_chunk, part)
     raise InvalidRequest("multipart field 'file' is required")
 
 

@@ -13,9 +13,9 @@ from aiohttp import WSMsgType, web
 
 from rexecd.api.auth import WS_PROTOCOLS, principal_from_ws_request
 from rexecd.api.keys import track_websocket
-from rexecd.api.wire import respond_json
+from rexecd.api.wire import decode_json, respond_json
 from rexecd.config import Config
-from rexecd.errors import NotFound
+from rexecd.errors import InvalidJson, NotFound
 from rexecd.service.auth import Principal
 from rexecd.service.manager import ContainerManager
 from rexecd.service.terminals import TerminalSession
@@ -66,23 +66,45 @@ async def _ticker(client: WsClient, interval: float, make: Any) -> None:
             await client.send(frame)
 
 
-async def _handle_frame(session: TerminalSession, client: WsClient, raw: str | bytes) -> None:
-    """A JSON frame by its type; anything that is not a JSON object goes to the PTY as is."""
+def _command(raw: str | bytes) -> dict[str, Any] | None:
+    """The frame as a command: a JSON object whose ``type`` is a string; else None.
+
+    Whatever is not (not strict JSON by ``decode_json``, nested past the decoder's
+    depth, a bare number or string, an object without a string type) is keystrokes.
+    """
     try:
-        msg = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        msg = None
-    if not isinstance(msg, dict) or "type" not in msg:
+        msg = decode_json(raw)
+    except InvalidJson:
+        return None
+    if isinstance(msg, dict) and isinstance(msg.get("type"), str):
+        return msg
+    return None
+
+
+def _size(value: Any) -> int | None:
+    # bool is an int to Python, not a size to a client.
+    return value if type(value) is int else None
+
+
+async def _handle_frame(session: TerminalSession, client: WsClient, raw: str | bytes) -> None:
+    """A command by its type; any other frame goes to the PTY as is.
+
+    A command of an unknown type, or of a known type whose fields have the wrong
+    JSON types (``{"type": "resize", "cols": "x"}``), is ignored: it names itself a
+    command, so it is not typed into the shell; and it never ends the socket.
+    """
+    msg = _command(raw)
+    if msg is None:
         await session.write(raw.encode() if isinstance(raw, str) else raw)
         return
-    kind = msg.get("type")
+    kind = msg["type"]
     if kind == "input":
         data = msg.get("data")
         if isinstance(data, str):
             await session.write(data.encode())
     elif kind == "resize":
-        cols, rows = msg.get("cols"), msg.get("rows")
-        if isinstance(cols, int) and isinstance(rows, int):
+        cols, rows = _size(msg.get("cols")), _size(msg.get("rows"))
+        if cols is not None and rows is not None:
             session.resize(cols, rows)
     elif kind == "ping":
         await client.send({"type": "pong"})
