@@ -476,8 +476,22 @@ class Store:
 
     # -- tokens ---------------------------------------------------------------------
 
-    def insert_token(self, token: TokenRecord) -> None:
+    def insert_token(self, token: TokenRecord, *, limit: int | None = None) -> None:
+        """Insert ``token``; with ``limit``, QuotaExceeded if its user already holds that
+        many live tokens (neither revoked nor expired), checked in the same transaction."""
         with self._write() as db:
+            if limit is not None:
+                live = db.execute(
+                    """SELECT count(*) FROM tokens WHERE user_id = ? AND revoked = 0
+                       AND (expires_at IS NULL OR expires_at > ?)""",
+                    (token.user_id, _ts(token.created_at)),
+                ).fetchone()[0]
+                if live >= limit:
+                    raise QuotaExceeded(
+                        "token limit reached: revoke tokens you no longer use",
+                        current=live,
+                        limit=limit,
+                    )
             db.execute(
                 """INSERT INTO tokens (id, user_id, name, token_sha256, token_prefix, scopes,
                        created_at, expires_at, last_used_at, revoked)

@@ -15,6 +15,7 @@ from rexecd.service.store import EVENT_PRUNE_EVERY, Store, TokenRecord
 
 RES = ContainerResources(memory_mb=512, cpu_shares=1000, disk_mb=2048, network_mbps=10)
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+LIVE_TOKENS = 100  # the documented cap on tokens a user mints through the API
 
 
 @pytest.fixture
@@ -140,3 +141,33 @@ def test_an_older_database_gains_the_new_columns(tmp_path: Path) -> None:
     with Store(state) as s:
         (v,) = s.list_volumes("u")
         assert v.last_used_at is None and v.last_used == T0 and not v.removing
+
+
+def test_a_user_cannot_mint_tokens_without_bound(store: Store) -> None:
+    from rexecd.errors import QuotaExceeded
+    from rexecd.models import TokenCreate
+    from rexecd.service import auth
+
+    _, first = auth.create_token(store, "alice", scopes=["read", "write"])
+    user = store.get_user_by_name("alice")
+    assert user is not None
+    p = auth.Principal(
+        user_id=user.id,
+        user_name="alice",
+        tier="free",
+        scopes=frozenset({"read", "write"}),
+        token_id=first.id,
+    )
+    minted = [
+        auth.create_token_for(store, p, TokenCreate(name=f"t{i}", expires_in=1), now=T0)[1]
+        for i in range(LIVE_TOKENS - 1)
+    ]
+    with pytest.raises(QuotaExceeded) as exc:
+        auth.create_token_for(store, p, TokenCreate(name="one-too-many"), now=T0)
+    assert exc.value.extra["limit"] == LIVE_TOKENS
+    # Revoked and expired tokens do not count; the admin CLI is not capped.
+    store.revoke_token(user.id, minted[0].id)
+    auth.create_token_for(store, p, TokenCreate(name="again"), now=T0)
+    auth.create_token(store, "alice")
+    later = T0 + timedelta(days=2)
+    assert auth.create_token_for(store, p, TokenCreate(name="later"), now=later)
