@@ -248,6 +248,11 @@ class TierLimits(_Section):
     # Port forwards per container; like the throttles, optional in a tier written
     # before it existed (such a tier gets the free tier's number).
     port_forwards: NonNegativeInt = 5
+    # Kept /home/user volumes (no container of their name any more) per user: how many
+    # and their total size in MB. Past either, deleting a container removes the user's
+    # least recently used kept volumes. Optional like the above (the free tier's numbers).
+    kept_volumes: NonNegativeInt = 5
+    kept_volumes_mb: NonNegativeInt = 51200
 
 
 def _tier(name: str) -> TierLimits:
@@ -369,6 +374,19 @@ class HttpConfig(_Section):
     unauthenticated_per_ip: NonNegativeInt = 64
 
 
+class RetentionConfig(_Section):
+    """How long what the daemon records outlives its use; the housekeeping pass applies
+    it every ``sweep_interval_s`` (and the event log's row cap on insert as well)."""
+
+    events_max_rows: PositiveInt = 10000
+    events_max_days: PositiveInt = 30
+    # A kept volume unused this long is removed; null keeps them until the tier's cap.
+    kept_volume_days: PositiveInt | None = 30
+    # Expired tokens stay listed this long; revoked ones go at the next pass.
+    expired_token_days: NonNegativeInt = 7
+    sweep_interval_s: PositiveInt = 300
+
+
 class ExecConfig(_Section):
     # A default above the max is not refused: the max wins (see quotas.exec_timeout).
     default_timeout_s: PositiveInt = 60
@@ -407,6 +425,7 @@ class Config(_Section):
     )
     terminal: TerminalConfig = Field(default_factory=TerminalConfig)
     exec: ExecConfig = Field(default_factory=ExecConfig)
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
     stop_timeout_s: NonNegativeInt = 10
     auth: AuthConfig = Field(default_factory=AuthConfig)
 

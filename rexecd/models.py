@@ -348,6 +348,41 @@ class PortForwardDeleted(_Response):
     protocol: PortProtocol
 
 
+# --- volumes ---------------------------------------------------------------------------
+
+
+class VolumeOut(_Response):
+    """One of the caller's /home/user volumes: in use by the container of its name, or
+    kept (that container was deleted) until the same name is created again."""
+
+    name: str
+    # The size the volume holds at most, and what it takes on disk now (null where the
+    # storage cannot tell).
+    disk_mb: int
+    used_bytes: int | None
+    created_at: UtcDatetime
+    last_used_at: UtcDatetime
+    in_use: bool
+    container_id: str | None
+    # When a kept volume is removed for age (null: in use, or no age limit).
+    expires_at: UtcDatetime | None
+
+
+class VolumeList(_Response):
+    volumes: list[VolumeOut]
+    count: int
+    # The kept volumes (not in use) against the tier's caps.
+    kept: int
+    kept_limit: int
+    kept_mb: int
+    kept_mb_limit: int
+
+
+class VolumeDeleted(_Response):
+    message: str
+    name: str
+
+
 # --- files -----------------------------------------------------------------------------
 
 

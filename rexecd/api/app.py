@@ -18,6 +18,7 @@ from rexecd.api import (
     stream,
     system,
     tokens,
+    volumes,
 )
 from rexecd.api import exec as exec_
 from rexecd.api.auth import auth_middleware, redact_ws_token_logs, scope_middleware
@@ -53,6 +54,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     *portforwards.ENDPOINTS,
     *images.ENDPOINTS,
     *tokens.ENDPOINTS,
+    *volumes.ENDPOINTS,
     openapi.ENDPOINT,
 )
 

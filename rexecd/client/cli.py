@@ -20,7 +20,7 @@ from rexecd.client.sdk import (
     TransportError,
 )
 from rexecd.client.terminal import attach
-from rexecd.models import ContainerOut, Event, ExecResult, PortForwardOut
+from rexecd.models import ContainerOut, Event, ExecResult, PortForwardOut, VolumeOut
 
 Handler = Callable[[AsyncClient, argparse.Namespace], Awaitable[int]]
 
@@ -297,6 +297,41 @@ async def _ports_rm(c: AsyncClient, a: argparse.Namespace) -> int:
     return 0
 
 
+VOLUME_COLUMNS = ("NAME", "SIZE", "USED", "IN USE", "LAST USED", "EXPIRES")
+
+
+def _volume_row(v: VolumeOut) -> list[str]:
+    return [
+        v.name,
+        f"{v.disk_mb}M",
+        "-" if v.used_bytes is None else _bytes(v.used_bytes),
+        "yes" if v.in_use else "no",
+        _age(v.last_used_at),
+        _when(v.expires_at, "-"),
+    ]
+
+
+async def _volumes_ls(c: AsyncClient, a: argparse.Namespace) -> int:
+    result = await c.list_volumes()
+    text = table(VOLUME_COLUMNS, [_volume_row(v) for v in result.volumes])
+    text += (
+        f"kept: {result.kept} of {result.kept_limit} volumes, "
+        f"{result.kept_mb} of {result.kept_mb_limit} MB\n"
+    )
+    _show(_wants_json(a), result, text)
+    return 0
+
+
+async def _volumes_rm(c: AsyncClient, a: argparse.Namespace) -> int:
+    for name in a.names:
+        result = await c.delete_volume(name)
+        if _wants_json(a):
+            _print_json(result)
+        else:
+            _out(f"{result.name}\n")
+    return 0
+
+
 async def _images(c: AsyncClient, a: argparse.Namespace) -> int:
     result = await c.images()
     rows = [
@@ -519,6 +554,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("container")
     sp.add_argument("id")
     sp.set_defaults(func=_ports_rm)
+
+    volumes = sub.add_parser(
+        "volumes", parents=[common], help="list or delete your kept /home/user volumes"
+    )
+    vsub = volumes.add_subparsers(dest="volumes_command", required=True, metavar="COMMAND")
+    vsub.add_parser("ls", parents=[common], help="list your volumes").set_defaults(func=_volumes_ls)
+    sp = vsub.add_parser("rm", parents=[common], help="delete kept volumes and their data")
+    sp.add_argument("names", nargs="+", metavar="NAME")
+    sp.set_defaults(func=_volumes_rm)
 
     tokens = sub.add_parser("tokens", parents=[common], help="manage API tokens")
     tsub = tokens.add_subparsers(dest="tokens_command", required=True, metavar="COMMAND")

@@ -42,6 +42,8 @@ from rexecd.models import (
     TokenList,
     TokenValidation,
     Version,
+    VolumeDeleted,
+    VolumeList,
 )
 
 DEFAULT_HOST: Final = "unix:/run/rexecd/rexecd.sock"
@@ -858,6 +860,17 @@ class AsyncClient:
     async def delete_port_forward(self, container: str, forward_id: str) -> PortForwardDeleted:
         path = _cpath(container, "/port-forwards/" + quote(forward_id, safe=""))
         return await self._call(PortForwardDeleted, "DELETE", path)
+
+    # -- volumes --
+
+    async def list_volumes(self) -> VolumeList:
+        """Your /home/user volumes: in use by the container of their name, or kept after
+        its delete (reused when that name is created again), with the tier's caps."""
+        return await self._call(VolumeList, "GET", "/api/volumes")
+
+    async def delete_volume(self, name: str) -> VolumeDeleted:
+        """Delete a kept volume and its data (409 while a container of that name exists)."""
+        return await self._call(VolumeDeleted, "DELETE", "/api/volumes/" + quote(name, safe=""))
 
     # -- images, roles --
 

@@ -232,6 +232,8 @@ class Client:
     add_port_forward = _blocking(AsyncClient.add_port_forward)
     list_port_forwards = _blocking(AsyncClient.list_port_forwards)
     delete_port_forward = _blocking(AsyncClient.delete_port_forward)
+    list_volumes = _blocking(AsyncClient.list_volumes)
+    delete_volume = _blocking(AsyncClient.delete_volume)
     images = _blocking(AsyncClient.images)
     roles = _blocking(AsyncClient.roles)
     import_image = _blocking(AsyncClient.import_image)

@@ -43,6 +43,11 @@ TOUCH_INTERVAL = timedelta(seconds=60)
 WS_PROTOCOL = "rexec.v1"
 WS_TOKEN_PROTOCOL_PREFIX = "rexec.token."
 
+# Live tokens a user may mint for themselves through the API: without a cap, every
+# POST /api/tokens would add a row that lives until it expires, or forever. The admin
+# CLI is not capped.
+MAX_LIVE_TOKENS = 100
+
 MSG_TOKEN_REQUIRED = "Authorization token required"
 MSG_TOKEN_INVALID = "Invalid or expired API token"
 
@@ -134,7 +139,15 @@ def create_token_for(
             f"a token cannot grant scopes it does not hold: {beyond}",
             scopes=sorted(principal.scopes),
         )
-    return _mint(store, principal.user_id, granted, body.name, body.expires_in, now or utcnow())
+    return _mint(
+        store,
+        principal.user_id,
+        granted,
+        body.name,
+        body.expires_in,
+        now or utcnow(),
+        limit=MAX_LIVE_TOKENS,
+    )
 
 
 def _mint(
@@ -144,6 +157,8 @@ def _mint(
     name: str,
     expires_in_days: int | None,
     now: datetime,
+    *,
+    limit: int | None = None,
 ) -> tuple[str, TokenOut]:
     plaintext = generate_token()
     rec = TokenRecord(
@@ -156,7 +171,7 @@ def _mint(
         created_at=now,
         expires_at=None if expires_in_days is None else now + timedelta(days=expires_in_days),
     )
-    store.insert_token(rec)
+    store.insert_token(rec, limit=limit)
     return plaintext, token_out(rec)
 
 

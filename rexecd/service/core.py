@@ -47,6 +47,7 @@ from rexecd.service.portforwards import PortForwards
 from rexecd.service.store import Store
 from rexecd.service.storethread import in_store_thread
 from rexecd.service.terminals import TerminalRegistry
+from rexecd.service.volumes import KeptVolumes
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +155,7 @@ class ManagerCore:
         self.port_forwards = PortForwards(cfg, store, forwarder)
         # Why runtime.cgroups is None (what probing found), for the 503 and /health.
         self._no_cgroups_reason = no_cgroups_reason or "no cgroup driver"
+        self.volumes = KeptVolumes(cfg, store, storage)
         self._locks: dict[str, asyncio.Lock] = {}
         self._creating: dict[str, asyncio.Task[None]] = {}
         self._inits: dict[str, _InitWatch] = {}
@@ -227,6 +229,7 @@ class ManagerCore:
                 user_id=rec.user_id,
                 container_db_id=rec.db_id,
                 ts=utcnow(),
+                keep=self.cfg.retention.events_max_rows,
             )
         )
 
@@ -275,7 +278,7 @@ class ManagerCore:
     # ------------------------------------------------------------ launch / halt
 
     def _volume_dir(self, rec: ContainerRecord) -> Path:
-        return self.cfg.state_dir / "volumes" / rec.user_id / rec.name
+        return self.volumes.plain_dir(rec.user_id, rec.name)
 
     def _vol(self, rec: ContainerRecord) -> Volume | None:
         return self.storage.volume(rec.user_id, rec.name) if self.storage is not None else None
@@ -302,7 +305,7 @@ class ManagerCore:
         if not home.exists():
             home.mkdir(parents=True, mode=0o755)
             os.chown(home, ident.uid, ident.gid)
-            self.store.upsert_volume(rec.user_id, rec.name, str(home), rec.resources.disk_mb)
+        self.store.upsert_volume(rec.user_id, rec.name, str(home), rec.resources.disk_mb)
         return dirs, [BindMount(source=str(home), target=HOME)]
 
     async def _launch(
@@ -533,6 +536,9 @@ class ManagerCore:
         if fd is not None:
             loop.remove_reader(fd)
             os.close(fd)
+        # Per run: the next start has a new cgroup with counters from zero.
+        self._oom_seen.pop(db_id, None)
+        self._cpu_prev.pop(db_id, None)
 
     def _on_oom(self, db_id: str, cid: str, fd: int) -> None:
         with contextlib.suppress(OSError):

@@ -28,6 +28,7 @@ from rexecd.models import (
     SettingsPatch,
     Stats,
     StreamProgress,
+    VolumeList,
 )
 from rexecd.service.auth import Principal
 
@@ -125,6 +126,15 @@ class ContainerService(Protocol):
 
     async def delete_port_forward(self, p: Principal, ref: str, forward_id: str) -> PortForwardOut:
         """Remove one forward of the container; returns what it was."""
+        ...
+
+    async def list_volumes(self, p: Principal) -> VolumeList:
+        """The caller's /home/user volumes, kept ones and those in use, with the caps."""
+        ...
+
+    async def delete_volume(self, p: Principal, name: str) -> None:
+        """Delete a kept volume and its data: 404 for a name the caller has no volume of,
+        409 while a container of that name exists."""
         ...
 
     async def list_images(self) -> list[ImageInfo]: ...

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import shutil
 from collections.abc import AsyncIterator
 from typing import Any, BinaryIO
 
@@ -36,6 +35,7 @@ from rexecd.models import (
     PortForwardOut,
     Role,
     SettingsPatch,
+    VolumeList,
     utcnow,
 )
 from rexecd.runtime.images import ImageRecord
@@ -283,26 +283,30 @@ class ContainerManager(InsideOps, DaemonLife):
             rec = await self._find(p, ref)
             if rec.status == "running":
                 rec = await self._halt(rec, float(self.cfg.stop_timeout_s))
-            await asyncio.to_thread(self._remove, rec, volumes)
+            await asyncio.to_thread(self._remove, rec, volumes, p.tier)
             self._locks.pop(rec.db_id, None)
         self._publish("deleted", rec)
         return rec.to_out()
 
-    def _remove(self, rec: ContainerRecord, volumes: bool) -> None:
+    def _remove(self, rec: ContainerRecord, volumes: bool, tier: str) -> None:
         self._release(rec)
         self.runtime.remove(rec.id)
-        if self.storage is not None:
-            if volumes:
-                self.storage.destroy(rec.user_id, rec.name)
-            elif (vol := self.storage.volume(rec.user_id, rec.name)).image.exists():
-                # The container's root goes; /home/user stays for the same name.
-                self.storage.wipe_root(vol)
-                self.storage.release(vol)
-        elif volumes:
-            shutil.rmtree(self._volume_dir(rec), ignore_errors=True)
         if volumes:
+            self.volumes.destroy(rec.user_id, rec.name)
             self.store.delete_volume(rec.user_id, rec.name)
+        elif (
+            self.storage is not None
+            and (vol := self.storage.volume(rec.user_id, rec.name)).image.exists()
+        ):
+            # The container's root goes; /home/user stays for the same name.
+            self.storage.wipe_root(vol)
+            self.storage.release(vol)
         self.store.delete_container(rec.db_id)
+        if not volumes:
+            # Kept now: within the tier's cap, or the least recently used kept go.
+            removed = self.volumes.keep(rec.user_id, tier, rec.name, rec.resources.disk_mb)
+            if removed:
+                log.info("kept-volume cap of user %s: removed %s", rec.user_id, removed)
 
     async def update_settings(
         self, p: Principal, ref: str, patch: SettingsPatch
@@ -358,6 +362,14 @@ class ContainerManager(InsideOps, DaemonLife):
             self._publish("updated", rec)
         return rec.to_out(), restarted
 
+    # ------------------------------------------------------------ volumes
+
+    async def list_volumes(self, p: Principal) -> VolumeList:
+        return await asyncio.to_thread(self.volumes.listing, p.user_id, p.tier)
+
+    async def delete_volume(self, p: Principal, name: str) -> None:
+        await asyncio.to_thread(self.volumes.remove, p.user_id, name)
+
     # ------------------------------------------------------------ port forwards
 
     async def add_port_forward(
@@ -393,7 +405,7 @@ class ContainerManager(InsideOps, DaemonLife):
     def _volume_exists(self, user_id: str, name: str) -> bool:
         if self.storage is not None:
             return self.storage.volume(user_id, name).image.exists()
-        return (self.cfg.state_dir / "volumes" / user_id / name).exists()
+        return self.volumes.plain_dir(user_id, name).exists()
 
     def _move_volume(self, old: ContainerRecord, new: ContainerRecord) -> None:
         if self.storage is not None:

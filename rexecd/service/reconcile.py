@@ -1,4 +1,4 @@
-"""Container manager: reconcile at start-up, session expiry and shutdown."""
+"""Container manager: reconcile at start-up, session expiry, housekeeping and shutdown."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import shutil
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from rexecd.errors import (
     NotFound,
@@ -68,7 +68,11 @@ class DaemonLife(ManagerCore):
         forwards = await asyncio.to_thread(self.port_forwards.reconcile, live)
         if forwards:
             log.info("reconciled port forwards: %s", forwards)
+        volumes = await asyncio.to_thread(self.volumes.recover)
+        if volumes:
+            log.info("reconciled volume records: %s", volumes)
         self._spawn(self._expiry_loop())
+        self._spawn(self._housekeeping_loop())
 
     def _prepare_host(self) -> None:
         if self.runtime.cgroups is not None:
@@ -105,6 +109,30 @@ class DaemonLife(ManagerCore):
             except Exception:  # the loop must survive one bad pass
                 log.exception("session expiry pass failed")
             await asyncio.sleep(EXPIRY_CHECK_S)
+
+    async def _housekeeping_loop(self) -> None:
+        while not self._closing:
+            try:
+                await asyncio.to_thread(self.housekeeping, utcnow())
+            except Exception:  # the loop must survive one bad pass
+                log.exception("housekeeping pass failed")
+            await asyncio.sleep(self.cfg.retention.sweep_interval_s)
+
+    def housekeeping(self, now: datetime) -> dict[str, int]:
+        """Apply ``retention`` once: trim the event log, drop dead token rows, expire
+        and cap kept volumes. Returns how many of each went. Blocking: run in a thread."""
+        r = self.cfg.retention
+        done = {
+            "events": self.store.prune_events(
+                r.events_max_rows, before=now - timedelta(days=r.events_max_days)
+            ),
+            "tokens": self.store.prune_tokens(now - timedelta(days=r.expired_token_days)),
+            "volumes_expired": len(self.volumes.expire(now)),
+            "volumes_over_cap": len(self.volumes.enforce_caps()),
+        }
+        if any(done.values()):
+            log.info("housekeeping: removed %s", done)
+        return done
 
     async def expire_sessions(self, now: datetime) -> list[str]:
         """Stop (data kept) every running container whose session time is over."""

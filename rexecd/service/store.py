@@ -117,7 +117,19 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX port_forwards_container ON port_forwards(container_db_id)",
     ),
+    (
+        # When a container last had the volume: kept volumes expire and are evicted by it.
+        "ALTER TABLE volumes ADD COLUMN last_used_at TEXT",
+        # 1 while the volume is being removed: no container may take its name meanwhile,
+        # and a removal a crash interrupted is finished at the next start-up.
+        "ALTER TABLE volumes ADD COLUMN removing INTEGER NOT NULL DEFAULT 0",
+        # The event log is trimmed by age.
+        "CREATE INDEX events_ts ON events(ts)",
+    ),
 )
+# Every this many appends, append_event trims the log to its row cap in the same
+# transaction, so the log is bounded between housekeeping passes too.
+EVENT_PRUNE_EVERY = 64
 
 _CONTAINER_COLUMNS = (
     "db_id", "id", "user_id", "name", "image", "role", "status", "error_message",
@@ -161,6 +173,15 @@ class VolumeRecord:
     path: str
     size_mb: int
     created_at: datetime
+    last_used_at: datetime | None = None
+    removing: bool = False
+    # The runtime id of the user's container of this name, if there is one (it owns
+    # the volume); filled by the queries that look.
+    container_id: str | None = None
+
+    @property
+    def last_used(self) -> datetime:
+        return self.last_used_at or self.created_at
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,10 +274,35 @@ def _token_from_row(row: sqlite3.Row) -> TokenRecord:
     )
 
 
-def _volume_from_row(row: sqlite3.Row) -> VolumeRecord:
+def _volume_from_row(row: sqlite3.Row, *, joined: bool = False) -> VolumeRecord:
+    """``joined``: the row carries ``container_id`` from a join with containers."""
     return VolumeRecord(
-        row["user_id"], row["name"], row["path"], row["size_mb"], _parse_ts(row["created_at"])
+        row["user_id"],
+        row["name"],
+        row["path"],
+        row["size_mb"],
+        _parse_ts(row["created_at"]),
+        _parse_ts_or_none(row["last_used_at"]),
+        bool(row["removing"]),
+        row["container_id"] if joined else None,
     )
+
+
+# A kept volume: no container of its user has its name. The (user_id, name) unique
+# index of containers serves the lookup.
+_NO_CONTAINER = """NOT EXISTS (SELECT 1 FROM containers c
+                       WHERE c.user_id = v.user_id AND c.name = v.name)"""
+
+
+def _check_not_removing(db: sqlite3.Connection, user_id: str, name: str) -> None:
+    row = db.execute(
+        "SELECT 1 FROM volumes WHERE user_id = ? AND name = ? AND removing = 1", (user_id, name)
+    ).fetchone()
+    if row is not None:
+        raise Conflict(
+            "the kept /home/user volume of this name is being removed: retry in a moment",
+            name=name,
+        )
 
 
 def _forward_from_row(row: sqlite3.Row) -> PortForwardRecord:
@@ -430,8 +476,22 @@ class Store:
 
     # -- tokens ---------------------------------------------------------------------
 
-    def insert_token(self, token: TokenRecord) -> None:
+    def insert_token(self, token: TokenRecord, *, limit: int | None = None) -> None:
+        """Insert ``token``; with ``limit``, QuotaExceeded if its user already holds that
+        many live tokens (neither revoked nor expired), checked in the same transaction."""
         with self._write() as db:
+            if limit is not None:
+                live = db.execute(
+                    """SELECT count(*) FROM tokens WHERE user_id = ? AND revoked = 0
+                       AND (expires_at IS NULL OR expires_at > ?)""",
+                    (token.user_id, _ts(token.created_at)),
+                ).fetchone()[0]
+                if live >= limit:
+                    raise QuotaExceeded(
+                        "token limit reached: revoke tokens you no longer use",
+                        current=live,
+                        limit=limit,
+                    )
             db.execute(
                 """INSERT INTO tokens (id, user_id, name, token_sha256, token_prefix, scopes,
                        created_at, expires_at, last_used_at, revoked)
@@ -480,6 +540,17 @@ class Store:
             )
             return cur.rowcount > 0
 
+    def prune_tokens(self, expired_before: datetime) -> int:
+        """Delete revoked tokens and those expired before ``expired_before`` (neither
+        authenticates any more); returns how many went."""
+        with self._write() as db:
+            cur = db.execute(
+                "DELETE FROM tokens WHERE revoked = 1 OR (expires_at IS NOT NULL AND "
+                "expires_at < ?)",
+                (_ts(expired_before),),
+            )
+            return cur.rowcount
+
     def touch_token(self, token_id: str, when: datetime) -> None:
         with self._write() as db:
             db.execute("UPDATE tokens SET last_used_at = ? WHERE id = ?", (_ts(when), token_id))
@@ -500,6 +571,7 @@ class Store:
             ).fetchone()
             if taken is not None:
                 raise Conflict("container with this name already exists", name=rec.name)
+            _check_not_removing(db, rec.user_id, rec.name)
             current = db.execute(
                 "SELECT count(*) FROM containers WHERE user_id = ?", (rec.user_id,)
             ).fetchone()[0]
@@ -580,6 +652,8 @@ class Store:
                     raise NotFound("container not found")
                 current = _container_from_row(row)
                 updated = ContainerRecord.model_validate({**current.model_dump(), **fields})
+                if "name" in fields and updated.name != current.name:
+                    _check_not_removing(db, current.user_id, updated.name)
                 if fields:
                     sets = ", ".join(f"{c} = ?" for c in fields)
                     values = [_encode_column(c, getattr(updated, c)) for c in fields]
@@ -647,14 +721,17 @@ class Store:
     # -- volumes --------------------------------------------------------------------
 
     def upsert_volume(self, user_id: str, name: str, path: str, size_mb: int) -> VolumeRecord:
-        """Record the user's volume for container name ``name``; keeps the first created_at."""
+        """Record the user's volume for container name ``name`` as used now; keeps the
+        first created_at."""
+        now = _ts(utcnow())
         with self._write() as db:
             db.execute(
-                """INSERT INTO volumes (user_id, name, path, size_mb, created_at)
-                   VALUES (?, ?, ?, ?, ?)
+                """INSERT INTO volumes (user_id, name, path, size_mb, created_at, last_used_at)
+                   VALUES (?, ?, ?, ?, ?, ?)
                    ON CONFLICT (user_id, name) DO UPDATE SET
-                       path = excluded.path, size_mb = excluded.size_mb""",
-                (user_id, name, path, size_mb, _ts(utcnow())),
+                       path = excluded.path, size_mb = excluded.size_mb,
+                       last_used_at = excluded.last_used_at""",
+                (user_id, name, path, size_mb, now, now),
             )
             row = db.execute(
                 "SELECT * FROM volumes WHERE user_id = ? AND name = ?", (user_id, name)
@@ -671,10 +748,74 @@ class Store:
             return cur.rowcount > 0
 
     def list_volumes(self, user_id: str | None = None) -> list[VolumeRecord]:
+        """Volumes by name, each with ``container_id`` set when a container owns it."""
+        sql = """SELECT v.*, c.id AS container_id FROM volumes v
+                 LEFT JOIN containers c ON c.user_id = v.user_id AND c.name = v.name"""
         if user_id is None:
-            rows = self._read("SELECT * FROM volumes ORDER BY user_id, name")
+            rows = self._read(sql + " ORDER BY v.user_id, v.name")
         else:
-            rows = self._read("SELECT * FROM volumes WHERE user_id = ? ORDER BY name", (user_id,))
+            rows = self._read(sql + " WHERE v.user_id = ? ORDER BY v.name", (user_id,))
+        return [_volume_from_row(r, joined=True) for r in rows]
+
+    def touch_volume(self, user_id: str, name: str, when: datetime, size_mb: int = 0) -> bool:
+        """Mark the volume used at ``when`` (its container is being deleted), with at
+        least ``size_mb``; False if there is no such record."""
+        with self._write() as db:
+            cur = db.execute(
+                """UPDATE volumes SET last_used_at = ?, size_mb = max(size_mb, ?)
+                   WHERE user_id = ? AND name = ?""",
+                (_ts(when), size_mb, user_id, name),
+            )
+            return cur.rowcount > 0
+
+    def kept_volumes(
+        self, user_id: str | None = None, *, unused_since: datetime | None = None
+    ) -> list[VolumeRecord]:
+        """Volumes no container has (and not being removed), least recently used first;
+        every user's when ``user_id`` is None, only those unused since before
+        ``unused_since`` when given."""
+        sql = f"SELECT v.* FROM volumes v WHERE v.removing = 0 AND {_NO_CONTAINER}"
+        params: list[Any] = []
+        if user_id is not None:
+            sql += " AND v.user_id = ?"
+            params.append(user_id)
+        if unused_since is not None:
+            sql += " AND coalesce(v.last_used_at, v.created_at) < ?"
+            params.append(_ts(unused_since))
+        sql += " ORDER BY coalesce(v.last_used_at, v.created_at), v.name"
+        return [_volume_from_row(r) for r in self._read(sql, tuple(params))]
+
+    def claim_volume(self, user_id: str, name: str) -> VolumeRecord:
+        """Mark a kept volume as being removed, so no container takes its name until
+        ``delete_volume``. NotFound without such a volume; Conflict when a container of
+        that name exists (it owns the volume) or a removal is already under way."""
+        with self._write() as db:
+            row = db.execute(
+                "SELECT * FROM volumes WHERE user_id = ? AND name = ?", (user_id, name)
+            ).fetchone()
+            if row is None:
+                raise NotFound("volume not found", code="volume_not_found", name=name)
+            owner = db.execute(
+                "SELECT name, status FROM containers WHERE user_id = ? AND name = ?",
+                (user_id, name),
+            ).fetchone()
+            if owner is not None:
+                raise Conflict(
+                    f"volume is in use by container {name} ({owner['status']}): delete the "
+                    "container with ?volumes=true instead",
+                    name=name,
+                    status=owner["status"],
+                )
+            if row["removing"]:
+                raise Conflict("volume is already being removed", name=name)
+            db.execute(
+                "UPDATE volumes SET removing = 1 WHERE user_id = ? AND name = ?", (user_id, name)
+            )
+        return _volume_from_row(row)
+
+    def volumes_being_removed(self) -> list[VolumeRecord]:
+        """Claimed volumes whose removal has not finished (a crash interrupted it)."""
+        rows = self._read("SELECT * FROM volumes WHERE removing = 1 ORDER BY user_id, name")
         return [_volume_from_row(r) for r in rows]
 
     # -- port forwards --------------------------------------------------------------
@@ -731,8 +872,10 @@ class Store:
         user_id: str | None = None,
         container_db_id: str | None = None,
         ts: datetime | None = None,
+        keep: int | None = None,
     ) -> int:
-        """Append to the event log; returns the new sequence number."""
+        """Append to the event log; returns the new sequence number. With ``keep``, the
+        log is trimmed to about that many rows (every ``EVENT_PRUNE_EVERY`` appends)."""
         with self._write() as db:
             cur = db.execute(
                 """INSERT INTO events (ts, user_id, container_db_id, type, payload)
@@ -740,7 +883,9 @@ class Store:
                 (_ts(ts or utcnow()), user_id, container_db_id, type, json.dumps(dict(payload))),
             )
             seq = cur.lastrowid
-        assert seq is not None
+            assert seq is not None
+            if keep is not None and seq % EVENT_PRUNE_EVERY == 0:
+                db.execute("DELETE FROM events WHERE seq <= ?", (seq - max(keep, 0),))
         return seq
 
     def list_events(
@@ -761,12 +906,19 @@ class Store:
     def last_event_seq(self) -> int:
         return int(self._read("SELECT coalesce(max(seq), 0) AS s FROM events")[0]["s"])
 
-    def prune_events(self, keep: int) -> int:
-        """Keep only the newest ``keep`` events; returns how many were dropped."""
+    def prune_events(self, keep: int, *, before: datetime | None = None) -> int:
+        """Keep only the newest ``keep`` events, and none older than ``before`` when given;
+        returns how many were dropped."""
         with self._write() as db:
-            cur = db.execute(
+            # seq only grows (AUTOINCREMENT), so "the newest keep" is a range of the key.
+            dropped = db.execute(
                 """DELETE FROM events
-                   WHERE seq NOT IN (SELECT seq FROM events ORDER BY seq DESC LIMIT ?)""",
+                   WHERE seq <= (SELECT coalesce(max(seq), 0) FROM events) - ?""",
                 (max(keep, 0),),
-            )
-            return cur.rowcount
+            ).rowcount
+            if before is not None:
+                dropped += db.execute("DELETE FROM events WHERE ts < ?", (_ts(before),)).rowcount
+            return dropped
+
+    def count_events(self) -> int:
+        return int(self._read("SELECT count(*) AS n FROM events")[0]["n"])

@@ -283,6 +283,12 @@ class TerminalSession:
                 set_size(self.proc.master, cols, rows)
 
 
+@dataclass(eq=False)
+class _Opening:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
+
+
 class TerminalRegistry:
     """All live sessions, by (container db_id, session id)."""
 
@@ -290,7 +296,10 @@ class TerminalRegistry:
         self.scrollback_bytes = scrollback_bytes
         self.idle_timeout_s = idle_timeout_s
         self._sessions: dict[tuple[str, str], TerminalSession] = {}
-        self._opening: dict[tuple[str, str], asyncio.Lock] = {}
+        # One lock per key being opened, with how many openers hold or await it: the
+        # session id is the client's choice, so a lock kept per id ever asked for would
+        # grow with requests.
+        self._opening: dict[tuple[str, str], _Opening] = {}
 
     def get(self, db_id: str, session_id: str) -> TerminalSession | None:
         s = self._sessions.get((db_id, session_id))
@@ -305,20 +314,26 @@ class TerminalRegistry:
     ) -> tuple[TerminalSession, bool]:
         """The existing session (unless ``new``) or a fresh one; bool: was it fresh."""
         key = (db_id, session_id)
-        lock = self._opening.setdefault(key, asyncio.Lock())
-        async with lock:
-            cur = self.get(db_id, session_id)
-            if cur is not None and not new:
-                return cur, False
-            if cur is not None:
-                cur.terminate("error", "replaced by a new session")
-            proc = await start()
-            s = TerminalSession(
-                key, proc, Scrollback(self.scrollback_bytes), self.idle_timeout_s, self._forget
-            )
-            self._sessions[key] = s
-            s.start()
-            return s, True
+        opening = self._opening.setdefault(key, _Opening())
+        opening.users += 1
+        try:
+            async with opening.lock:
+                cur = self.get(db_id, session_id)
+                if cur is not None and not new:
+                    return cur, False
+                if cur is not None:
+                    cur.terminate("error", "replaced by a new session")
+                proc = await start()
+                s = TerminalSession(
+                    key, proc, Scrollback(self.scrollback_bytes), self.idle_timeout_s, self._forget
+                )
+                self._sessions[key] = s
+                s.start()
+                return s, True
+        finally:
+            opening.users -= 1
+            if opening.users == 0:
+                del self._opening[key]
 
     def _forget(self, s: TerminalSession) -> None:
         if self._sessions.get(s.key) is s:

@@ -189,6 +189,9 @@ class FakeStorage(Storage):
     def mounted(self) -> list[Volume]:
         return self.active
 
+    def stored(self) -> list[tuple[str, str]]:
+        return [(v.user_id, v.name) for v in self.active]
+
 
 def test_reconcile_releases_all_but_keep(tmp_path: Path) -> None:
     st = FakeStorage(tmp_path, [("u1", "a"), ("u1", "b"), ("u2", "a")])

@@ -10,15 +10,15 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import threading
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack
 from pathlib import Path
 
 from rexecd import _native as n
 from rexecd.errors import Conflict, InvalidRequest, NotFound, RexecError, RuntimeFailure
 from rexecd.runtime.storage import ext4, loopdev, mountinfo
 from rexecd.runtime.storage.volume import (
+    IMAGE_SUFFIX,
+    KeyedLocks,
     Layout,
     MiB,
     Storage,
@@ -69,8 +69,7 @@ class LoopStorage(Storage):
     def __init__(self, state_dir: Path, run_dir: Path) -> None:
         # Resolved once: mountinfo and sysfs report canonical paths, compared as text.
         self.layout = Layout(state_dir.resolve(), run_dir.resolve())
-        self._guard = threading.Lock()
-        self._locks: dict[tuple[str, str], threading.Lock] = {}
+        self._locks = KeyedLocks()
 
     # -- the Storage contract -----------------------------------------------------
 
@@ -200,6 +199,23 @@ class LoopStorage(Storage):
                 # Mounted but its image is gone (destroyed while busy): still ours.
                 vols.append(vol)
         return vols
+
+    def stored(self) -> list[tuple[str, str]]:
+        found = []
+        root = self.layout.images
+        for user_dir in root.iterdir() if root.is_dir() else []:
+            if not user_dir.is_dir() or user_dir.is_symlink():
+                continue
+            for image in user_dir.iterdir():
+                name = image.name.removesuffix(IMAGE_SUFFIX)
+                if name == image.name or not image.is_file() or image.is_symlink():
+                    continue  # a partial image (.img.part) or not ours
+                try:
+                    key = (check_component("user id", user_dir.name), check_component("name", name))
+                except InvalidRequest:
+                    continue
+                found.append(key)
+        return sorted(found)
 
     def reconcile(self, keep: set[tuple[str, str]]) -> list[str]:
         released = super().reconcile(keep)
@@ -401,12 +417,8 @@ class LoopStorage(Storage):
             check_component("user id", vol.user_id), check_component("name", vol.name), 0
         )
 
-    @contextmanager
-    def _lock(self, vol: Volume) -> Iterator[None]:
-        with self._guard:
-            lock = self._locks.setdefault((vol.user_id, vol.name), threading.Lock())
-        with lock:
-            yield
+    def _lock(self, vol: Volume) -> AbstractContextManager[None]:
+        return self._locks.hold((vol.user_id, vol.name))
 
 
 def _fsync_dir(path: Path) -> None:

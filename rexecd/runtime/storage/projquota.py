@@ -31,8 +31,8 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +40,7 @@ from rexecd import _native as n
 from rexecd.errors import Conflict, InvalidRequest, NotFound, RexecError, RuntimeFailure
 from rexecd.runtime.storage import mountinfo
 from rexecd.runtime.storage.volume import (
+    KeyedLocks,
     Storage,
     Volume,
     check_component,
@@ -334,7 +335,7 @@ class ProjectQuotaStorage(Storage):
             raise RuntimeFailure.from_oserror("create volume dirs", exc) from exc
         self._guard = threading.Lock()
         self._alloc = threading.Lock()
-        self._locks: dict[tuple[str, str], threading.Lock] = {}
+        self._locks = KeyedLocks()
         # Ensured and not released since, by this process: what rename refuses to move.
         self._active: set[tuple[str, str]] = set()
 
@@ -440,6 +441,9 @@ class ProjectQuotaStorage(Storage):
     def space(self, vol: Volume) -> tuple[int, int]:
         # The quota counts whether or not anything runs: no mount to look at.
         return self.usage(vol)
+
+    def stored(self) -> list[tuple[str, str]]:
+        return self._existing()
 
     def mounted(self) -> list[Volume]:
         vols = []
@@ -617,12 +621,8 @@ class ProjectQuotaStorage(Storage):
                     found.append(key)
         return sorted(found)
 
-    @contextmanager
-    def _lock(self, vol: Volume) -> Iterator[None]:
-        with self._guard:
-            lock = self._locks.setdefault((vol.user_id, vol.name), threading.Lock())
-        with lock:
-            yield
+    def _lock(self, vol: Volume) -> AbstractContextManager[None]:
+        return self._locks.hold((vol.user_id, vol.name))
 
 
 def _limit(kib: int) -> DqBlk:

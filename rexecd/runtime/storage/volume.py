@@ -10,8 +10,11 @@ import errno
 import os
 import re
 import shutil
+import threading
 import uuid
-from dataclasses import dataclass
+from collections.abc import Hashable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -186,6 +189,10 @@ class Storage(abc.ABC):
     def mounted(self) -> list[Volume]:
         """The volumes this method currently has active, sorted by (user, name)."""
 
+    @abc.abstractmethod
+    def stored(self) -> list[tuple[str, str]]:
+        """``(user_id, name)`` of every volume on disk, mounted or not, sorted."""
+
     def reconcile(self, keep: set[tuple[str, str]]) -> list[str]:
         """Release every active volume whose ``(user_id, name)`` is not in ``keep``; the
         released ones as ``"user_id/name"``. After a daemon restart the caller then
@@ -196,6 +203,41 @@ class Storage(abc.ABC):
                 self.release(vol)
                 released.append(f"{vol.user_id}/{vol.name}")
         return released
+
+
+@dataclass(eq=False)
+class _Held:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    users: int = 0
+
+
+class KeyedLocks:
+    """One lock per key (a volume's ``(user_id, name)``), kept only while someone holds
+    or waits for it: the map grows with the volumes in use, never with every name seen."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._held: dict[Hashable, _Held] = {}
+
+    def __len__(self) -> int:
+        with self._guard:
+            return len(self._held)
+
+    @contextmanager
+    def hold(self, key: Hashable) -> Iterator[None]:
+        with self._guard:
+            held = self._held.get(key)
+            if held is None:
+                held = self._held[key] = _Held()
+            held.users += 1
+        try:
+            with held.lock:
+                yield
+        finally:
+            with self._guard:
+                held.users -= 1
+                if held.users == 0:
+                    del self._held[key]
 
 
 # --- the directories inside a mounted volume ---------------------------------------

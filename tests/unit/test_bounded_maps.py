@@ -1,0 +1,127 @@
+"""In-memory maps keyed by what clients choose (volume names, terminal session ids,
+container ids) hold entries only while those are in use, never one per name ever seen."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+from rexecd.config import Config
+from rexecd.errors import Conflict
+from rexecd.models import ContainerRecord, ContainerResources
+from rexecd.runtime.storage import LoopStorage
+from rexecd.service.interface import TerminalProcess
+from rexecd.service.manager import ContainerManager
+from rexecd.service.store import Store
+from rexecd.service.terminals import TerminalRegistry
+
+
+def test_keyed_locks_forget_keys_nobody_holds() -> None:
+    from rexecd.runtime.storage.volume import KeyedLocks
+
+    locks = KeyedLocks()
+    inside = threading.Event()
+    release = threading.Event()
+    order: list[str] = []
+
+    def first() -> None:
+        with locks.hold("k"):
+            inside.set()
+            release.wait(5)
+            order.append("first")
+
+    def second() -> None:
+        with locks.hold("k"):
+            order.append("second")
+
+    t1 = threading.Thread(target=first)
+    t1.start()
+    assert inside.wait(5)
+    t2 = threading.Thread(target=second)
+    t2.start()
+    with locks.hold("other"):
+        assert len(locks) == 2
+    release.set()
+    t1.join(5)
+    t2.join(5)
+    assert order == ["first", "second"]  # still one lock per key while in use
+    assert len(locks) == 0
+
+
+def test_loop_storage_keeps_no_lock_per_volume_name(tmp_path: Path) -> None:
+    storage = LoopStorage(tmp_path / "state", tmp_path / "run")
+    for i in range(50):
+        storage.destroy("u1", f"name-{i}")  # none exists: nothing to do, but locked
+    assert len(storage._locks) == 0
+
+
+async def test_terminal_open_keeps_no_lock_per_session_id() -> None:
+    reg = TerminalRegistry(65536, 60.0)
+    gate = asyncio.Event()
+
+    async def refused() -> TerminalProcess:
+        await gate.wait()
+        raise Conflict("container is not running")
+
+    # Session ids are the client's choice: a stream of new ids to a stopped container.
+    tasks = [
+        asyncio.ensure_future(reg.open("db", f"s{i % 50}", False, refused)) for i in range(100)
+    ]
+    await asyncio.sleep(0)
+    gate.set()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(r, Conflict) for r in results)
+    assert reg._opening == {}
+
+
+class _Cgroup:
+    def __init__(self) -> None:
+        self.fd = os.eventfd(0)
+
+    def oom_fd(self) -> int:
+        return self.fd
+
+    def stats(self) -> SimpleNamespace:
+        return SimpleNamespace(oom_kills=0)
+
+
+async def test_watch_state_of_a_container_goes_when_it_stops(tmp_path: Path) -> None:
+    cfg = Config(state_dir=tmp_path / "state")
+    runtime = SimpleNamespace(cgroup=lambda cid: _Cgroup())
+    proc = subprocess.Popen(["sleep", "30"])
+    try:
+        with Store(cfg.state_dir) as store:
+            manager = ContainerManager(cfg, store, runtime, None)  # type: ignore[arg-type]
+            rec = ContainerRecord(
+                user_id="u",
+                name="a",
+                image="busybox",
+                status="running",
+                pid=proc.pid,
+                resources=ContainerResources(
+                    memory_mb=512, cpu_shares=1000, disk_mb=2048, network_mbps=10
+                ),
+            )
+            for _ in range(3):  # three runs of one container
+                manager._watch(rec)
+                manager._cpu_prev[rec.db_id] = (1.0, 100)  # what a stats call leaves
+                assert rec.db_id in manager._oom_seen
+                manager._unwatch(rec.db_id)
+            leftovers = [
+                table
+                for table in (
+                    manager._watch_fds,
+                    manager._oom_fds,
+                    manager._oom_seen,
+                    manager._cpu_prev,
+                )
+                if rec.db_id in table
+            ]
+            assert leftovers == []
+    finally:
+        proc.kill()
+        proc.wait()
