@@ -236,6 +236,17 @@ class TierLimits(_Section):
     # Port forwards per container; like the throttles, optional in a tier written
     # before it existed (such a tier gets the free tier's number).
     port_forwards: NonNegativeInt = 5
+    # The seccomp profile of the tier's containers (and of every exec and terminal in
+    # them): "default", "unconfined", or the absolute path of a JSON/YAML profile.
+    # Optional like the ones above; the daemon compiles each profile at start-up.
+    seccomp: str = "default"
+
+    @field_validator("seccomp")
+    @classmethod
+    def _seccomp_ref(cls, v: str) -> str:
+        if v not in ("default", "unconfined") and not v.startswith("/"):
+            raise ValueError(f"{v!r} must be default, unconfined or an absolute path")
+        return v
 
 
 def _tier(name: str) -> TierLimits:

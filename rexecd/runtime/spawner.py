@@ -147,7 +147,7 @@ class _Server:
                 if isinstance(body, ContainerSpec):
                     child.container_init(body, sock, stdio, self.init_fd)
                 else:
-                    child.exec_in_container(body, sock, stdio, pidfd)
+                    child.exec_in_container(body, sock, stdio, pidfd, self.init_fd)
             finally:
                 os._exit(126)
         n.setns(self.own_pidns, n.CLONE_NEWPID)
