@@ -212,10 +212,10 @@ class StorageConfig(_Section):
     # loop: one sparse ext4 image per container on a loop device, a hard limit.
     # auto: project quota where the state dir's file system enforces it (ext4 with
     # prjquota, xfs with pquota), else loop. Forcing "project" where it cannot work
-    # stops start-up saying why. The default is loop: until the runtime's seccomp
-    # filter refuses FS_IOC_FSSETXATTR, a file's owner in a container can move its
-    # files out of their project, so project quota does not yet hold against a
-    # container that tries to escape it.
+    # stops start-up saying why. The default is loop: project quota holds against a
+    # container only while its seccomp profile refuses FS_IOC_FSSETXATTR (the default
+    # profile does; "unconfined" does not), else a file's owner can move its files
+    # out of their project.
     method: Literal["auto", "loop", "project"] = "loop"
 
 

@@ -33,8 +33,9 @@ from rexecd.runtime.spec import ContainerSpec, ExecSpec
 
 
 def load_init_memfd() -> int:
-    """rexec-init in a sealed memfd: containers exec it without any host path, and a
-    process inside can never write to it through /proc/1/exe."""
+    """rexec-init in a sealed memfd: container inits and exec'd processes exec it
+    without any host path, and a process inside can never write to it through
+    /proc/PID/exe."""
     path = resources.files("rexecd._native").joinpath("rexec-init")
     data = path.read_bytes()
     fd = n.memfd_create("rexec-init")
