@@ -5,12 +5,10 @@ model, images, seccomp); tests of their parts live beside the code's other tests
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,8 +18,7 @@ from rexecd.runtime.container import Runtime
 from rexecd.runtime.spec import BindMount, ProcessSpec
 from tests.deadlines import scaled
 from tests.integration.conftest import make_busybox_layer
-from tests.integration.daemon import Daemon
-from tests.integration.daemon_fixtures import ApiClient, running_daemon, unique
+from tests.integration.daemon_fixtures import ApiClient
 from tests.integration.probe import (
     build_interp,
     elf_interpreter,
@@ -32,7 +29,7 @@ from tests.integration.probe import (
     probe_lower,
     running,
 )
-from tests.integration.test_daemon_files import F, upload
+from tests.integration.test_daemon_files import F, box, daemon, upload
 from tests.integration.test_runtime_isolation import run, runtime
 from tests.integration.test_runtime_isolation import (
     test_symlinked_proc_is_refused_with_step as symlinked_proc_is_refused,
@@ -40,7 +37,7 @@ from tests.integration.test_runtime_isolation import (
 from tests.integration.test_unpack_malicious import CASES, Case, sentinel
 from tests.integration.test_unpack_malicious import test_malicious_layer as check_layer
 
-__all__ = ["probe_bin", "probe_lower", "runtime", "sentinel"]  # fixtures used here
+__all__ = ["box", "daemon", "probe_bin", "probe_lower", "runtime", "sentinel"]  # fixtures used here
 
 
 # ------------------------------------------------------------------ CVE-2019-5736
@@ -244,27 +241,12 @@ def test_cve_2025_31133_dev_null_symlink_in_image(runtime: Runtime, tmp_path: Pa
 # ------------------------------------------------------------------ CVE-2018-15664
 
 
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    with running_daemon(tmp_path_factory) as d:
-        yield d
-
-
-@contextlib.asynccontextmanager
-async def _container(d: Daemon) -> AsyncIterator[tuple[ApiClient, str]]:
-    name = unique("race")
-    async with ApiClient(d, d.token(unique("race"))) as c:
-        try:
-            await c.create_running(name)
-            yield c, name
-        finally:
-            await c.remove(name)
-
-
 SWAPS = 20000  # bounded: the loop ends by itself even if the test dies
 
 
-async def test_cve_2018_15664_files_api_symlink_race(daemon: Daemon, tmp_path: Path) -> None:
+async def test_cve_2018_15664_files_api_symlink_race(
+    box: tuple[ApiClient, str], tmp_path: Path
+) -> None:
     """docker cp: a symlink swapped in while the daemon resolved a path in the container
     made it read or write the host. Here a container swaps a file and a directory for
     links to host paths as fast as it can while files API requests go through them."""
@@ -272,36 +254,36 @@ async def test_cve_2018_15664_files_api_symlink_race(daemon: Daemon, tmp_path: P
     canary.write_text("host canary\n")
     host_dir = tmp_path / "host-dir"
     host_dir.mkdir()
+    (host_dir / "host-marker").write_text("host\n")
+    c, name = box
     try:
-        async with _container(daemon) as (c, name):
-            swap = (
-                f"i=0; while [ $i -lt {SWAPS} ]; do "
-                "echo inside > /tmp/f; mv -f /tmp/f /tmp/race; "
-                f"ln -s {canary} /tmp/l; mv -f /tmp/l /tmp/race; "
-                "mkdir -p /tmp/d; rm -rf /tmp/dir; mv /tmp/d /tmp/dir; "
-                f"ln -s {host_dir} /tmp/dl; rm -rf /tmp/dir; mv /tmp/dl /tmp/dir; "
-                "i=$((i+1)); done"
-            )
-            await c.sh(name, f"sh -c '{swap}' </dev/null >/dev/null 2>&1 & echo $! > /tmp/swapper")
-            deadline = time.monotonic() + scaled(20)
-            seen = {"inside": 0, "uploads": 0}
-            for i in range(300):
-                if time.monotonic() > deadline:
-                    break
-                r = await c.get(F.format(name), params={"path": "/tmp/race"})
-                assert b"host canary" not in r.raw, f"download {i} read the host's file"
-                if r.status == 200:
-                    seen["inside"] += 1
-                r = await upload(c, name, "/tmp/dir", b"pwned\n", f"up-{i}")
-                seen["uploads"] += r.status == 200
-                assert not list(host_dir.iterdir()), f"upload {i} wrote to the host"
-                r = await c.get(F.format(name) + "/list", params={"path": "/tmp/dir"})
-                assert r.status != 200 or not any(
-                    e["name"] == "host-dir" for e in r.body["files"]
-                ), r.body
-            await c.sh(name, "kill $(cat /tmp/swapper) 2>/dev/null; true")
-            # The race was run: some requests met the file, some went through the dir.
-            assert seen["inside"] > 0 and seen["uploads"] > 0, seen
+        swap = (
+            f"i=0; while [ $i -lt {SWAPS} ]; do "
+            "echo inside > /tmp/f; mv -f /tmp/f /tmp/race; "
+            f"ln -s {canary} /tmp/l; mv -f /tmp/l /tmp/race; "
+            "mkdir -p /tmp/d; rm -rf /tmp/dir; mv /tmp/d /tmp/dir; "
+            f"ln -s {host_dir} /tmp/dl; rm -rf /tmp/dir; mv /tmp/dl /tmp/dir; "
+            "i=$((i+1)); done"
+        )
+        await c.sh(name, f"sh -c '{swap}' </dev/null >/dev/null 2>&1 & echo $! > /tmp/swapper")
+        deadline = time.monotonic() + scaled(20)
+        seen = {"inside": 0, "uploads": 0}
+        for i in range(300):
+            if time.monotonic() > deadline:
+                break
+            r = await c.get(F.format(name), params={"path": "/tmp/race"})
+            assert b"host canary" not in r.raw, f"download {i} read the host's file"
+            if r.status == 200:
+                seen["inside"] += 1
+            r = await upload(c, name, "/tmp/dir", b"pwned\n", f"up-{i}")
+            seen["uploads"] += r.status == 200
+            assert os.listdir(host_dir) == ["host-marker"], f"upload {i} wrote to the host"
+            r = await c.get(F.format(name) + "/list", params={"path": "/tmp/dir"})
+            listed = [e["name"] for e in r.body["files"]] if r.status == 200 else []
+            assert "host-marker" not in listed, f"listing {i} showed the host's directory"
+        await c.sh(name, "kill $(cat /tmp/swapper) 2>/dev/null; true")
+        # The race was run: some requests met the file, some went through the dir.
+        assert seen["inside"] > 0 and seen["uploads"] > 0, seen
         assert canary.read_text() == "host canary\n"
     finally:
         canary.unlink()
@@ -309,9 +291,7 @@ async def test_cve_2018_15664_files_api_symlink_race(daemon: Daemon, tmp_path: P
 
 # ------------------------------------------------------------------ CVE-2021-29136
 
-TRAVERSAL = [
-    c for c in CASES if c.id.startswith(("dotdot", "symlink-")) and "loop" not in c.id
-]
+TRAVERSAL = [c for c in CASES if c.id.startswith(("dotdot", "symlink-")) and "loop" not in c.id]
 
 
 @pytest.mark.parametrize("case", TRAVERSAL, ids=[c.id for c in TRAVERSAL])

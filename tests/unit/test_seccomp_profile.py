@@ -29,6 +29,39 @@ NAMESPACE_FLAGS = (
 )
 
 
+# Refused with EPERM by the default profile whatever the arguments (also probed in
+# tests/integration/test_seccomp.py).
+REFUSED_WITH_EPERM = (
+    "keyctl",
+    "add_key",
+    "request_key",
+    "bpf",
+    "userfaultfd",
+    "perf_event_open",
+    "kexec_load",
+    "kexec_file_load",
+    "init_module",
+    "finit_module",
+    "delete_module",
+    "fsopen",
+    "fsconfig",
+    "fsmount",
+    "fspick",
+    "move_mount",
+    "open_tree",
+    "mount_setattr",
+    "clock_settime",
+    "settimeofday",
+    "adjtimex",
+    "clock_adjtime",
+    "io_uring_setup",
+    "io_uring_enter",
+    "io_uring_register",
+    "setns",
+    "mount",
+)
+
+
 def _default() -> seccomp.Profile:
     profile = seccomp.load_profile("default")
     assert profile is not None
@@ -46,35 +79,7 @@ def _conditional(profile: seccomp.Profile, name: str) -> list[seccomp.SyscallRul
 
 def test_default_refuses_the_dangerous_syscalls_with_eperm() -> None:
     plain = _plain(_default())
-    for name in [
-        "keyctl",
-        "add_key",
-        "request_key",
-        "bpf",
-        "userfaultfd",
-        "perf_event_open",
-        "kexec_load",
-        "kexec_file_load",
-        "init_module",
-        "finit_module",
-        "delete_module",
-        "fsopen",
-        "fsconfig",
-        "fsmount",
-        "fspick",
-        "move_mount",
-        "open_tree",
-        "mount_setattr",
-        "clock_settime",
-        "settimeofday",
-        "adjtimex",
-        "clock_adjtime",
-        "io_uring_setup",
-        "io_uring_enter",
-        "io_uring_register",
-        "setns",
-        "mount",
-    ]:
+    for name in REFUSED_WITH_EPERM:
         rule = plain[name]
         assert (rule.action, rule.errnoRet) == ("SCMP_ACT_ERRNO", 1), name
     assert (plain["clone3"].action, plain["clone3"].errnoRet) == ("SCMP_ACT_ERRNO", 38)
