@@ -22,6 +22,8 @@ import yaml
 from tests.deadlines import scaled
 
 ROOT = Path(__file__).resolve().parents[2]
+# scripts/build-test-image writes here (scripts/setup runs it); git-ignored.
+TEST_IMAGES = ROOT / "build" / "test-images"
 RX = [sys.executable, "-m", "rexecd.cli"]
 
 
