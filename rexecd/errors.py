@@ -13,6 +13,7 @@
     ├── PayloadTooLarge (413, payload_too_large)
     ├── RateLimited (429, rate_limited)
     ├── ImageError (400, image_invalid)       bad archive, digest mismatch, unsafe member
+    ├── RegistryError (502, registry_error)    a registry unreachable, refusing, or broken
     ├── RuntimeFailure (500, runtime_failure)  kernel step failed: carries step and errno
     │   └── ChildSetupError (500, child_setup)  a container child reported a failed step
     ├── ExecTimeout (504, exec_timeout)
@@ -95,6 +96,14 @@ class ImageError(RexecError):
 
     status = 400
     code = "image_invalid"
+
+
+class RegistryError(RexecError):
+    """An image registry could not be used: unreachable, timed out, refused our
+    credentials, or answered something that is not the distribution API."""
+
+    status = 502
+    code = "registry_error"
 
 
 class RuntimeFailure(RexecError):
