@@ -61,6 +61,9 @@ class Daemon:
             "minimums": {"memory_mb": 16, "cpu_millicores": 10, "disk_mb": 16},
             "rate_limits": {"create_per_min": 1000, "ops_per_min": 1000, "read_per_min": 5000},
             "stop_timeout_s": 2,
+            # Never reach a public registry from a test: tests that pull turn this on
+            # with a mirror on loopback (mirrors_only).
+            "registries": {"pull": False},
         }
         _merge(cfg, self.overrides)
         self.config = self.base / "rexecd.yaml"
