@@ -5,18 +5,23 @@ mid-blob, token and basic auth, timeouts, and concurrent pulls of one image."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from rexecd.config import RegistriesConfig
 from rexecd.errors import ImageError, NotFound, RegistryError
 from rexecd.runtime.images import ImageStore
 from rexecd.service.registry import Puller, PullProgress
 from tests.deadlines import scaled
+from tests.integration.daemon import ROOT
 from tests.integration.registry import (
     CutProxy,
     Registry,
@@ -250,3 +255,27 @@ def _closed_port() -> int:
     from tests.integration.daemon import free_port
 
     return free_port()  # bound and released: nothing listens there now
+
+
+def test_cli_pull_prints_progress_and_result(tmp_path: Path, registry: Registry) -> None:
+    pushed = push_image(registry, "library/clip", "1", [BASE, TOP])
+    cfg = tmp_path / "rexecd.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {"registries": {"mirrors": {"docker.io": [registry.host]}, "mirrors_only": True}}
+        )
+    )
+    state = tmp_path / "state"
+    out = subprocess.run(
+        [sys.executable, "-m", "rexecd.cli", "image", "pull", "--config", str(cfg),
+         "--state-dir", str(state), "clip:1", "--name", "clip:one"],
+        capture_output=True, text=True, timeout=scaled(60), cwd=ROOT,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert doc["name"] == "clip:one" and doc["digest"] == pushed.digest
+    assert doc["layers_fetched"] == 2
+    # Not a terminal: plain progress lines, the last at 100%.
+    lines = [line for line in out.stderr.splitlines() if "% docker.io/library/clip:1" in line]
+    assert lines and lines[-1].startswith("100%") and "2/2 layers" in lines[-1]
+    assert ImageStore(state / "images").get("clip:one").layers == pushed.diff_ids
