@@ -120,13 +120,13 @@ def _default_config() -> Path | None:
 def _cmd_image_ls(a: argparse.Namespace) -> int:
     store = _images(a)
     recs = store.list()
-    users = [r for _, r in store.leases.items()]
+    uses = store.use_counts()
     if a.json:
         print(json.dumps([r.model_dump(mode="json") for r in recs], indent=2))
         return 0
     print(f"{'NAME':40} {'DIGEST':14} {'LAYERS':>6} {'SIZE':>12} {'CONTAINERS':>10}")
     for r in recs:
-        n = sum(1 for u in users if u.ref == r.ref and u.digest == r.digest)
+        n = uses[(r.ref, r.digest)]
         print(f"{r.ref:40} {r.digest[7:19]:14} {len(r.layers):>6} {r.size:>12} {n:>10}")
     return 0
 

@@ -115,7 +115,7 @@ class ImageOps(ManagerCore):
 
     async def list_local_images(self) -> list[LocalImage]:
         def collect() -> list[LocalImage]:
-            users = [r for _, r in self.images.leases.items()]
+            uses = self.images.use_counts()
             return [
                 LocalImage(
                     name=r.ref,
@@ -124,7 +124,7 @@ class ImageOps(ManagerCore):
                     layers=list(r.layers),
                     created=r.created,
                     imported=r.imported,
-                    containers=sum(1 for u in users if u.ref == r.ref and u.digest == r.digest),
+                    containers=uses[(r.ref, r.digest)],
                 )
                 for r in self.images.list()
             ]

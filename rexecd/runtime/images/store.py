@@ -353,6 +353,10 @@ class ImageStore:
         """The owners (container ids) of the leases made from ``rec`` under its name."""
         return [o for o, r in self.leases.items() if r.ref == rec.ref and r.digest == rec.digest]
 
+    def use_counts(self) -> Counter[tuple[str, str]]:
+        """How many containers were made from each (reference, digest)."""
+        return Counter((r.ref, r.digest) for _, r in self.leases.items())
+
     def layer_refs(self) -> Counter[str]:
         """How many image records and leases name each layer (its reference count)."""
         refs: Counter[str] = Counter()

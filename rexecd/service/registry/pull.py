@@ -114,6 +114,17 @@ class _LayerJob:
     trackers: list[_Tracker]
 
 
+@dataclass(frozen=True)
+class _Source:
+    """Where one pull fetches its layers from and puts them."""
+
+    client: RegistryClient
+    ep: Endpoint
+    remote: RemoteRef
+    session: ImportSession
+    transfer: _Transfer
+
+
 class Puller:
     """Pulls into one ImageStore; one per daemon (or per ``rexecd image pull``)."""
 
@@ -255,10 +266,8 @@ class Puller:
             tracker.layers_total = len(todo)
             tracker.total = sum(d["size"] for d in todo.values())
             tracker.emit()
-            jobs = [
-                self._layer(client, ep, remote, diff_id, desc, session, tracker, transfer)
-                for diff_id, desc in todo.items()
-            ]
+            src = _Source(client, ep, remote, session, transfer)
+            jobs = [self._layer(src, diff_id, desc, tracker) for diff_id, desc in todo.items()]
             outcomes = await asyncio.gather(*(j.task for j in jobs), return_exceptions=True)
             for j in jobs:
                 if tracker in j.trackers:
@@ -284,15 +293,7 @@ class Puller:
         return PullResult(rec, ep.label, transfer.downloaded, len(todo), present, transfer.resumed)
 
     def _layer(
-        self,
-        client: RegistryClient,
-        ep: Endpoint,
-        remote: RemoteRef,
-        diff_id: str,
-        desc: dict[str, Any],
-        session: ImportSession,
-        tracker: _Tracker,
-        transfer: _Transfer,
+        self, src: _Source, diff_id: str, desc: dict[str, Any], tracker: _Tracker
     ) -> _LayerJob:
         """The download of one layer: a running one (another pull's) or a new one."""
         job = self._layers.get(diff_id)
@@ -300,33 +301,23 @@ class Puller:
             job.trackers.append(tracker)
             return job
         job = _LayerJob(task=None, trackers=[tracker])  # type: ignore[arg-type]
-        job.task = asyncio.ensure_future(
-            self._download(client, ep, remote, diff_id, desc, session, job, transfer)
-        )
+        job.task = asyncio.ensure_future(self._download(src, diff_id, desc, job))
         self._layers[diff_id] = job
         job.task.add_done_callback(lambda _t: self._layers.pop(diff_id, None))
         return job
 
     async def _download(
-        self,
-        client: RegistryClient,
-        ep: Endpoint,
-        remote: RemoteRef,
-        diff_id: str,
-        desc: dict[str, Any],
-        session: ImportSession,
-        job: _LayerJob,
-        transfer: _Transfer,
+        self, src: _Source, diff_id: str, desc: dict[str, Any], job: _LayerJob
     ) -> None:
         assert self._sem is not None
         async with self._sem:
             digest, size = desc["digest"], desc["size"]
-            label = f"layer {digest[:19]} of {remote}"
+            label = f"layer {digest[:19]} of {src.remote}"
             bridge = ByteBridge()
 
             def unpack() -> None:
                 try:
-                    session.unpack(
+                    src.session.unpack(
                         bridge, label=label, diff_id=diff_id, blob_digest=digest, blob_size=size
                     )
                 finally:
@@ -334,9 +325,7 @@ class Puller:
 
             unpacking = run_in_thread(unpack, name=f"unpack-{digest[7:19]}")
             try:
-                await self._stream(
-                    client, ep, remote.repository, digest, size, bridge, job, transfer
-                )
+                await self._stream(src, digest, size, bridge, job)
             except BridgeClosed:
                 pass  # the unpacker stopped early: its error, awaited below, says why
             except BaseException as e:
@@ -354,16 +343,9 @@ class Puller:
                 t.emit()
 
     async def _stream(
-        self,
-        client: RegistryClient,
-        ep: Endpoint,
-        repo: str,
-        digest: str,
-        size: int,
-        bridge: ByteBridge,
-        job: _LayerJob,
-        transfer: _Transfer,
+        self, src: _Source, digest: str, size: int, bridge: ByteBridge, job: _LayerJob
     ) -> None:
+        client, ep, repo, transfer = src.client, src.ep, src.remote.repository, src.transfer
         offset = 0
         failures = 0
         path = f"{repo}/blobs/{digest}"
