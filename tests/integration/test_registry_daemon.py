@@ -215,3 +215,21 @@ async def test_unreachable_mirror_fails_the_create_not_the_daemon(
         rec = await c.container(name)
         assert rec["status"] == "error" and "unreachable" in rec["error_message"]
         assert (await c.get("/health")).status == 200
+
+
+async def test_restart_drops_leases_of_containers_that_are_gone(daemon: Daemon) -> None:
+    async with ApiClient(daemon, daemon.token(unique("lease"))) as c, cleaning(c) as refs:
+        name = unique("keep")
+        refs.append(name)
+        kept = await c.create_running(name, **SIZES)
+        leases = daemon.state / "images" / "leases"
+        assert (leases / f"{kept['id']}.json").exists()
+        # A lease whose container is gone (deleted while the daemon was down, say).
+        stale = leases / f"{'e' * 64}.json"
+        stale.write_bytes((leases / f"{kept['id']}.json").read_bytes())
+        await asyncio.to_thread(daemon.restart)
+        assert not stale.exists()
+        assert (leases / f"{kept['id']}.json").exists()
+        await c.remove(name)
+        refs.remove(name)
+        assert not (leases / f"{kept['id']}.json").exists()
