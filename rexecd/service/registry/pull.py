@@ -13,6 +13,7 @@ cheaper to repeat.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -28,7 +29,6 @@ from rexecd.runtime.images import ImageRecord, ImageStore, parse_reference
 from rexecd.runtime.images.manifest import (
     MANIFEST_TYPES,
     descriptors,
-    digest_of,
     image_entries,
     is_index,
     load_json,
@@ -222,7 +222,7 @@ class Puller:
             raw, ctype = await client.fetch_small(
                 ep, f"{repo}/manifests/{ref}", repo=repo, accept=MANIFEST_ACCEPT
             )
-            digest = digest_of(raw, "sha256:")
+            digest = "sha256:" + hashlib.sha256(raw).hexdigest()
             if ref.startswith("sha256:") and digest != ref:
                 raise RegistryError(f"{ep.label}: manifest {ref} does not match its digest")
             doc = load_json(raw, f"manifest {digest}")
@@ -300,14 +300,16 @@ class Puller:
         if job is not None:
             job.trackers.append(tracker)
             return job
-        job = _LayerJob(task=None, trackers=[tracker])  # type: ignore[arg-type]
-        job.task = asyncio.ensure_future(self._download(src, diff_id, desc, job))
+        trackers = [tracker]
+        job = _LayerJob(
+            asyncio.ensure_future(self._download(src, diff_id, desc, trackers)), trackers
+        )
         self._layers[diff_id] = job
         job.task.add_done_callback(lambda _t: self._layers.pop(diff_id, None))
         return job
 
     async def _download(
-        self, src: _Source, diff_id: str, desc: dict[str, Any], job: _LayerJob
+        self, src: _Source, diff_id: str, desc: dict[str, Any], trackers: list[_Tracker]
     ) -> None:
         assert self._sem is not None
         async with self._sem:
@@ -325,7 +327,7 @@ class Puller:
 
             unpacking = run_in_thread(unpack, name=f"unpack-{digest[7:19]}")
             try:
-                await self._stream(src, digest, size, bridge, job)
+                await self._stream(src, digest, size, bridge, trackers)
             except BridgeClosed:
                 pass  # the unpacker stopped early: its error, awaited below, says why
             except BaseException as e:
@@ -338,12 +340,12 @@ class Puller:
             else:
                 bridge.close()
             await unpacking
-            for t in job.trackers:
+            for t in trackers:
                 t.layers_done += 1
                 t.emit()
 
     async def _stream(
-        self, src: _Source, digest: str, size: int, bridge: ByteBridge, job: _LayerJob
+        self, src: _Source, digest: str, size: int, bridge: ByteBridge, trackers: list[_Tracker]
     ) -> None:
         client, ep, repo, transfer = src.client, src.ep, src.remote.repository, src.transfer
         offset = 0
@@ -367,7 +369,7 @@ class Puller:
                         offset += len(chunk)
                         transfer.downloaded += len(chunk)
                         failures = 0
-                        for t in job.trackers:
+                        for t in trackers:
                             t.advance(len(chunk))
                 if offset == size:
                     return
