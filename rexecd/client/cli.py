@@ -156,18 +156,21 @@ async def _create(c: AsyncClient, a: argparse.Namespace) -> int:
     if a.progress:
         return await _create_with_progress(c, a)
     container = await c.create(
-        a.image,
-        name=a.name,
-        role=a.role,
-        custom_image=a.custom_image,
-        memory_mb=a.memory,
-        cpu_shares=a.cpu,
-        disk_mb=a.disk,
-        environment=dict(a.env),
-        wait=a.wait,
-        wait_timeout=a.wait_timeout,
+        a.image, **_create_fields(a), wait=a.wait, wait_timeout=a.wait_timeout
     )
     return _created(a, container)
+
+
+def _create_fields(a: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "name": a.name,
+        "role": a.role,
+        "custom_image": a.custom_image,
+        "memory_mb": a.memory,
+        "cpu_shares": a.cpu,
+        "disk_mb": a.disk,
+        "environment": dict(a.env),
+    }
 
 
 async def _create_with_progress(c: AsyncClient, a: argparse.Namespace) -> int:
@@ -178,16 +181,7 @@ async def _create_with_progress(c: AsyncClient, a: argparse.Namespace) -> int:
     container: ContainerOut | None = None
     error = None
     try:
-        async for frame in c.create_stream(
-            a.image,
-            name=a.name,
-            role=a.role,
-            custom_image=a.custom_image,
-            memory_mb=a.memory,
-            cpu_shares=a.cpu,
-            disk_mb=a.disk,
-            environment=dict(a.env),
-        ):
+        async for frame in c.create_stream(a.image, **_create_fields(a)):
             bar.update(frame.progress, f"{frame.stage}: {frame.message}")
             container = frame.container or container
             error = frame.error or error

@@ -126,6 +126,12 @@ class Registry:
         )
 
 
+def mirror_of_hub(host: str, **extra: Any) -> dict[str, Any]:
+    """A daemon's ``registries`` section with Docker Hub mirrored at ``host`` only: a
+    test never reaches the real Hub."""
+    return {"pull": True, "mirrors": {"docker.io": [host]}, "mirrors_only": True, **extra}
+
+
 @contextmanager
 def running_registry(base: Path, auth: dict[str, Any] | None = None) -> Iterator[Registry]:
     reg = Registry(base, auth)

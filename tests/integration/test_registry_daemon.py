@@ -24,7 +24,7 @@ from tests.integration.daemon_fixtures import (
     running_daemon,
     unique,
 )
-from tests.integration.registry import Registry, push_image, running_registry
+from tests.integration.registry import Registry, mirror_of_hub, push_image, running_registry
 from tests.unit.test_images_support import layer, reg
 
 SIZES = {"memory_mb": 64, "disk_mb": 64, "cpu_shares": 250}
@@ -66,11 +66,7 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory, registry: Registry) -> Iterator[Daemon]:
     overrides = {
-        "registries": {
-            "pull": True,
-            "mirrors": {"docker.io": [registry.host]},
-            "mirrors_only": True,
-        },
+        "registries": mirror_of_hub(registry.host),
         "images": {
             "catalogue": [
                 entry("tinybox:1", "docker.io/library/tinybox:1", aliases=["tiny"]),
@@ -189,13 +185,8 @@ async def test_admin_pull_by_full_reference(daemon: Daemon, registry: Registry) 
 @pytest.fixture
 def dead_mirror_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     overrides = {
-        "registries": {
-            "pull": True,
-            "mirrors": {"docker.io": [f"127.0.0.1:{free_port()}"]},  # nothing listens
-            "mirrors_only": True,
-            "retries": 1,
-            "connect_timeout_s": 2,
-        },
+        # Nothing listens on the mirror's port.
+        "registries": mirror_of_hub(f"127.0.0.1:{free_port()}", retries=1, connect_timeout_s=2),
         "images": {"catalogue": [entry("gone:1", "docker.io/library/gone:1")]},
     }
     with running_daemon(tmp_path_factory, overrides) as d:

@@ -16,7 +16,7 @@ import pytest
 from tests.deadlines import scaled
 from tests.integration.daemon import Daemon
 from tests.integration.daemon_fixtures import ApiClient, cleaning, running_daemon, unique
-from tests.integration.registry import Registry, running_registry
+from tests.integration.registry import Registry, mirror_of_hub, running_registry
 
 CACHE = Path(os.environ.get("REXECD_TEST_CACHE", "/var/cache/rexecd-test")) / "debian-bookworm"
 OCI = CACHE / "oci"
@@ -40,14 +40,7 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory, registry: Registry) -> Iterator[Daemon]:
-    overrides = {
-        "registries": {
-            "pull": True,
-            "mirrors": {"docker.io": [registry.host]},
-            "mirrors_only": True,
-        }
-    }
-    with running_daemon(tmp_path_factory, overrides) as d:
+    with running_daemon(tmp_path_factory, {"registries": mirror_of_hub(registry.host)}) as d:
         yield d
 
 
