@@ -114,7 +114,7 @@ async def test_watch_state_of_a_container_goes_when_it_stops(tmp_path: Path) -> 
             leftovers = [
                 table
                 for table in (
-                    manager._watch_fds,
+                    manager._inits,
                     manager._oom_fds,
                     manager._oom_seen,
                     manager._cpu_prev,
