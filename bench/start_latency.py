@@ -3,8 +3,12 @@
 long-lived process (as the daemon does it: spawn, exec, reap, clean up, cgroup
 included) side by side with `crun run` and `runc run` on the same busybox rootfs.
 
-Run as root: .venv/bin/python bench/start_latency.py [--runs 100]
+Run as root: .venv/bin/python bench/start_latency.py [--runs 100] [--seccomp-cost]
 Results: a table on stdout and bench/results/start_latency.json.
+
+rexecd runs with its default seccomp profile, as the daemon does. --seccomp-cost also
+runs it unconfined, alternating the two profiles run by run in the same spawner so
+that drift on the machine weighs on both alike.
 """
 
 from __future__ import annotations
@@ -42,29 +46,37 @@ def summary(samples: list[float]) -> dict[str, float]:
     }
 
 
-def bench_rexecd(state: Path, run_dir: Path, runs: int, ephemeral: bool) -> list[float]:
+def bench_rexecd(
+    state: Path, run_dir: Path, runs: int, ephemeral: bool, profiles: list[str]
+) -> dict[str, list[float]]:
+    """``runs`` starts per seccomp profile, the profiles taking turns run by run."""
     store = ImageStore(state / "images")
     view = image_view(store, store.get("busybox:latest"))
     parent = f"rexecd-bench-{uuid.uuid4().hex[:6]}"
     drv = open_driver(parent)
     sp = Spawner()
     rt = Runtime(state, run_dir, drv, sp)
-    times = []
+    times: dict[str, list[float]] = {p: [] for p in profiles}
+    for p in profiles:
+        rt.seccomp.compiled(p)  # compiled once, as at daemon start-up
     try:
         for i in range(runs + 5):
-            t0 = time.perf_counter()
-            cid = uuid.uuid4().hex * 2
-            dirs = rt.dirs(cid, ephemeral=ephemeral)
-            rt.create_dirs(dirs)
-            spec = rt.build_spec(cid, "bench", view, dirs, args=["/bin/true"])
-            pid = rt.start(spec, CgroupLimits(memory_bytes=256 << 20, cpu_millicores=1000))
-            status = sp.wait(pid, timeout=10)
-            rt.remove(cid, ephemeral=ephemeral)
-            dt = (time.perf_counter() - t0) * 1000
-            if status != 0:
-                raise SystemExit(f"rexecd run {i} exited {status}")
-            if i >= 5:  # warm-up runs are not counted
-                times.append(dt)
+            for profile in profiles:
+                t0 = time.perf_counter()
+                cid = uuid.uuid4().hex * 2
+                dirs = rt.dirs(cid, ephemeral=ephemeral)
+                rt.create_dirs(dirs)
+                spec = rt.build_spec(
+                    cid, "bench", view, dirs, args=["/bin/true"], seccomp=profile
+                )
+                pid = rt.start(spec, CgroupLimits(memory_bytes=256 << 20, cpu_millicores=1000))
+                status = sp.wait(pid, timeout=10)
+                rt.remove(cid, ephemeral=ephemeral)
+                dt = (time.perf_counter() - t0) * 1000
+                if status != 0:
+                    raise SystemExit(f"rexecd run {i} ({profile}) exited {status}")
+                if i >= 5:  # warm-up runs are not counted
+                    times[profile].append(dt)
     finally:
         sp.close()
         drv.remove_parent()
@@ -159,7 +171,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--runs", type=int, default=100)
     ap.add_argument("--image", default=str(ROOT / "images" / "busybox.tar"))
+    ap.add_argument(
+        "--seccomp-cost",
+        action="store_true",
+        help="also run rexecd unconfined, interleaved with the default seccomp profile",
+    )
     args = ap.parse_args()
+    profiles = ["default", "unconfined"] if args.seccomp_cost else ["default"]
     if os.geteuid() != 0:
         raise SystemExit("run as root")
     with tempfile.TemporaryDirectory(prefix="rexecd-bench-", dir="/var/tmp") as tmp:
@@ -170,12 +188,12 @@ def main() -> None:
             rec = store.import_archive(Path(args.image))
             rootfs = store.layer_paths(rec)[0]
             results: dict[str, object] = {}
-            results["rexecd (upper on tmpfs, like --rm)"] = bench_rexecd(
-                state, run_dir, args.runs, True
-            )
-            results["rexecd (upper on the state disk)"] = bench_rexecd(
-                state, run_dir, args.runs, False
-            )
+            places = ((True, "upper on tmpfs, like --rm"), (False, "upper on the state disk"))
+            for ephemeral, where in places:
+                by_profile = bench_rexecd(state, run_dir, args.runs, ephemeral, profiles)
+                for profile, times in by_profile.items():
+                    label = "" if profile == "default" else f", seccomp {profile}"
+                    results[f"rexecd ({where}{label})"] = times
             for tool in ("crun", "runc"):
                 results[f"{tool} run"] = bench_peer(tool, rootfs, work, args.runs)
         finally:
@@ -183,17 +201,17 @@ def main() -> None:
     report: dict[str, object] = {"runs": args.runs, "kernel": os.uname().release}
     crun = results.get("crun run")
     base = statistics.median(crun) if isinstance(crun, list) else None
-    print(f"{'runtime':40} {'median ms':>10} {'p95 ms':>10} {'vs crun':>8}")
+    print(f"{'runtime':58} {'median ms':>10} {'p95 ms':>10} {'vs crun':>8}")
     for name, val in results.items():
         if isinstance(val, str):
-            print(f"{name:40} {val}")
+            print(f"{name:58} {val}")
             report[name] = {"error": val}
             continue
         s = summary(val)
         ratio = round(s["median_ms"] / base, 2) if base else None
         s["ratio_vs_crun"] = ratio if ratio is not None else float("nan")
         report[name] = s
-        print(f"{name:40} {s['median_ms']:>10} {s['p95_ms']:>10} {ratio if ratio else '-':>8}")
+        print(f"{name:58} {s['median_ms']:>10} {s['p95_ms']:>10} {ratio if ratio else '-':>8}")
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)
     (out / "start_latency.json").write_text(json.dumps(report, indent=2))

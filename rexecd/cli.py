@@ -35,7 +35,26 @@ def _cmd_run(a: argparse.Namespace) -> int:
         user=a.user,
         workdir=a.workdir,
         cgroup_parent=a.cgroup_parent,
+        seccomp=a.seccomp,
     )
+
+
+def _cmd_seccomp_show(a: argparse.Namespace) -> int:
+    from rexecd.config import load_config
+    from rexecd.runtime import seccomp
+
+    if a.profile:
+        ref, where = a.profile, {}
+    else:
+        _check_tier(a.tier)
+        cfg = load_config(Path(a.config) if a.config else None)
+        ref, where = cfg.tiers.get(a.tier).seccomp, {"tier": a.tier}
+    if a.pfc:
+        profile = seccomp.load_profile(ref)
+        print(seccomp.pseudo_code(profile) if profile is not None else "# unconfined: no filter")
+        return 0
+    print(json.dumps({**where, **seccomp.describe(ref)}, indent=2))
+    return 0
 
 
 def _cmd_image_import(a: argparse.Namespace) -> int:
@@ -212,9 +231,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-u", "--user")
     run.add_argument("-w", "--workdir")
     run.add_argument("--cgroup-parent", default="rexecd")
+    run.add_argument(
+        "--seccomp", default="default", metavar="PROFILE", help="default, unconfined or a path"
+    )
     run.add_argument("image")
     run.add_argument("cmd", nargs=argparse.REMAINDER)
     run.set_defaults(fn=_cmd_run)
+
+    sec = sub.add_parser("seccomp", help="seccomp profiles of containers")
+    ssub = sec.add_subparsers(dest="seccomp_command", required=True)
+    show = ssub.add_parser(
+        "show", help="print the seccomp rules a tier's containers get (JSON), or a profile's"
+    )
+    show.add_argument("--config", help="YAML config (default: the embedded one)")
+    show.add_argument("--tier", default="free")
+    show.add_argument("--profile", help="default, unconfined or a profile file (not a tier's)")
+    show.add_argument(
+        "--pfc", action="store_true", help="libseccomp's pseudo code of the compiled filter"
+    )
+    show.set_defaults(fn=_cmd_seccomp_show)
 
     img = sub.add_parser("image", help="manage imported images")
     isub = img.add_subparsers(dest="image_command", required=True)

@@ -224,10 +224,10 @@ class StorageConfig(_Section):
     # loop: one sparse ext4 image per container on a loop device, a hard limit.
     # auto: project quota where the state dir's file system enforces it (ext4 with
     # prjquota, xfs with pquota), else loop. Forcing "project" where it cannot work
-    # stops start-up saying why. The default is loop: until the runtime's seccomp
-    # filter refuses FS_IOC_FSSETXATTR, a file's owner in a container can move its
-    # files out of their project, so project quota does not yet hold against a
-    # container that tries to escape it.
+    # stops start-up saying why. The default is loop: project quota holds against a
+    # container only while its seccomp profile refuses FS_IOC_FSSETXATTR (the default
+    # profile does; "unconfined" does not), else a file's owner can move its files
+    # out of their project.
     method: Literal["auto", "loop", "project"] = "loop"
 
 
@@ -253,6 +253,18 @@ class TierLimits(_Section):
     # least recently used kept volumes. Optional like the above (the free tier's numbers).
     kept_volumes: NonNegativeInt = 5
     kept_volumes_mb: NonNegativeInt = 51200
+
+    # The seccomp profile of the tier's containers (and of every exec and terminal in
+    # them): "default", "unconfined", or the absolute path of a JSON/YAML profile.
+    # Optional like the ones above; the daemon compiles each profile at start-up.
+    seccomp: str = "default"
+
+    @field_validator("seccomp")
+    @classmethod
+    def _seccomp_ref(cls, v: str) -> str:
+        if v not in ("default", "unconfined") and not v.startswith("/"):
+            raise ValueError(f"{v!r} must be default, unconfined or an absolute path")
+        return v
 
 
 def _tier(name: str) -> TierLimits:

@@ -19,11 +19,12 @@ from aiohttp import web
 
 from rexecd import __version__
 from rexecd.api.guard import ConnectionGuard, GuardedSite, GuardLimits
-from rexecd.config import Config, TcpListen, UnixListen
+from rexecd.config import TIER_NAMES, Config, ConfigError, TcpListen, UnixListen
 from rexecd.errors import RuntimeUnavailable
 from rexecd.runtime.cgroups import choose_driver
 from rexecd.runtime.container import Runtime
 from rexecd.runtime.images import ImageStore
+from rexecd.runtime.seccomp import SeccompFilters
 from rexecd.runtime.spawner import Spawner
 from rexecd.runtime.storage import choose_storage
 from rexecd.service.events import EventBus
@@ -55,6 +56,25 @@ def _network(cfg: Config) -> tuple[object | None, object | None]:
         gateway_udp_ports=tuple(cfg.network.gateway_udp_ports),
     )
     return Network(net), PortForwarder(net)
+
+
+def _seccomp(cfg: Config) -> SeccompFilters:
+    """Every tier's seccomp profile, compiled now: a bad profile stops start-up."""
+    filters = SeccompFilters()
+    for tier in TIER_NAMES:
+        ref = cfg.tiers.get(tier).seccomp
+        try:
+            compiled = filters.compiled(ref)
+        except ConfigError as exc:
+            raise ConfigError(f"tiers.{tier}.seccomp: {exc}") from None
+        if compiled.unknown:
+            log.info(
+                "seccomp profile %s: this libseccomp does not know %s (they get the "
+                "default action)",
+                ref,
+                ", ".join(compiled.unknown),
+            )
+    return filters
 
 
 @dataclass
@@ -206,10 +226,11 @@ async def _run(cfg: Config, ready: asyncio.Event | None, listeners: list[Listene
     # First: a storage method that cannot work here stops start-up before anything
     # (the spawner process, the database) exists that would need undoing.
     storage = choose_storage(cfg.state_dir, cfg.run_dir, cfg.storage.method)
+    seccomp = _seccomp(cfg)
     store = Store(cfg.state_dir)
     spawner = Spawner()
     cgroups = choose_driver(cfg.cgroup.parent, cfg.cgroup.root)
-    runtime = Runtime(cfg.state_dir, cfg.run_dir, cgroups.driver, spawner)
+    runtime = Runtime(cfg.state_dir, cfg.run_dir, cgroups.driver, spawner, seccomp)
     images = ImageStore(cfg.state_dir / "images")
     network, forwarder = _network(cfg)
     manager = ContainerManager(

@@ -2,14 +2,18 @@
 errno and the path involved.
 
 Every wrapper requires a Linux kernel with the call (unshare/setns: 3.8; openat2: 5.6;
-close_range: 5.9; quotactl_fd: 5.14; keyctl: 2.6.10) and the privilege the kernel asks for
-(CAP_SYS_ADMIN for mount, pivot_root, unshare and setns of most namespace types and for
-setting quota limits; CAP_MKNOD for device nodes).
+close_range: 5.9; quotactl_fd: 5.14; keyctl: 2.6.10; seccomp filters: 3.17) and the
+privilege the kernel asks for (CAP_SYS_ADMIN for mount, pivot_root, unshare and setns
+of most namespace types and for setting quota limits; CAP_MKNOD for device nodes;
+no_new_privs or CAP_SYS_ADMIN to install a seccomp filter). ``ScmpFilter`` compiles
+seccomp rules with libseccomp, in user space only.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from types import TracebackType
 
 from rexecd._native._lowlevel import ffi, lib
 
@@ -167,3 +171,102 @@ def fstatfs_type(fd: int, path: str) -> int:
     out = ffi.new("long long *")
     _check(lib.rx_fstatfs_type(fd, out), "fstatfs", path)
     return int(out[0]) & 0xFFFFFFFF
+
+
+# libseccomp actions (seccomp.h); an errno action carries its errno in the low 16 bits.
+SCMP_ACT_ALLOW: int = lib.SCMP_ACT_ALLOW
+SCMP_ACT_KILL_PROCESS: int = lib.SCMP_ACT_KILL_PROCESS
+SCMP_ACT_KILL_THREAD: int = lib.SCMP_ACT_KILL_THREAD
+SCMP_ACT_TRAP: int = lib.SCMP_ACT_TRAP
+SCMP_ACT_LOG: int = lib.SCMP_ACT_LOG
+# Argument comparisons; MASKED_EQ compares ``arg & datum_a == datum_b``.
+SCMP_CMP_NE: int = lib.SCMP_CMP_NE
+SCMP_CMP_LT: int = lib.SCMP_CMP_LT
+SCMP_CMP_LE: int = lib.SCMP_CMP_LE
+SCMP_CMP_EQ: int = lib.SCMP_CMP_EQ
+SCMP_CMP_GE: int = lib.SCMP_CMP_GE
+SCMP_CMP_GT: int = lib.SCMP_CMP_GT
+SCMP_CMP_MASKED_EQ: int = lib.SCMP_CMP_MASKED_EQ
+
+
+def scmp_act_errno(err: int) -> int:
+    """The libseccomp action "fail with ``err``" (SCMP_ACT_ERRNO)."""
+    return 0x00050000 | (err & 0xFFFF)
+
+
+def scmp_resolve(name: str) -> int | None:
+    """The native syscall number of ``name``; None when libseccomp does not know the name.
+
+    A syscall of another architecture only (``chown32`` on x86_64) is a negative pseudo
+    number, which libseccomp accepts in rules and leaves out of the program."""
+    nr: int = lib.rx_scmp_resolve(name.encode())
+    return None if nr == -1 else nr
+
+
+class ScmpFilter:
+    """One libseccomp filter context for the native architecture, compiled in user space.
+
+    ``default_action`` answers syscalls no rule matches; ``badarch_action`` answers
+    syscalls made through another ABI (a 32-bit ``int 0x80``, x32)."""
+
+    def __init__(self, default_action: int, badarch_action: int) -> None:
+        ctx = lib.rx_scmp_new(default_action, badarch_action)
+        if ctx == ffi.NULL:
+            _check(-1, "seccomp_init")
+        self._ctx: object = ctx
+
+    def add_rule(
+        self, action: int, nr: int, args: Sequence[tuple[int, int, int, int]] = ()
+    ) -> None:
+        """``action`` for syscall ``nr`` when every ``(index, op, datum_a, datum_b)`` holds."""
+        _check(
+            lib.rx_scmp_rule(
+                self._ctx,
+                action,
+                nr,
+                len(args),
+                ffi.new("unsigned int[]", [a[0] for a in args] or [0]),
+                ffi.new("int[]", [a[1] for a in args] or [0]),
+                ffi.new("uint64_t[]", [a[2] for a in args] or [0]),
+                ffi.new("uint64_t[]", [a[3] for a in args] or [0]),
+            ),
+            f"seccomp rule for syscall {nr}",
+        )
+
+    def _export(self, pfc: bool) -> bytes:
+        fd = memfd_create("seccomp", MFD_CLOEXEC)
+        try:
+            _check(lib.rx_scmp_export(self._ctx, fd, int(pfc)), "seccomp export")
+            size = os.fstat(fd).st_size
+            return os.pread(fd, size, 0)
+        finally:
+            os.close(fd)
+
+    def export_bpf(self) -> bytes:
+        """The filter as a classic BPF program (8 bytes an instruction), for ``seccomp_install``."""
+        return self._export(False)
+
+    def export_pfc(self) -> str:
+        """libseccomp's human-readable pseudo filter code of the same program."""
+        return self._export(True).decode()
+
+    def close(self) -> None:
+        if self._ctx is not None:
+            lib.rx_scmp_release(self._ctx)
+            self._ctx = None
+
+    def __enter__(self) -> ScmpFilter:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def seccomp_install(program: bytes) -> None:
+    """seccomp(SECCOMP_SET_MODE_FILTER) of a BPF ``program`` on the calling thread.
+
+    Filters stack: each one installed later is consulted too, and the strictest answer
+    wins. Needs no_new_privs (or CAP_SYS_ADMIN)."""
+    _check(lib.rx_seccomp_install(ffi.from_buffer(program), len(program)), "seccomp")

@@ -1,7 +1,9 @@
-"""cffi out-of-line API build of ``rexecd._native._lowlevel``: the syscalls Python 3.11 lacks.
+"""cffi out-of-line API build of ``rexecd._native._lowlevel``: the syscalls Python 3.11 lacks,
+and the few libseccomp calls that compile a seccomp profile into BPF.
 
 Only thin C shims live here; argument checking and errno translation are done by the
 Python wrappers in ``rexecd._native`` so each failure carries the path it concerns.
+Links libseccomp (``libseccomp-dev`` to build, ``libseccomp2`` to run).
 """
 
 from cffi import FFI
@@ -27,6 +29,27 @@ ffibuilder.cdef(
     int rx_quotactl_fd(int fd, unsigned int cmd, unsigned int id, void *addr);
     long rx_join_session_keyring(const char *name);
     int rx_fstatfs_type(int fd, long long *type);
+
+    static const unsigned int SCMP_ACT_ALLOW;
+    static const unsigned int SCMP_ACT_KILL_PROCESS;
+    static const unsigned int SCMP_ACT_KILL_THREAD;
+    static const unsigned int SCMP_ACT_TRAP;
+    static const unsigned int SCMP_ACT_LOG;
+    static const int SCMP_CMP_NE;
+    static const int SCMP_CMP_LT;
+    static const int SCMP_CMP_LE;
+    static const int SCMP_CMP_EQ;
+    static const int SCMP_CMP_GE;
+    static const int SCMP_CMP_GT;
+    static const int SCMP_CMP_MASKED_EQ;
+    void *rx_scmp_new(unsigned int default_action, unsigned int badarch_action);
+    void rx_scmp_release(void *ctx);
+    int rx_scmp_resolve(const char *name);
+    int rx_scmp_rule(void *ctx, unsigned int action, int nr, unsigned int count,
+                     const unsigned int *index, const int *op,
+                     const uint64_t *datum_a, const uint64_t *datum_b);
+    int rx_scmp_export(void *ctx, int fd, int pfc);
+    int rx_seccomp_install(const void *prog, unsigned int size);
     """
 )
 
@@ -46,7 +69,10 @@ ffibuilder.set_source(
     #include <sys/mman.h>
     #include <linux/keyctl.h>
     #include <sys/vfs.h>
+    #include <linux/filter.h>
     #include <linux/openat2.h>
+    #include <linux/seccomp.h>
+    #include <seccomp.h>
 
     int rx_unshare(int flags) { return unshare(flags); }
     int rx_setns(int fd, int nstype) { return setns(fd, nstype); }
@@ -98,7 +124,68 @@ ffibuilder.set_source(
         *type = (long long)st.f_type;
         return 0;
     }
+
+    /* libseccomp answers -errno instead of setting errno: put it where Python looks. */
+    static int rx_scmp_rc(int rc) {
+        if (rc < 0) {
+            errno = -rc;
+            return -1;
+        }
+        return rc;
+    }
+    void *rx_scmp_new(unsigned int default_action, unsigned int badarch_action) {
+        scmp_filter_ctx ctx = seccomp_init(default_action);
+        int rc;
+        if (ctx == NULL) {
+            errno = EINVAL;
+            return NULL;
+        }
+        /* Level 2: a binary tree over the syscall numbers instead of a linear chain. */
+        rc = seccomp_attr_set(ctx, SCMP_FLTATR_CTL_OPTIMIZE, 2);
+        if (rc == 0)
+            rc = seccomp_attr_set(ctx, SCMP_FLTATR_ACT_BADARCH, badarch_action);
+        if (rc < 0) {
+            seccomp_release(ctx);
+            errno = -rc;
+            return NULL;
+        }
+        return ctx;
+    }
+    void rx_scmp_release(void *ctx) { seccomp_release(ctx); }
+    int rx_scmp_resolve(const char *name) { return seccomp_syscall_resolve_name(name); }
+    int rx_scmp_rule(void *ctx, unsigned int action, int nr, unsigned int count,
+                     const unsigned int *index, const int *op,
+                     const uint64_t *datum_a, const uint64_t *datum_b) {
+        struct scmp_arg_cmp cmp[6];
+        unsigned int i;
+        if (count > 6) {
+            errno = EINVAL;
+            return -1;
+        }
+        for (i = 0; i < count; i++) {
+            cmp[i].arg = index[i];
+            cmp[i].op = (enum scmp_compare)op[i];
+            cmp[i].datum_a = datum_a[i];
+            cmp[i].datum_b = datum_b[i];
+        }
+        return rx_scmp_rc(seccomp_rule_add_array(ctx, action, nr, count, cmp));
+    }
+    int rx_scmp_export(void *ctx, int fd, int pfc) {
+        return rx_scmp_rc(pfc ? seccomp_export_pfc(ctx, fd) : seccomp_export_bpf(ctx, fd));
+    }
+    int rx_seccomp_install(const void *prog, unsigned int size) {
+        struct sock_fprog fprog;
+        if (size == 0 || size % sizeof(struct sock_filter) != 0
+            || size / sizeof(struct sock_filter) > BPF_MAXINSNS) {
+            errno = EINVAL;
+            return -1;
+        }
+        fprog.len = (unsigned short)(size / sizeof(struct sock_filter));
+        fprog.filter = (struct sock_filter *)prog;
+        return (int)syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &fprog);
+    }
     """,
+    libraries=["seccomp"],
 )
 
 if __name__ == "__main__":

@@ -17,6 +17,16 @@
  *                                       the signal to every process of the container and
  *                                       exit once none is left (the runtime's stop timeout
  *                                       kills stragglers through the cgroup)
+ *        argv[0] "rexec-exec": PATH ARGV0 [ARG...]
+ *                                       exec mode, for a process entering a running
+ *                                       container: exec PATH at once, as ARGV0 ARG...
+ *
+ * Exec mode exists for CVE-2019-5736: the spawner's child is the host's Python, and
+ * were it to exec the container's program itself, a program that is /proc/self/exe
+ * (a symlink to it, or a #! script naming it) would make the kernel run the host's
+ * interpreter inside the container, reachable through /proc/PID/exe. Passing through
+ * this sealed memfd first, /proc/self/exe is rexec-init whenever the kernel resolves
+ * a program of the container.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -83,6 +93,12 @@ int main(int argc, char **argv) {
     int status = 0, code = 0;
     size_t i;
 
+    if (argc >= 3 && strcmp(argv[0], "rexec-exec") == 0) {
+        execv(argv[1], argv + 2);
+        /* The same words the runtime uses when it finds no program to run. */
+        fprintf(stderr, "exec %s: %s\n", argv[2], strerror(errno));
+        return errno == ENOENT ? 127 : 126;
+    }
     if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) < 0) {
         perror("rexec-init: prctl(PR_SET_DUMPABLE)");
         return 127;

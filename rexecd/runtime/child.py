@@ -3,7 +3,10 @@
 Runs only in a process the single-threaded spawner has just forked, already in its
 final pid namespace. It marks itself non-dumpable first, takes a session keyring of
 its own, joins the container's cgroup, unshares (new container) or joins (exec) the
-other namespaces, builds the root or opens a PTY, drops privileges and execs. Of the
+other namespaces, builds the root or opens a PTY, drops privileges, installs the
+seccomp filter and execs. Both paths exec the sealed rexec-init memfd, never a
+container file directly: a program the kernel resolves while /proc/self/exe is this
+interpreter could be the host's Python binary (the runc CVE-2019-5736 class). Of the
 spawner's descriptors it keeps none: stdio is what the caller passed, a PTY, or the
 container's own /dev/null. Any failure is sent to the caller as
 ``ChildError(step, errno, message)``; nothing here ever returns.
@@ -11,6 +14,8 @@ container's own /dev/null. Any failure is sent to the caller as
 
 from __future__ import annotations
 
+import binascii
+import errno
 import fcntl
 import os
 import signal
@@ -38,6 +43,9 @@ NEW_CONTAINER_NS = (
 _SIOCGIFFLAGS = 0x8913
 _SIOCSIFFLAGS = 0x8914
 _IFF_UP = 0x1
+_AT_FDCWD = -100
+# argv[0] that makes rexec-init exec argv[1] at once with argv[2:] (see init.c).
+EXEC_MODE = "rexec-exec"
 
 
 class _Step:
@@ -152,12 +160,51 @@ def _finish_process(proc: ProcessSpec, step: _Step, keep_caps: list[str], last: 
         step.name = "no_new_privs"
         prctl.set_no_new_privs(True)
     step.name = "chdir"
-    os.chdir(proc.cwd)
+    _chdir(proc.cwd)
     step.name = "close fds"
     # Everything above stdio becomes close-on-exec; the sync socket closing is how
     # the caller learns that execve succeeded.
     n.close_range(3, 0xFFFFFFFF, n.CLOSE_RANGE_CLOEXEC)
     os.umask(0o022)
+    _install_seccomp(proc, step)
+
+
+def _chdir(cwd: str) -> None:
+    """chdir without magic links: a cwd of /proc/self/fd/N must never reach a host
+    directory some fd of ours still refers to (runc CVE-2024-21626)."""
+    fd = n.openat2(_AT_FDCWD, cwd, os.O_PATH | os.O_DIRECTORY, resolve=n.RESOLVE_NO_MAGICLINKS)
+    try:
+        os.fchdir(fd)
+    finally:
+        os.close(fd)
+
+
+def _install_seccomp(proc: ProcessSpec, step: _Step) -> None:
+    """The process's seccomp filter: the last step before execve, after no_new_privs,
+    so every set-up step above (mounts, capset, setuid) ran unfiltered."""
+    step.name = "seccomp"
+    if proc.seccomp is None:
+        raise ValueError("the process spec chose no seccomp profile")
+    programs = [binascii.a2b_base64(p) for p in proc.seccomp]
+    for program in programs:
+        n.seccomp_install(program)
+
+
+def _find_program(name: str, env: dict[str, str]) -> str:
+    """Where execvpe would find ``name`` (the PATH of ``env``), looked up in the
+    container: a missing or non-executable program fails here, as ChildError "exec"."""
+    dirs = [""] if "/" in name else os.get_exec_path(env)
+    refused: OSError | None = None
+    for d in dirs:
+        path = os.path.join(d, name) if d else name
+        try:
+            st = os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        if stat.S_ISREG(st.st_mode) and os.access(path, os.X_OK):
+            return path
+        refused = PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+    raise refused or FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name)
 
 
 def container_init(
@@ -229,7 +276,7 @@ def _open_pty(sock: socket.socket, cols: int = 80, rows: int = 24) -> None:
 
 
 def exec_in_container(
-    spec: ExecSpec, sock: socket.socket, stdio: list[int], pidfd: int
+    spec: ExecSpec, sock: socket.socket, stdio: list[int], pidfd: int, init_fd: int
 ) -> NoReturn:
     """A process inside a running container's namespaces, from fork until it execs."""
     step = _Step()
@@ -248,6 +295,7 @@ def exec_in_container(
         _finish_process(spec.process, step, spec.process.capabilities, last)
         step.name = "exec"
         env = _env_dict(spec.process.env)
-        os.execvpe(spec.process.args[0], spec.process.args, env)
+        path = _find_program(spec.process.args[0], env)
+        os.execve(init_fd, [EXEC_MODE, path, *spec.process.args], env)
     except BaseException as exc:
         _fail(sock, step.name, exc)

@@ -23,6 +23,8 @@ from rexecd.errors import ChildSetupError, NotFound, RexecError, RuntimeFailure
 from rexecd.runtime import procinfo, sync
 from rexecd.runtime.capabilities import DEFAULT_CAPS
 from rexecd.runtime.cgroups import Cgroup, CgroupDriver, CgroupLimits
+from rexecd.runtime.seccomp import DEFAULT as DEFAULT_SECCOMP
+from rexecd.runtime.seccomp import SeccompFilters
 from rexecd.runtime.spawner import Child, Spawner
 from rexecd.runtime.spec import BindMount, ContainerSpec, ExecSpec, ProcessSpec, RootfsSpec
 from rexecd.runtime.users import resolve_user
@@ -79,10 +81,13 @@ class Runtime:
         run_dir: Path,
         cgroups: CgroupDriver | None,
         spawner: Spawner,
+        seccomp: SeccompFilters | None = None,
     ) -> None:
         self.state_dir = state_dir
         self.run_dir = run_dir
         self.cgroups = cgroups
+        # Seccomp profiles by name, each compiled once for every container and exec.
+        self.seccomp = seccomp or SeccompFilters()
         self._spawner = spawner
         self._spawner_lock = threading.Lock()
         for d in (state_dir / "containers", run_dir / "containers"):
@@ -133,11 +138,13 @@ class Runtime:
         workdir: str | None = None,
         mounts: list[BindMount] | None = None,
         tty: bool = False,
+        seccomp: str = DEFAULT_SECCOMP,
     ) -> ContainerSpec:
         """A spec honouring the image config (Env, Entrypoint, Cmd, WorkingDir, User).
 
         ``args=None`` makes an idle container (init alone); a list (even empty) runs the
         image's entrypoint with those arguments, or with the image's Cmd when empty.
+        ``seccomp`` names the profile (``default``, ``unconfined`` or a file's path).
         """
         if args is None:
             argv: list[str] = []  # idle: the container is entered through exec/terminals
@@ -165,6 +172,7 @@ class Runtime:
                 additional_gids=ident.additional_gids,
                 capabilities=self.capabilities(),
                 tty=tty,
+                seccomp=self.seccomp.programs(seccomp),
             ),
             mounts=list(mounts or []),
         )
@@ -245,8 +253,11 @@ class Runtime:
         pid: int,
         process: ProcessSpec,
         stdio: list[int] | None = None,
+        *,
+        seccomp: str = DEFAULT_SECCOMP,
     ) -> tuple[Child, int | None]:
-        """Start ``process`` inside the running container whose init is ``pid``.
+        """Start ``process`` inside the running container whose init is ``pid``, under
+        the seccomp profile ``seccomp`` (the container's own, as the caller knows it).
 
         Returns the child (its sync socket still open) and, for a tty process, the PTY
         master fd allocated in the container's devpts. The caller reads the exit status
@@ -255,7 +266,11 @@ class Runtime:
         cg = self.cgroup(cid)
         spec = ExecSpec(
             container_pid=pid,
-            process=replace(process, capabilities=process.capabilities or self.capabilities()),
+            process=replace(
+                process,
+                capabilities=process.capabilities or self.capabilities(),
+                seccomp=self.seccomp.programs(seccomp),
+            ),
             cgroup_procs=cg.join_paths() if cg is not None else [],
         )
         child = self.spawner.exec(spec, stdio)

@@ -9,6 +9,7 @@ never redirect a mount onto the host.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Iterator
@@ -153,6 +154,12 @@ def mask_paths(rootfd: int, masked: list[str], readonly: list[str]) -> None:
     """Hide ``masked`` (files behind /dev/null, dirs behind an empty read-only tmpfs) and
     make ``readonly`` read-only; paths the kernel does not have are skipped."""
     with _opened(n.openat2(rootfd, "dev/null", os.O_PATH, resolve=_IN_ROOT)) as null:
+        # Our own node on the /dev tmpfs mounted just before; were it anything else (an
+        # image's symlink to a proc file), each mask would bind that file instead: a
+        # writable alias of it (runc CVE-2025-31133).
+        st = os.fstat(null)
+        if not stat.S_ISCHR(st.st_mode) or st.st_rdev != os.makedev(1, 3):
+            raise OSError(errno.EINVAL, "/dev/null is not the null device", "/dev/null")
         for path in masked:
             fd = _open_existing(rootfd, path)
             if fd is None:

@@ -36,8 +36,9 @@ log = logging.getLogger(__name__)
 
 
 def load_init_memfd() -> int:
-    """rexec-init in a sealed memfd: containers exec it without any host path, and a
-    process inside can never write to it through /proc/1/exe."""
+    """rexec-init in a sealed memfd: container inits and exec'd processes exec it
+    without any host path, and a process inside can never write to it through
+    /proc/PID/exe."""
     path = resources.files("rexecd._native").joinpath("rexec-init")
     data = path.read_bytes()
     fd = n.memfd_create("rexec-init")
@@ -150,7 +151,7 @@ class _Server:
                 if isinstance(body, ContainerSpec):
                     child.container_init(body, sock, stdio, self.init_fd)
                 else:
-                    child.exec_in_container(body, sock, stdio, pidfd)
+                    child.exec_in_container(body, sock, stdio, pidfd, self.init_fd)
             finally:
                 os._exit(126)
         n.setns(self.own_pidns, n.CLONE_NEWPID)

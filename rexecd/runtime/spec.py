@@ -38,6 +38,14 @@ class ProcessSpec:
     capabilities: list[str] = field(default_factory=list)
     no_new_privs: bool = True
     tty: bool = False
+    # Seccomp BPF programs (base64), installed in order as the last step before execve.
+    # [] runs unconfined; None means nobody chose, and the child refuses to exec it.
+    seccomp: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.seccomp and not self.no_new_privs:
+            # Without CAP_SYS_ADMIN (dropped by then) the kernel wants no_new_privs.
+            raise ValueError("a seccomp filter needs no_new_privs")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ProcessSpec:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from rexecd.config import Config
+from rexecd.config import Config, TierLimits
 from rexecd.errors import (
     InvalidRequest,
     NotFound,
@@ -331,6 +331,7 @@ class ManagerCore:
                     ip,
                     [str(d) for d in self.cfg.network.dns],
                 )
+            profile = (await asyncio.to_thread(self._owner_tier, rec)).seccomp
             spec = self.runtime.build_spec(
                 rec.id,
                 rec.name,
@@ -338,6 +339,7 @@ class ManagerCore:
                 dirs,
                 env=[f"{k}={v}" for k, v in rec.environment.items()] + ["TERM=xterm-256color"],
                 mounts=mounts,
+                seccomp=profile,
             )
             if report is not None:
                 await report("starting", "starting the container", 60, container_id=rec.id)
@@ -366,7 +368,14 @@ class ManagerCore:
                 last_used_at=now,
                 ip_address=ip,
                 error_message=None,
-                spec={"uid": spec.process.uid, "gid": spec.process.gid, "env": spec.process.env},
+                # The profile stays the container's until it stops: its execs and
+                # terminals get the same one, whatever the tier says meanwhile.
+                spec={
+                    "uid": spec.process.uid,
+                    "gid": spec.process.gid,
+                    "env": spec.process.env,
+                    "seccomp": profile,
+                },
             )
         except BaseException:
             await asyncio.to_thread(self._undo_launch, rec, attached)
@@ -375,13 +384,17 @@ class ManagerCore:
         self._publish("started", rec)
         return rec
 
-    def _limits(self, rec: ContainerRecord, res: ContainerResources) -> CgroupLimits:
-        """``limits_for`` with this daemon's pids cap and the owner's current tier's disk
-        throttle on the volume's device. Blocking (database, stat): run it in a thread."""
+    def _owner_tier(self, rec: ContainerRecord) -> TierLimits:
+        """The current tier of ``rec``'s owner. Blocking (database): run it in a thread."""
         user = self.store.get_user(rec.user_id)
         if user is None:
             raise NotFound(f"the owner of container {rec.name} no longer exists")
-        tier = quotas.tier_limits(self.cfg, user.tier)
+        return quotas.tier_limits(self.cfg, user.tier)
+
+    def _limits(self, rec: ContainerRecord, res: ContainerResources) -> CgroupLimits:
+        """``limits_for`` with this daemon's pids cap and the owner's current tier's disk
+        throttle on the volume's device. Blocking (database, stat): run it in a thread."""
+        tier = self._owner_tier(rec)
         return limits_for(
             res,
             self.cfg.limits.pids_max,

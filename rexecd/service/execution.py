@@ -64,8 +64,11 @@ async def run_exec(
     process: ProcessSpec,
     timeout: float,
     cap: int,
+    *,
+    seccomp: str,
 ) -> tuple[int, ExecResult]:
-    """``(200, result)`` when the command finished, ``(504, partial result)`` on timeout."""
+    """``(200, result)`` when the command finished, ``(504, partial result)`` on timeout.
+    ``seccomp`` is the container's seccomp profile, which the command runs under."""
     loop = asyncio.get_running_loop()
     started = time.monotonic()
     out_r, out_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
@@ -82,7 +85,7 @@ async def run_exec(
     try:
         try:
             child, _ = await asyncio.to_thread(
-                runtime.exec, cid, pid, process, [stdin_r, out_w, err_w]
+                runtime.exec, cid, pid, process, [stdin_r, out_w, err_w], seccomp=seccomp
             )
         except ChildSetupError as exc:
             if exc.step == "exec" and exc.errno in (errno.ENOENT, errno.EACCES, errno.ENOEXEC):
@@ -96,7 +99,12 @@ async def run_exec(
                     duration_ms=_ms(started),
                     truncated=False,
                 )
-            if exc.step == "chdir" and exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EACCES):
+            if exc.step == "chdir" and exc.errno in (
+                errno.ENOENT,
+                errno.ENOTDIR,
+                errno.EACCES,
+                errno.ELOOP,  # a magic link (/proc/self/fd/N), refused
+            ):
                 # The caller's workdir, not a server fault.
                 raise InvalidRequest(
                     f"workdir {process.cwd}: {os.strerror(exc.errno or 0)}", workdir=process.cwd

@@ -31,6 +31,7 @@ from rexecd.runtime import procinfo
 from rexecd.runtime.container import merge_env
 from rexecd.runtime.containerfs import ContainerFS
 from rexecd.runtime.pty import set_size
+from rexecd.runtime.seccomp import DEFAULT as DEFAULT_SECCOMP
 from rexecd.runtime.spec import ProcessSpec
 from rexecd.runtime.users import resolve_user
 from rexecd.service import quotas
@@ -48,6 +49,12 @@ from rexecd.service.storethread import in_store_thread
 from rexecd.service.terminals import TerminalSession
 
 log = logging.getLogger(__name__)
+
+
+def _seccomp(rec: ContainerRecord) -> str:
+    """The seccomp profile ``rec`` started with (containers started before profiles
+    were recorded run the default one)."""
+    return str(rec.spec.get("seccomp", DEFAULT_SECCOMP))
 
 
 class InsideOps(ManagerCore):
@@ -92,6 +99,7 @@ class InsideOps(ManagerCore):
                 proc,
                 float(quotas.exec_timeout(self.cfg, req.timeout_seconds)),
                 self.cfg.exec.output_cap_bytes,
+                seccomp=_seccomp(rec),
             )
         except ChildSetupError:
             # Exec takes no lock (it may run for minutes): a stop or delete that won the
@@ -251,7 +259,9 @@ class InsideOps(ManagerCore):
             gid=int(rec.spec.get("gid", 0)),
             tty=True,
         )
-        child, master = await asyncio.to_thread(self.runtime.exec, rec.id, rec.pid, proc)
+        child, master = await asyncio.to_thread(
+            self.runtime.exec, rec.id, rec.pid, proc, seccomp=_seccomp(rec)
+        )
         assert master is not None
         set_size(master, cols or 80, rows or 24)
         await self._touch(rec)

@@ -44,6 +44,7 @@ def run_foreground(
     user: str | None = None,
     workdir: str | None = None,
     cgroup_parent: str = "rexecd",
+    seccomp: str = "default",
 ) -> int:
     """Run one container with this process's stdio and return its exit status."""
     store = ImageStore(state_dir / "images")
@@ -63,6 +64,7 @@ def run_foreground(
                 env=env,
                 user=user,
                 workdir=workdir,
+                seccomp=seccomp,
             )
             pid = rt.start(spec, CgroupLimits(), stdio=[0, 1, 2])
             for sig in _FORWARDED:

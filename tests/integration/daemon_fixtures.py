@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 import aiohttp
 import pytest
 
+from rexecd.config import Config
 from tests.deadlines import scaled
 from tests.integration.daemon import ROOT, Daemon
 
@@ -41,6 +42,15 @@ T = TypeVar("T")
 def unique(prefix: str = "c") -> str:
     """A container or user name no other test (or earlier run) uses."""
     return f"{prefix}-{secrets.token_hex(4)}"
+
+
+def seccomp_tiers(**profiles: str) -> dict[str, object]:
+    """Config overrides: the ``tiers`` section with ``profiles`` (tier -> seccomp
+    profile) over the defaults (a tier written in config must be whole)."""
+    tiers = Config().tiers.model_dump()
+    for tier, ref in profiles.items():
+        tiers[tier]["seccomp"] = ref
+    return {"tiers": tiers}
 
 
 @contextlib.contextmanager

@@ -33,6 +33,7 @@ from tests.integration.daemon_fixtures import (
     db_rows,
     poll,
     running_daemon,
+    seccomp_tiers,
     unique,
 )
 from tests.integration.test_terminal_support import terminal
@@ -70,6 +71,20 @@ def daemon(
     desc, payload, id_file = host_key
     launcher = [str(probe), "keyring-exec", str(id_file), desc, payload]
     with running_daemon(tmp_path_factory, launcher=launcher) as d:
+        yield d
+
+
+@pytest.fixture(scope="module")
+def unfiltered_daemon(
+    tmp_path_factory: pytest.TempPathFactory, probe: Path, host_key: tuple[str, str, Path]
+) -> Iterator[Daemon]:
+    """``daemon`` with the tenant tiers' seccomp filter off: the default filter refuses
+    keyctl outright, and the keyring test checks the defence beneath it (a session
+    keyring per process) on its own."""
+    desc, payload, id_file = host_key
+    launcher = [str(probe), "keyring-exec", str(id_file), desc, payload]
+    tiers = seccomp_tiers(guest="unconfined", free="unconfined")
+    with running_daemon(tmp_path_factory, tiers, launcher=launcher) as d:
         yield d
 
 
@@ -281,10 +296,12 @@ async def test_query_token_accepted_when_enabled(legacy_daemon: Daemon) -> None:
 
 
 async def test_keys_of_host_and_other_containers_are_out_of_reach(
-    daemon: Daemon, probe: Path, host_key: tuple[str, str, Path]
+    unfiltered_daemon: Daemon, probe: Path, host_key: tuple[str, str, Path]
 ) -> None:
     """Neither a key of the daemon's session (the host's) nor one a process of
-    container A holds can be found, read or overwritten from container B."""
+    container A holds can be found, read or overwritten from container B, even with
+    the seccomp filter (which refuses keyctl) off."""
+    daemon = unfiltered_daemon
     a, b = unique("keya"), unique("keyb")
     host_desc, host_secret, id_file = host_key
     host_id = int(id_file.read_text())
@@ -313,6 +330,15 @@ async def test_keys_of_host_and_other_containers_are_out_of_reach(
         # Nor from another process of A itself: each exec has a session of its own.
         code, out = await run(ca, a, f"{pa} key-search {host_desc}")
         assert code == 1 and "ENOKEY" in out, out
+
+
+async def test_keyctl_refused_by_the_default_filter(daemon: Daemon, probe: Path) -> None:
+    """Under the default seccomp profile no key can be made or looked up at all."""
+    name = unique("keyf")
+    async with tenant(daemon, name) as c:
+        p = await install_probe(c, name, probe)
+        code, out = await run(c, name, f"{p} key-add own v1")
+        assert code == 1 and "EPERM" in out, out
 
 
 # ------------------------------------------------------------------ pid 1
