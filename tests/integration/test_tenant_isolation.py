@@ -35,7 +35,7 @@ from tests.integration.daemon_fixtures import (
     running_daemon,
     unique,
 )
-from tests.integration.test_terminal_support import terminal
+from tests.integration.terminal_client import terminal
 
 PROBE_SRC = Path(__file__).with_name("probe.c")
 EVENTS = "/api/containers/events"

@@ -19,7 +19,7 @@ import pytest
 from rexecd.errors import ImageError
 from rexecd.runtime.images import ImageStore
 from rexecd.runtime.images.unpack import OPAQUE_XATTR
-from tests.unit.test_images_support import dev, dir_, fifo, hard, layer, oci_archive, reg, sym
+from tests.unit.fakes.images import dev, dir_, fifo, hard, layer, oci_archive, reg, sym
 
 Member = tuple[tarfile.TarInfo, bytes | None]
 # From a layer root (STORE/tmp/<x>/ while unpacking, STORE/layers/<hex>/ after), four
