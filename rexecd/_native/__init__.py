@@ -167,3 +167,21 @@ def fstatfs_type(fd: int, path: str) -> int:
     out = ffi.new("long long *")
     _check(lib.rx_fstatfs_type(fd, out), "fstatfs", path)
     return int(out[0]) & 0xFFFFFFFF
+
+
+# inotify event masks (linux/inotify.h).
+IN_MODIFY = 0x2
+
+
+def inotify_watch(path: str, mask: int) -> int:
+    """A non-blocking, close-on-exec inotify fd watching ``path`` for the events of
+    ``mask`` (``IN_MODIFY``...): readable when one happened (inotify_init1: Linux 2.6.27).
+    The caller closes it.
+    Raises OSError naming ``path``."""
+    fd = _check(lib.rx_inotify_init1(os.O_CLOEXEC | os.O_NONBLOCK), "inotify_init1", path)
+    try:
+        _check(lib.rx_inotify_add_watch(fd, _b(path), mask), "inotify_add_watch", path)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd

@@ -30,6 +30,14 @@ ffibuilder.cdef(
     """
 )
 
+# inotify (cgroup v2 memory.events watches): Python has no binding of its own.
+ffibuilder.cdef(
+    """
+    int rx_inotify_init1(int flags);
+    int rx_inotify_add_watch(int fd, const char *path, uint32_t mask);
+    """
+)
+
 ffibuilder.set_source(
     "rexecd._native._lowlevel",
     r"""
@@ -97,6 +105,14 @@ ffibuilder.set_source(
             return -1;
         *type = (long long)st.f_type;
         return 0;
+    }
+    """
+    + r"""
+    #include <sys/inotify.h>
+
+    int rx_inotify_init1(int flags) { return inotify_init1(flags); }
+    int rx_inotify_add_watch(int fd, const char *path, uint32_t mask) {
+        return inotify_add_watch(fd, path, mask);
     }
     """,
 )
