@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import ast
 import inspect
+import json
 import re
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 import rexecd
 from rexecd import errors
+from rexecd.api.errors import render_http_exception
 from rexecd.errors import HttpError, RexecError
+from tests.unit.fakes.service import harness
 
 PACKAGE = Path(rexecd.__file__).parent
 _TREE_LINE_RE = re.compile(r"(?P<name>[A-Z]\w+) \((?P<status>[\dx/]+), (?P<code>[a-z_]+)\)")
@@ -114,3 +118,35 @@ def test_config_error_is_in_the_tree_and_still_a_value_error() -> None:
     exc = ConfigError("listen: bad")
     assert isinstance(exc, RexecError) and isinstance(exc, ValueError)
     assert exc.to_json() == {"error": "listen: bad", "code": "config_invalid"}
+
+
+@pytest.mark.parametrize(
+    ("exc", "status", "code"),
+    [
+        (web.HTTPNotFound(), 404, "not_found"),
+        (web.HTTPMethodNotAllowed("PUT", ["GET"]), 405, "method_not_allowed"),
+        (web.HTTPRequestEntityTooLarge(max_size=1, actual_size=2), 413, "payload_too_large"),
+        (web.HTTPBadRequest(), 400, "invalid_request"),
+        (web.HTTPUnsupportedMediaType(), 415, "http_error"),
+    ],
+)
+def test_aiohttp_errors_leave_with_a_code(exc: web.HTTPException, status: int, code: str) -> None:
+    resp = render_http_exception(exc)
+    assert resp.status == status
+    assert resp.body is not None
+    body = json.loads(bytes(resp.body))
+    assert body == {"error": (exc.reason or "").lower(), "code": code}
+    if status == 405:
+        assert resp.headers["Allow"] == "GET"
+
+
+async def test_a_timeout_and_an_unexpected_error_leave_with_a_code(tmp_path: Path) -> None:
+    async with harness(tmp_path) as h:
+        h.service.boom = TimeoutError()
+        resp = await h.client.get("/api/containers", headers=h.headers())
+        assert resp.status == 504
+        assert await resp.json() == {"error": "operation timed out", "code": "timeout"}
+        h.service.boom = KeyError("x")
+        resp = await h.client.get("/api/containers", headers=h.headers())
+        assert resp.status == 500
+        assert await resp.json() == {"error": "internal server error", "code": "internal_error"}
