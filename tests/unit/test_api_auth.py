@@ -126,6 +126,52 @@ async def test_rate_limit(tmp_path: Path) -> None:
         assert (await h.client.get("/health")).status == 200
 
 
+async def test_rate_classes_tiers_and_the_admin_exemption(tmp_path: Path) -> None:
+    limits = RateLimitsConfig.model_validate(
+        {
+            "create_per_min": 1,
+            "exec_per_min": 2,
+            "ops_per_min": 5,
+            "read_per_min": 50,
+            "tiers": {"free": {"read_per_min": 3}},
+            "scopes": {"admin": {"read_per_min": 4}},
+        }
+    )
+    async with harness(tmp_path, limits=limits, clock=lambda: 1000.0) as h:
+        h.service.add(h.user_id(), "box")
+        # The route says exec; with exec_per_min set it has a window of its own.
+        created = await h.client.post(
+            "/api/containers", json={"image": "ubuntu"}, headers=h.headers()
+        )
+        assert created.status == 202 and created.headers["X-RateLimit-Limit"] == "1"
+        for remaining in ("1", "0"):
+            r = await h.client.post(
+                "/api/containers/box/exec", json={"command": "true"}, headers=h.headers()
+            )
+            assert r.status == 200 and r.headers["X-RateLimit-Remaining"] == remaining
+            assert r.headers["X-RateLimit-Limit"] == "2"
+        r = await h.client.post(
+            "/api/containers/box/exec", json={"command": "true"}, headers=h.headers()
+        )
+        assert r.status == 429
+        # The user's tier (free) sets its read limit.
+        r = await h.client.get("/api/containers", headers=h.headers())
+        assert r.headers["X-RateLimit-Limit"] == "3"
+        # root holds the admin scope: exempt by default, so no window and no headers,
+        # however many requests it makes.
+        for _ in range(10):
+            r = await h.client.get("/api/containers", headers=h.headers("root"))
+            assert r.status == 200 and "X-RateLimit-Limit" not in r.headers
+    limits = limits.model_copy(update={"exempt_scopes": []})
+    async with harness(tmp_path / "2", limits=limits, clock=lambda: 1000.0) as h:
+        # Not exempt: the admin scope's own numbers apply, over the tier's.
+        statuses = [
+            (await h.client.get("/api/containers", headers=h.headers("root"))).status
+            for _ in range(5)
+        ]
+        assert statuses == [200, 200, 200, 200, 429]
+
+
 async def test_tokens_endpoints(tmp_path: Path) -> None:
     async with harness(tmp_path) as h:
         resp = await h.client.post(
