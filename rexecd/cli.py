@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rexecd.errors import InvalidRequest, NotFound, RexecError
+from rexecd.errors import ConfigError, InvalidRequest, NotFound, RexecError
 
 if TYPE_CHECKING:
     from rexecd.service.store import Store
@@ -273,6 +273,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     try:
         code = args.fn(args)
+    except ConfigError as exc:  # a usage error like a bad argument, not a runtime one
+        print(f"rexecd: {exc}", file=sys.stderr)
+        code = 2
     except RexecError as exc:
         print(f"rexecd: {exc.message}", file=sys.stderr)
         code = 125

@@ -26,6 +26,8 @@ from pydantic import (
     model_validator,
 )
 
+from rexecd.errors import ConfigError as ConfigError  # raised here; part of errors.py's tree
+
 log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG_RESOURCE = "default.yaml"
@@ -37,10 +39,6 @@ _UNIX_PATH_MAX = 107
 _IFNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}\Z")
 _CGROUP_SEGMENT_RE = re.compile(r"^[A-Za-z0-9_.-]+\Z")
 _SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9._:-]*\Z")
-
-
-class ConfigError(ValueError):
-    """The configuration cannot be used; the message names the key path at fault."""
 
 
 # --- the embedded default file ------------------------------------------------------
@@ -308,10 +306,41 @@ class LimitsConfig(_Section):
     pids_max: int = Field(default=512, ge=16)
 
 
+RateScope = Literal["read", "write", "admin"]
+
+
+class RateNumbers(_Section):
+    """Per-minute limits that replace the defaults for a tier or a scope; unset keeps them."""
+
+    create_per_min: PositiveInt | None = None
+    exec_per_min: PositiveInt | None = None
+    ops_per_min: PositiveInt | None = None
+    read_per_min: PositiveInt | None = None
+
+
 class RateLimitsConfig(_Section):
+    """Requests per user per minute, by class (API.md), with overrides by tier and scope."""
+
     create_per_min: PositiveInt = 10
+    # Exec's own window. Unset, an exec counts against create_per_min, as it always has.
+    exec_per_min: PositiveInt | None = None
     ops_per_min: PositiveInt = 60
     read_per_min: PositiveInt = 120
+    # A token holding one of these scopes is never rate-limited (and its answers carry
+    # no X-RateLimit headers). [] limits admins like everyone else.
+    exempt_scopes: list[RateScope] = Field(default_factory=lambda: list[RateScope](["admin"]))
+    # By the user's tier, then by the token's broadest scope (which wins where both set
+    # a number): {tier or scope: {create_per_min, exec_per_min, ops_per_min, read_per_min}}.
+    tiers: dict[str, RateNumbers] = Field(default_factory=dict)
+    scopes: dict[RateScope, RateNumbers] = Field(default_factory=dict)
+
+    @field_validator("tiers")
+    @classmethod
+    def _known_tiers(cls, v: dict[str, RateNumbers]) -> dict[str, RateNumbers]:
+        unknown = sorted(set(v) - set(TIER_NAMES))
+        if unknown:
+            raise ValueError(f"unknown tiers {unknown}; tiers are {list(TIER_NAMES)}")
+        return v
 
 
 class ConcurrencyConfig(_Section):

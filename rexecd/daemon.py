@@ -215,7 +215,6 @@ async def _run(cfg: Config, ready: asyncio.Event | None, listeners: list[Listene
 
     from rexecd.api.accesslog import AccessLogger, scrub_log_handlers
     from rexecd.api.app import make_app
-    from rexecd.api.terminal import add_terminal_routes
 
     scrub_log_handlers()
     # Containers re-parent to us if the spawner dies, so we can still reap them.
@@ -260,7 +259,6 @@ async def _run(cfg: Config, ready: asyncio.Event | None, listeners: list[Listene
             RateLimiter(cfg.rate_limits),
             version=__version__,
             build="dev",
-            extra_routes=lambda a: add_terminal_routes(a, manager, cfg),
         )
         h = cfg.http
         guard = ConnectionGuard(

@@ -270,3 +270,21 @@ def seccomp_install(program: bytes) -> None:
     Filters stack: each one installed later is consulted too, and the strictest answer
     wins. Needs no_new_privs (or CAP_SYS_ADMIN)."""
     _check(lib.rx_seccomp_install(ffi.from_buffer(program), len(program)), "seccomp")
+
+
+# inotify event masks (linux/inotify.h).
+IN_MODIFY = 0x2
+
+
+def inotify_watch(path: str, mask: int) -> int:
+    """A non-blocking, close-on-exec inotify fd watching ``path`` for the events of
+    ``mask`` (``IN_MODIFY``...): readable when one happened (inotify_init1: Linux 2.6.27).
+    The caller closes it.
+    Raises OSError naming ``path``."""
+    fd = _check(lib.rx_inotify_init1(os.O_CLOEXEC | os.O_NONBLOCK), "inotify_init1", path)
+    try:
+        _check(lib.rx_inotify_add_watch(fd, _b(path), mask), "inotify_add_watch", path)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd

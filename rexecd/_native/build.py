@@ -53,6 +53,14 @@ ffibuilder.cdef(
     """
 )
 
+# inotify (cgroup v2 memory.events watches): Python has no binding of its own.
+ffibuilder.cdef(
+    """
+    int rx_inotify_init1(int flags);
+    int rx_inotify_add_watch(int fd, const char *path, uint32_t mask);
+    """
+)
+
 ffibuilder.set_source(
     "rexecd._native._lowlevel",
     r"""
@@ -183,6 +191,14 @@ ffibuilder.set_source(
         fprog.len = (unsigned short)(size / sizeof(struct sock_filter));
         fprog.filter = (struct sock_filter *)prog;
         return (int)syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &fprog);
+    }
+    """
+    + r"""
+    #include <sys/inotify.h>
+
+    int rx_inotify_init1(int flags) { return inotify_init1(flags); }
+    int rx_inotify_add_watch(int fd, const char *path, uint32_t mask) {
+        return inotify_add_watch(fd, path, mask);
     }
     """,
     libraries=["seccomp"],

@@ -17,12 +17,13 @@ from rexecd.api import (
     portforwards,
     stream,
     system,
+    terminal,
     tokens,
     volumes,
 )
 from rexecd.api import exec as exec_
 from rexecd.api.auth import auth_middleware, redact_ws_token_logs, scope_middleware
-from rexecd.api.endpoint import Endpoint
+from rexecd.api.endpoint import Endpoint, add_endpoints
 from rexecd.api.errors import error_middleware
 from rexecd.api.keys import (
     BUILD,
@@ -55,6 +56,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     *images.ENDPOINTS,
     *tokens.ENDPOINTS,
     *volumes.ENDPOINTS,
+    *terminal.ENDPOINTS,
     openapi.ENDPOINT,
 )
 
@@ -98,8 +100,7 @@ def make_app(
     app[BUILD] = build
     app[WEBSOCKETS] = weakref.WeakSet[web.WebSocketResponse]()
     endpoints = (*ENDPOINTS, *extra_endpoints)
-    for ep in endpoints:
-        app.router.add_route(ep.method, ep.path, ep.handler)
+    add_endpoints(app, endpoints)
     app[OPENAPI] = json.dumps(openapi.build_openapi(endpoints, version=version))
     app.on_response_prepare.append(add_rate_headers)
     app.on_shutdown.append(close_websockets)

@@ -8,6 +8,14 @@ import re
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from rexecd.api.credentials import (
+    WS_PROTOCOL,
+    WS_TOKEN_PROTOCOL_PREFIX,
+    WsCredentials,
+    bearer_token,
+    extract_ws_token,
+)
+from rexecd.api.endpoint import request_scope
 from rexecd.api.keys import CONFIG, PRINCIPAL, STORE, lookup
 from rexecd.errors import Unauthorized
 from rexecd.service import auth
@@ -16,11 +24,11 @@ from rexecd.service.storethread import in_store_thread
 
 # Offer these to ``web.WebSocketResponse(protocols=...)``: browsers drop a socket whose
 # offered subprotocol gets no answer, and Rexec clients offer ``rexec.v1``.
-WS_PROTOCOLS: tuple[str, ...] = (auth.WS_PROTOCOL,)
+WS_PROTOCOLS: tuple[str, ...] = (WS_PROTOCOL,)
 
 
-_TOKEN_PROTOCOL_RE = re.compile(re.escape(auth.WS_TOKEN_PROTOCOL_PREFIX) + r"[^\s,'\"\]]+")
-_REDACTED = auth.WS_TOKEN_PROTOCOL_PREFIX + "<redacted>"
+_TOKEN_PROTOCOL_RE = re.compile(re.escape(WS_TOKEN_PROTOCOL_PREFIX) + r"[^\s,'\"\]]+")
+_REDACTED = WS_TOKEN_PROTOCOL_PREFIX + "<redacted>"
 
 
 def _redact(value: object) -> object:
@@ -52,9 +60,9 @@ def is_websocket_upgrade(request: web.Request) -> bool:
     return request.headers.get("Upgrade", "").strip().lower() == "websocket"
 
 
-def _ws_credentials(request: web.Request) -> auth.WsCredentials:
+def _ws_credentials(request: web.Request) -> WsCredentials:
     allow_query = request.app[CONFIG].auth.ws_query_token
-    return auth.extract_ws_token(request.headers, request.query, allow_query=allow_query)
+    return extract_ws_token(request.headers, request.query, allow_query=allow_query)
 
 
 def request_token(request: web.Request) -> str | None:
@@ -63,7 +71,7 @@ def request_token(request: web.Request) -> str | None:
     if is_websocket_upgrade(request):
         return _ws_credentials(request).token
     # A token in a plain request's URL would end up in logs and histories.
-    return auth.bearer_token(request.headers.get("Authorization"))
+    return bearer_token(request.headers.get("Authorization"))
 
 
 async def _authenticate(request: web.Request, token: str | None) -> Principal:
@@ -81,16 +89,16 @@ def principal(request: web.Request) -> Principal:
 
 
 async def principal_from_ws_request(request: web.Request) -> Principal:
-    """The caller of a WebSocket upgrade, with the scope its path needs checked.
+    """The caller of a WebSocket upgrade, with the scope its route needs checked.
 
-    The middlewares have normally done this already (the terminal route included);
+    The middlewares have normally done this already (every ``Endpoint`` included);
     the check is repeated here only when they have not, so a handler can rely on it.
     """
     found = lookup(request, PRINCIPAL)
     if found is None:
         found = await _authenticate(request, _ws_credentials(request).token)
         request[PRINCIPAL] = found
-    scope = auth.required_scope(request.method, request.path)
+    scope = request_scope(request)
     if scope is not None:
         auth.require(found, scope)
     return found
@@ -98,14 +106,17 @@ async def principal_from_ws_request(request: web.Request) -> Principal:
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if auth.required_scope(request.method, request.path) is not None:
+    """Authenticates every request whose route needs a scope (and every unknown route:
+    a stranger learns nothing, not even which paths exist)."""
+    if request_scope(request) is not None:
         request[PRINCIPAL] = await _authenticate(request, request_token(request))
     return await handler(request)
 
 
 @web.middleware
 async def scope_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    scope = auth.required_scope(request.method, request.path)
+    """Refuses (403) a token without the scope the matched route declares."""
+    scope = request_scope(request)
     if scope is not None:
         auth.require(principal(request), scope)
     return await handler(request)

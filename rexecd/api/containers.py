@@ -116,6 +116,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         response=ContainerOut,
         status=202,
         errors=(400, *COMMON_ERRORS, 409),
+        rate="create",
     ),
     Endpoint(
         "GET",

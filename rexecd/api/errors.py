@@ -9,7 +9,18 @@ from aiohttp.typedefs import Handler
 from aiohttp.web_protocol import RequestPayloadError
 
 from rexecd.api.wire import respond_json
-from rexecd.errors import RateLimited, RexecError, Unauthorized, UnreadableBody
+from rexecd.errors import (
+    HttpError,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    OperationTimeout,
+    PayloadTooLarge,
+    RateLimited,
+    RexecError,
+    Unauthorized,
+    UnreadableBody,
+)
 
 log = logging.getLogger("rexecd.api")
 
@@ -27,12 +38,28 @@ def render_rexec_error(exc: RexecError) -> web.Response:
     return respond_json(exc.to_json(), exc.status, headers)
 
 
+# aiohttp's own error answers by status, as the classes of the one tree.
+_HTTP_ERRORS: dict[int, type[RexecError]] = {
+    400: InvalidRequest,
+    404: NotFound,
+    405: MethodNotAllowed,
+    413: PayloadTooLarge,
+}
+
+
+def http_error(exc: web.HTTPException) -> RexecError:
+    """The ``RexecError`` an aiohttp error stands for; the message is its reason phrase."""
+    message = (exc.reason or "error").lower()
+    cls = _HTTP_ERRORS.get(exc.status)
+    return cls(message) if cls is not None else HttpError(exc.status, message)
+
+
 def render_http_exception(exc: web.HTTPException) -> web.Response:
     """aiohttp's own errors (unknown route, wrong method, body too big) as JSON."""
     # Allow (405) and the like stay; only the body and its type change.
     headers = {k: v for k, v in exc.headers.items() if k.lower() not in _BODY_HEADERS}
-    message = (exc.reason or "error").lower()
-    return respond_json({"error": message}, exc.status, headers)
+    err = http_error(exc)
+    return respond_json(err.to_json(), err.status, headers)
 
 
 @web.middleware
@@ -70,7 +97,7 @@ def render_exception(request: web.Request, exc: Exception) -> web.Response:
         return response
     if isinstance(exc, TimeoutError):
         log.warning("%s %s timed out", request.method, request.path, exc_info=exc)
-        return respond_json({"error": MSG_TIMEOUT}, 504)
+        return render_rexec_error(OperationTimeout(MSG_TIMEOUT))
     # The traceback may name host paths and internals: it goes to the log only.
     log.error("unhandled error in %s %s", request.method, request.path, exc_info=exc)
-    return respond_json({"error": MSG_INTERNAL}, 500)
+    return render_rexec_error(RexecError(MSG_INTERNAL))

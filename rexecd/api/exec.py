@@ -30,5 +30,6 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         body=ExecRequest,
         response=ExecResult,
         errors=(400, *REF_ERRORS, 409, 504),
+        rate="exec",
     ),
 )

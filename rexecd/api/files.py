@@ -163,6 +163,8 @@ async def make_dir(request: web.Request) -> web.Response:
 _F = "/api/containers/{id}/files"
 _FILE_ERRORS = (400, *REF_ERRORS, 409)
 
+# A file endpoint is an operation whatever its method: a download moves as much data
+# as an upload.
 ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint(
         "POST",
@@ -175,6 +177,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         response=FileInfo,
         errors=(*_FILE_ERRORS, 413),
         query=(Query("path", "directory to upload into"),),
+        rate="ops",
     ),
     Endpoint(
         "GET",
@@ -185,6 +188,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         response="application/octet-stream",
         errors=_FILE_ERRORS,
         query=(PATH_QUERY,),
+        rate="ops",
     ),
     Endpoint(
         "GET",
@@ -195,6 +199,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         response=FileList,
         errors=_FILE_ERRORS,
         query=(Query("path", "directory to list"),),
+        rate="ops",
     ),
     Endpoint(
         "DELETE",
@@ -204,6 +209,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "files",
         errors=_FILE_ERRORS,
         query=(PATH_QUERY,),
+        rate="ops",
     ),
     Endpoint(
         "POST",
@@ -214,5 +220,6 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         response=FileInfo,
         errors=_FILE_ERRORS,
         query=(PATH_QUERY,),
+        rate="ops",
     ),
 )

@@ -113,5 +113,6 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         status=201,
         errors=(400, *COMMON_ERRORS),
         query=(Query("name", "NAME:TAG to tag the image with"),),
+        scope="admin",
     ),
 )

@@ -153,5 +153,6 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         body=ContainerCreate,
         response="text/event-stream",
         errors=(400, *COMMON_ERRORS, 409),
+        rate="create",
     ),
 )

@@ -11,14 +11,14 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from rexecd.api.auth import WS_PROTOCOLS, principal_from_ws_request
-from rexecd.api.keys import track_websocket
-from rexecd.api.wire import decode_json, respond_json
-from rexecd.config import Config
-from rexecd.errors import InvalidJson, NotFound
-from rexecd.service.auth import Principal
-from rexecd.service.manager import ContainerManager
-from rexecd.service.terminals import TerminalSession
+from rexecd.api.auth import WS_PROTOCOLS, principal
+from rexecd.api.containers import REF_ERRORS
+from rexecd.api.endpoint import Endpoint, Query
+from rexecd.api.keys import SERVICE, track_websocket
+from rexecd.api.wire import decode_json
+from rexecd.errors import InvalidJson, SessionEnded, TerminalNotRunning
+from rexecd.models import TerminalFrame
+from rexecd.service.interface import Terminal
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class WsClient:
     async def end(self, kind: str, message: str) -> None:
         frame_type = "container_status" if kind == "container_status" else "error"
         with contextlib.suppress(Exception):
-            await self.send({"type": frame_type, "data": message, "code": "session_ended"})
+            await self.send({"type": frame_type, "data": message, "code": SessionEnded.code})
         await self.ws.close(message=message.encode()[:120])
 
     def abort(self) -> None:
@@ -86,7 +86,7 @@ def _size(value: Any) -> int | None:
     return value if type(value) is int else None
 
 
-async def _handle_frame(session: TerminalSession, client: WsClient, raw: str | bytes) -> None:
+async def _handle_frame(session: Terminal, client: WsClient, raw: str | bytes) -> None:
     """A command by its type; any other frame goes to the PTY as is.
 
     A command of an unknown type, or of a known type whose fields have the wrong
@@ -110,76 +110,87 @@ async def _handle_frame(session: TerminalSession, client: WsClient, raw: str | b
         await client.send({"type": "pong"})
 
 
-def add_terminal_routes(app: web.Application, manager: ContainerManager, cfg: Config) -> None:
-    async def terminal(request: web.Request) -> web.StreamResponse:
-        p: Principal = await principal_from_ws_request(request)
-        ref = request.match_info["id"]
-        try:
-            c = await manager.get_container(p, ref)
-        except NotFound:
-            return respond_json(
-                {"error": "container not found", "code": "container_not_found"}, 404
-            )
-        if c.status != "running":
-            return respond_json(
-                {
-                    "error": "container is not running",
-                    "code": "container_stopped",
-                    "status": c.status,
-                },
-                400,
-            )
-        session_id = request.query.get("id") or "default"
-        new = request.query.get("newSession", "").lower() in ("1", "true", "yes")
-        ws = web.WebSocketResponse(protocols=WS_PROTOCOLS, max_msg_size=MAX_FRAME)
-        await ws.prepare(request)
-        track_websocket(request, ws)
-        client = WsClient(ws, request)
-        await client.send({"type": "connected", "data": c.id})
-        await client.send({"type": "shell_starting"})
-        try:
-            session, fresh = await manager.terminal_session(p, ref, session_id, new, 80, 24)
-        except Exception as exc:  # the socket is open: report, then close
-            message = getattr(exc, "message", None) or "could not start a shell"
-            log.warning("terminal for %s: %s", ref, message)
-            await client.send({"type": "error", "data": message})
-            await ws.close()
-            return ws
-        # shell_ready goes before any output (the replay, then live output): a client may
-        # reset its screen on shell_ready, which must not wipe what was just replayed.
-        # attach() holds the session's output until resume(), so nothing overtakes it.
-        replay = await session.attach(client)
-        try:
-            await client.send({"type": "shell_ready", "data": "new" if fresh else "resumed"})
-            if replay:
-                await client.send_output(replay)
-        finally:
-            session.resume(client)
-
-        async def stats() -> dict[str, Any] | None:
-            try:
-                s = await manager.stats(p, ref)
-            except Exception:  # a stopped container ends the session separately
-                return None
-            return {"type": "stats", "data": s.model_dump_json()}
-
-        async def ping() -> dict[str, Any]:
-            return {"type": "ping"}
-
-        tickers = [
-            asyncio.ensure_future(_ticker(client, PING_INTERVAL_S, ping)),
-            asyncio.ensure_future(_ticker(client, STATS_INTERVAL_S, stats)),
-        ]
-        try:
-            async for msg in ws:
-                if msg.type == WSMsgType.TEXT or msg.type == WSMsgType.BINARY:
-                    await _handle_frame(session, client, msg.data)
-                elif msg.type == WSMsgType.ERROR:
-                    break
-        finally:
-            for t in tickers:
-                t.cancel()
-            session.detach(client)
+async def terminal(request: web.Request) -> web.StreamResponse:
+    """Before the upgrade, a missing or stopped container is an error answer like any
+    other (404 ``container_not_found``, 400 ``container_stopped``); after it, failures
+    are ``error`` frames."""
+    service = request.app[SERVICE]
+    p = principal(request)
+    ref = request.match_info["id"]
+    c = await service.get_container(p, ref)
+    if c.status != "running":
+        raise TerminalNotRunning("container is not running", status=c.status)
+    session_id = request.query.get("id") or "default"
+    new = request.query.get("newSession", "").lower() in ("1", "true", "yes")
+    ws = web.WebSocketResponse(protocols=WS_PROTOCOLS, max_msg_size=MAX_FRAME)
+    await ws.prepare(request)
+    track_websocket(request, ws)
+    client = WsClient(ws, request)
+    await client.send({"type": "connected", "data": c.id})
+    await client.send({"type": "shell_starting"})
+    try:
+        session, fresh = await service.terminal_session(p, ref, session_id, new, 80, 24)
+    except Exception as exc:  # the socket is open: report, then close
+        message = getattr(exc, "message", None) or "could not start a shell"
+        log.warning("terminal for %s: %s", ref, message)
+        await client.send({"type": "error", "data": message})
+        await ws.close()
         return ws
+    # shell_ready goes before any output (the replay, then live output): a client may
+    # reset its screen on shell_ready, which must not wipe what was just replayed.
+    # attach() holds the session's output until resume(), so nothing overtakes it.
+    replay = await session.attach(client)
+    try:
+        await client.send({"type": "shell_ready", "data": "new" if fresh else "resumed"})
+        if replay:
+            await client.send_output(replay)
+    finally:
+        session.resume(client)
 
-    app.router.add_get("/ws/terminal/{id}", terminal)
+    async def stats() -> dict[str, Any] | None:
+        try:
+            s = await service.stats(p, ref)
+        except Exception:  # a stopped container ends the session separately
+            return None
+        return {"type": "stats", "data": s.model_dump_json()}
+
+    async def ping() -> dict[str, Any]:
+        return {"type": "ping"}
+
+    tickers = [
+        asyncio.ensure_future(_ticker(client, PING_INTERVAL_S, ping)),
+        asyncio.ensure_future(_ticker(client, STATS_INTERVAL_S, stats)),
+    ]
+    try:
+        async for msg in ws:
+            if msg.type == WSMsgType.TEXT or msg.type == WSMsgType.BINARY:
+                await _handle_frame(session, client, msg.data)
+            elif msg.type == WSMsgType.ERROR:
+                break
+    finally:
+        for t in tickers:
+            t.cancel()
+        session.detach(client)
+    return ws
+
+
+ENDPOINTS: tuple[Endpoint, ...] = (
+    Endpoint(
+        "GET",
+        "/ws/terminal/{id}",
+        terminal,
+        "WebSocket: a shell on a PTY in the running container, JSON frames both ways "
+        '(client: input, resize, ping; any other frame is typed as is). Needs the "write" '
+        "scope: a terminal changes the container although it is a GET",
+        "terminal",
+        response=TerminalFrame,
+        status=101,
+        errors=(400, *REF_ERRORS),
+        query=(
+            Query("id", "session name (default `default`); the same name takes it over"),
+            Query("newSession", "true: always start a fresh shell", type="boolean"),
+        ),
+        websocket=True,
+        scope="write",
+    ),
+)

@@ -1,4 +1,5 @@
-"""API tokens: minting, hashing, authenticating, scope checks, and finding a request's token."""
+"""API tokens: minting, hashing, authenticating and scope checks (no HTTP: ``api.credentials``
+finds a request's token, ``api.endpoint`` says which scope a route needs)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ import hmac
 import re
 import secrets
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Literal, cast
+from typing import cast
 
 from rexecd.config import TIER_NAMES
 from rexecd.errors import Forbidden, InvalidRequest, NotFound, Unauthorized
@@ -40,8 +41,6 @@ _IMPLIED: dict[str, frozenset[str]] = {
 # last_used_at is informational; writing it on every request would turn every
 # read into a database write.
 TOUCH_INTERVAL = timedelta(seconds=60)
-WS_PROTOCOL = "rexec.v1"
-WS_TOKEN_PROTOCOL_PREFIX = "rexec.token."
 
 # Live tokens a user may mint for themselves through the API: without a cap, every
 # POST /api/tokens would add a row that lives until it expires, or forever. The admin
@@ -175,23 +174,9 @@ def _mint(
     return plaintext, token_out(rec)
 
 
-def bearer_token(value: str | None) -> str | None:
-    """The token in an ``Authorization`` value: ``Bearer <tok>``, or a bare token."""
-    if value is None:
-        return None
-    value = value.strip()
-    scheme, _, rest = value.partition(" ")
-    if scheme.lower() == "bearer":
-        value = rest.strip()
-    return value or None
-
-
-def authenticate(
-    store: Store, header_or_token: str | None, *, now: datetime | None = None
-) -> Principal:
-    """The principal behind an ``Authorization`` header value or a bare token."""
-    token = bearer_token(header_or_token)
-    if token is None:
+def authenticate(store: Store, token: str | None, *, now: datetime | None = None) -> Principal:
+    """The principal behind a bare token (``api.credentials`` finds it in a request)."""
+    if not token:
         raise Unauthorized(MSG_TOKEN_REQUIRED)
     # Malformed tokens are refused before touching the database.
     if not TOKEN_RE.fullmatch(token):
@@ -228,24 +213,6 @@ def require(principal: Principal, scope: str) -> None:
         )
 
 
-def required_scope(method: str, path: str) -> Scope | None:
-    """The scope an endpoint needs; None for the unauthenticated ones (``/health``).
-
-    Reads need ``read``, changes ``write``, image import ``admin``. A terminal is
-    a shell in the container, so opening one needs ``write`` although it is a GET.
-    """
-    path = path.rstrip("/") or "/"
-    if path in ("/health", "/api/health"):
-        return None
-    if path.endswith("/images/import"):
-        return "admin"
-    if path.startswith("/ws/terminal"):
-        return "write"
-    if method.upper() in ("GET", "HEAD", "OPTIONS"):
-        return "read"
-    return "write"
-
-
 def token_validation(principal: Principal) -> TokenValidation:
     """Body of ``GET /api/tokens/validate``."""
     return TokenValidation(
@@ -267,52 +234,3 @@ def revoke_token(store: Store, principal: Principal, token_id: str) -> None:
     """Revoke one of the caller's tokens; another user's token id answers 404."""
     if not store.revoke_token(principal.user_id, token_id):
         raise NotFound("token not found", id=token_id)
-
-
-# --- where a WebSocket upgrade carries its token ---------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class WsCredentials:
-    """The token of an upgrade request and the subprotocol to answer with."""
-
-    token: str | None
-    # Browsers drop a connection whose offered subprotocols get no answer, so
-    # ``rexec.v1`` is echoed whenever it was offered, whatever carried the token.
-    protocol: str | None
-    source: Literal["header", "protocol", "query"] | None
-
-
-def _header(headers: Mapping[str, str], name: str) -> str | None:
-    value = headers.get(name)
-    if value is not None:
-        return value
-    lowered = name.lower()
-    for key, val in headers.items():
-        if key.lower() == lowered:
-            return val
-    return None
-
-
-def extract_ws_token(
-    headers: Mapping[str, str], query: Mapping[str, str], *, allow_query: bool = False
-) -> WsCredentials:
-    """Find the token: ``Authorization: Bearer``, then ``Sec-WebSocket-Protocol:
-    rexec.v1, rexec.token.<tok>``, then the legacy ``?token=`` (only with
-    ``allow_query``: the config switches it on), in that order."""
-    offered = [
-        p.strip()
-        for p in (_header(headers, "Sec-WebSocket-Protocol") or "").split(",")
-        if p.strip()
-    ]
-    protocol = WS_PROTOCOL if WS_PROTOCOL in offered else None
-    token = bearer_token(_header(headers, "Authorization"))
-    if token is not None:
-        return WsCredentials(token, protocol, "header")
-    for p in offered:
-        if p.startswith(WS_TOKEN_PROTOCOL_PREFIX) and len(p) > len(WS_TOKEN_PROTOCOL_PREFIX):
-            return WsCredentials(p[len(WS_TOKEN_PROTOCOL_PREFIX) :], protocol, "protocol")
-    legacy = (query.get("token") or "").strip() if allow_query else ""
-    if legacy:
-        return WsCredentials(legacy, protocol, "query")
-    return WsCredentials(None, protocol, None)

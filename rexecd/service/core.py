@@ -14,6 +14,7 @@ from typing import Any
 
 from rexecd.config import Config, TierLimits
 from rexecd.errors import (
+    ContainerNotFound,
     InvalidRequest,
     NotFound,
     RexecError,
@@ -210,7 +211,7 @@ class ManagerCore:
     async def _find(self, p: Principal, ref: str) -> ContainerRecord:
         rec = await in_store_thread(self.store.find_container, p.user_id, ref)
         if rec is None:
-            raise NotFound("container not found", code="container_not_found")
+            raise ContainerNotFound("container not found")
         return rec
 
     async def _update(self, db_id: str, **fields: Any) -> ContainerRecord:

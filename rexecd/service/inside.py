@@ -13,8 +13,8 @@ from pathlib import Path
 from rexecd import _native as n
 from rexecd.errors import (
     ChildSetupError,
-    Conflict,
-    NotFound,
+    ContainerNotFound,
+    ContainerNotRunning,
     PayloadTooLarge,
     RexecError,
     RuntimeFailure,
@@ -63,7 +63,7 @@ class InsideOps(ManagerCore):
     async def _running(self, p: Principal, ref: str) -> ContainerRecord:
         rec = await self._find(p, ref)
         if rec.status != "running" or rec.pid is None:
-            raise Conflict("container is not running", status=rec.status, code="container_stopped")
+            raise ContainerNotRunning("container is not running", status=rec.status)
         return rec
 
     async def _touch(self, rec: ContainerRecord) -> None:
@@ -113,10 +113,10 @@ class InsideOps(ManagerCore):
         async with self._lock(rec.db_id):  # a stop under way finishes first
             now = await in_store_thread(self.store.get_container, rec.db_id)
         if now is None:
-            raise NotFound("container not found", code="container_not_found")
+            raise ContainerNotFound("container not found")
         alive = rec.pid is not None and procinfo.is_same_process(rec.pid, rec.pid_start_time)
         if now.status != "running" or now.pid != rec.pid or not alive:
-            raise Conflict("container is not running", status=now.status, code="container_stopped")
+            raise ContainerNotRunning("container is not running", status=now.status)
 
     async def stats(self, p: Principal, ref: str) -> Stats:
         rec = await self._find(p, ref)

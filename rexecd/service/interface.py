@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from rexecd.models import (
     ContainerCreate,
@@ -32,6 +32,9 @@ from rexecd.models import (
 )
 from rexecd.service.auth import Principal
 
+if TYPE_CHECKING:  # terminals imports this module
+    from rexecd.service.terminals import TerminalClient
+
 ProgressFn = Callable[[StreamProgress], Awaitable[None]]
 
 
@@ -52,6 +55,23 @@ class TerminalProcess:
     pid: int
     pts: str
     wait: Callable[[], Awaitable[int | None]]
+
+
+class Terminal(Protocol):
+    """A terminal session: a shell on a PTY that outlives its clients (service.terminals)."""
+
+    async def attach(self, client: TerminalClient) -> bytes:
+        """Make ``client`` the one client; returns the scrollback to replay before
+        ``resume`` (output is held until then, so none is lost or reordered)."""
+        ...
+
+    def resume(self, client: TerminalClient) -> None: ...
+
+    def detach(self, client: TerminalClient) -> None: ...
+
+    async def write(self, data: bytes) -> None: ...
+
+    def resize(self, cols: int, rows: int) -> None: ...
 
 
 class ContainerService(Protocol):
@@ -151,4 +171,11 @@ class ContainerService(Protocol):
 
     async def open_terminal(self, p: Principal, ref: str, cols: int, rows: int) -> TerminalProcess:
         """Start the container's shell (zsh, bash or sh) on a PTY from its own devpts."""
+        ...
+
+    async def terminal_session(
+        self, p: Principal, ref: str, session_id: str, new: bool, cols: int, rows: int
+    ) -> tuple[Terminal, bool]:
+        """The session ``session_id`` of a running container (started if needed, or
+        afresh with ``new``) and whether it was started now."""
         ...

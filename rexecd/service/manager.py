@@ -19,9 +19,9 @@ from typing import Any, BinaryIO
 from rexecd import __version__
 from rexecd.errors import (
     Conflict,
-    Forbidden,
     InvalidRequest,
     RexecError,
+    SessionExpired,
 )
 from rexecd.models import (
     ContainerCreate,
@@ -227,9 +227,8 @@ class ContainerManager(InsideOps, DaemonLife):
             if rec.status == "expired":
                 exp = quotas.session_expiry(self.cfg, p.tier, rec.created_at)
                 if exp is not None and exp <= utcnow():
-                    raise Forbidden(
+                    raise SessionExpired(
                         "container session expired: delete it or upgrade the tier",
-                        code="session_expired",
                         tier=p.tier,
                     )
                 rec = await self._update(rec.db_id, expires_at=exp)
@@ -260,9 +259,8 @@ class ContainerManager(InsideOps, DaemonLife):
             if rec.status in ("creating", "configuring"):
                 raise Conflict("container is still being created", status=rec.status)
             if rec.status == "expired":
-                raise Forbidden(
+                raise SessionExpired(
                     "container session expired: delete it or upgrade the tier",
-                    code="session_expired",
                     tier=p.tier,
                 )
             # Before the halt: a restart that cannot start again must not stop it.

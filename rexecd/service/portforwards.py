@@ -12,8 +12,10 @@ from typing import TYPE_CHECKING, cast
 from rexecd.config import Config
 from rexecd.errors import (
     Conflict,
+    ContainerNotRunning,
     InvalidRequest,
-    NotFound,
+    NoNetwork,
+    PortForwardNotFound,
     QuotaExceeded,
     RexecError,
     RuntimeUnavailable,
@@ -67,12 +69,9 @@ class PortForwards:
         """Forward a host port (``req.host_port``, or a free one of the range) to ``rec``."""
         forwarder = self._require_forwarder()
         if rec.status != "running" or rec.pid is None:
-            raise Conflict("container is not running", status=rec.status, code="container_stopped")
+            raise ContainerNotRunning("container is not running", status=rec.status)
         if rec.ip_address is None:
-            raise Conflict(
-                "container has no network (network_mode none): nothing to forward to",
-                code="no_network",
-            )
+            raise NoNetwork("container has no network (network_mode none): nothing to forward to")
         lo, hi = self.cfg.network.port_forward_min, self.cfg.network.port_forward_max
         # 0 is "not given", as for the sizes of a create.
         wanted = req.host_port or None
@@ -138,7 +137,7 @@ class PortForwards:
         with self._mutex:
             row = self.store.get_port_forward(forward_id)
             if row is None or row.container_db_id != rec.db_id:
-                raise NotFound("port forward not found", code="port_forward_not_found")
+                raise PortForwardNotFound("port forward not found")
             if self.forwarder is not None:
                 self.forwarder.remove(row.host_port, row.protocol)
             self.store.delete_port_forward(row.id)

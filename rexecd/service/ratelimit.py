@@ -1,35 +1,35 @@
-"""Per-user request rate limits: three request classes, each a sliding one-minute window.
+"""Per-user request rate limits: four request classes, each a sliding one-minute window.
 
 A sliding log (the times of the accepted requests in the last window) rather than
 a token bucket: it is exact, which makes "10 per minute" mean what it says and
 the ``Retry-After`` value true, and its memory is bounded by the limit itself.
 A refused request is not recorded, so a client that keeps retrying too early does
 not push its own recovery further away.
+
+Which class a request is in is declared by its route (``api.endpoint.Endpoint``);
+how many a minute, by the config: defaults, then the user's tier, then the token's
+broadest scope. A token with an exempt scope (``admin`` by default) is not limited.
 """
 
 from __future__ import annotations
 
 import math
-import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-from rexecd.config import RateLimitsConfig
+from rexecd.config import RateLimitsConfig, RateNumbers
 
-RateClass = Literal["create", "ops", "read"]
-RATE_CLASSES: tuple[RateClass, ...] = ("create", "ops", "read")
+RateClass = Literal["create", "exec", "ops", "read"]
+RATE_CLASSES: tuple[RateClass, ...] = ("create", "exec", "ops", "read")
 WINDOW_S = 60.0
 # How many checks between sweeps of users idle for a whole window.
 _SWEEP_EVERY = 1024
-
-_EXEC_RE = re.compile(r"^/containers/[^/]+/exec\Z")
-# DOTALL: a file path may hold a newline (%0A) and is still a file endpoint.
-_FILES_RE = re.compile(r"^/containers/[^/]+/files(/.*)?\Z", re.DOTALL)
-_READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# Broadest first: the scope whose override applies to a token holding several.
+_SCOPE_ORDER = ("admin", "write", "read")
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,22 +65,28 @@ class RateLimiter:
 
     def set_limits(self, limits: RateLimitsConfig) -> None:
         with self._lock:
-            self._limits: dict[RateClass, int] = {
-                "create": limits.create_per_min,
-                "ops": limits.ops_per_min,
-                "read": limits.read_per_min,
-            }
+            self._cfg = limits
 
-    def limit(self, cls: RateClass) -> int:
-        return self._limits[cls]
+    def limit(self, cls: RateClass, tier: str | None = None, scopes: Iterable[str] = ()) -> int:
+        """Requests of ``cls`` a minute for a user of ``tier`` with a token of ``scopes``."""
+        return self._bucket(cls, tier, frozenset(scopes))[1]
 
-    def check(self, user_id: str, cls: RateClass) -> RateDecision:
+    def exempt(self, scopes: Iterable[str]) -> bool:
+        """Whether a token with ``scopes`` is never limited."""
+        exempt = self._cfg.exempt_scopes
+        return any(s in exempt for s in scopes)
+
+    def check(
+        self, user_id: str, cls: RateClass, tier: str | None = None, scopes: Iterable[str] = ()
+    ) -> RateDecision:
         """Count one request of ``cls`` for the user if the window has room."""
-        return self._decide(user_id, cls, consume=True)
+        return self._decide(user_id, cls, tier, frozenset(scopes), consume=True)
 
-    def peek(self, user_id: str, cls: RateClass) -> RateDecision:
+    def peek(
+        self, user_id: str, cls: RateClass, tier: str | None = None, scopes: Iterable[str] = ()
+    ) -> RateDecision:
         """What ``check`` would answer, without counting a request."""
-        return self._decide(user_id, cls, consume=False)
+        return self._decide(user_id, cls, tier, frozenset(scopes), consume=False)
 
     def reset(self, user_id: str | None = None) -> None:
         with self._lock:
@@ -90,16 +96,59 @@ class RateLimiter:
                 for cls in RATE_CLASSES:
                     self._hits.pop((user_id, cls), None)
 
-    def _decide(self, user_id: str, cls: RateClass, *, consume: bool) -> RateDecision:
-        limit = self._limits[cls]
+    def _bucket(
+        self, cls: RateClass, tier: str | None, scopes: frozenset[str]
+    ) -> tuple[RateClass, int]:
+        """The window a request counts in (exec shares create's unless it has a number of
+        its own) and that window's limit for this tier and scope."""
+        cfg = self._cfg
+        layers: list[RateNumbers] = []
+        if tier is not None and tier in cfg.tiers:
+            layers.append(cfg.tiers[tier])
+        by_scope = {s: n for s, n in cfg.scopes.items() if s in scopes}
+        scope = next((s for s in _SCOPE_ORDER if s in by_scope), None)
+        if scope is not None:
+            layers.append(by_scope[scope])
+
+        def number(field: str, base: int | None) -> int | None:
+            for layer in reversed(layers):
+                value: int | None = getattr(layer, field)
+                if value is not None:
+                    return value
+            return base
+
+        if cls == "exec":
+            own = number("exec_per_min", cfg.exec_per_min)
+            if own is not None:
+                return "exec", own
+            cls = "create"
+        base = {
+            "create": cfg.create_per_min,
+            "ops": cfg.ops_per_min,
+            "read": cfg.read_per_min,
+        }[cls]
+        found = number(f"{cls}_per_min", base)
+        assert found is not None
+        return cls, found
+
+    def _decide(
+        self,
+        user_id: str,
+        cls: RateClass,
+        tier: str | None,
+        scopes: frozenset[str],
+        *,
+        consume: bool,
+    ) -> RateDecision:
         with self._lock:
+            bucket, limit = self._bucket(cls, tier, scopes)
             now = self._clock()
             self._checks += 1
             if self._checks % _SWEEP_EVERY == 0:
                 self._sweep(now)
-            hits = self._hits.get((user_id, cls))
+            hits = self._hits.get((user_id, bucket))
             if hits is None:
-                hits = self._hits[(user_id, cls)] = deque()
+                hits = self._hits[(user_id, bucket)] = deque()
             horizon = now - self._window
             while hits and hits[0] <= horizon:
                 hits.popleft()
@@ -115,26 +164,3 @@ class RateLimiter:
         idle = [k for k, hits in self._hits.items() if not hits or hits[-1] <= horizon]
         for key in idle:
             del self._hits[key]
-
-
-def classify(method: str, path: str) -> RateClass | None:
-    """The rate class of a request per API.md; None for ``/health`` (never limited).
-
-    Creation: ``POST /containers``, ``/containers/stream`` and ``/containers/{id}/exec``.
-    Operations: every other change, and every file endpoint (a download moves as much
-    data as an upload). Reads: the remaining GETs, including WebSocket upgrades.
-    """
-    path = path.split("?", 1)[0].rstrip("/") or "/"
-    if path.startswith("/api/"):
-        path = path[len("/api") :]
-    if path == "/health":
-        return None
-    method = method.upper()
-    creating = path in ("/containers", "/containers/stream") or _EXEC_RE.fullmatch(path)
-    if method == "POST" and creating:
-        return "create"
-    if _FILES_RE.fullmatch(path):
-        return "ops"
-    if method in _READ_METHODS:
-        return "read"
-    return "ops"

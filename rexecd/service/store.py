@@ -25,7 +25,14 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
-from rexecd.errors import Conflict, NotFound, QuotaExceeded, RexecError, RuntimeUnavailable
+from rexecd.errors import (
+    Conflict,
+    NotFound,
+    QuotaExceeded,
+    RexecError,
+    RuntimeUnavailable,
+    VolumeNotFound,
+)
 from rexecd.models import ContainerRecord, ContainerResources, utcnow
 
 DB_NAME = "state.db"
@@ -794,7 +801,7 @@ class Store:
                 "SELECT * FROM volumes WHERE user_id = ? AND name = ?", (user_id, name)
             ).fetchone()
             if row is None:
-                raise NotFound("volume not found", code="volume_not_found", name=name)
+                raise VolumeNotFound("volume not found", name=name)
             owner = db.execute(
                 "SELECT name, status FROM containers WHERE user_id = ? AND name = ?",
                 (user_id, name),

@@ -19,6 +19,7 @@ from rexecd.runtime.spec import BindMount, ProcessSpec
 from tests.deadlines import scaled
 from tests.integration.conftest import make_busybox_layer
 from tests.integration.daemon_fixtures import ApiClient
+from tests.integration.files_fixtures import F, box, daemon, upload
 from tests.integration.probe import (
     build_interp,
     elf_interpreter,
@@ -29,13 +30,8 @@ from tests.integration.probe import (
     probe_lower,
     running,
 )
-from tests.integration.test_daemon_files import F, box, daemon, upload
-from tests.integration.test_runtime_isolation import run, runtime
-from tests.integration.test_runtime_isolation import (
-    test_symlinked_proc_is_refused_with_step as symlinked_proc_is_refused,
-)
-from tests.integration.test_unpack_malicious import CASES, Case, sentinel
-from tests.integration.test_unpack_malicious import test_malicious_layer as check_layer
+from tests.integration.runtime_helpers import run, runtime, symlinked_proc_is_refused
+from tests.integration.unpack_cases import CASES, Case, check_layer, sentinel
 
 __all__ = ["box", "daemon", "probe_bin", "probe_lower", "runtime", "sentinel"]  # fixtures used here
 

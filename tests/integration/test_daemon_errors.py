@@ -336,6 +336,26 @@ async def test_429_read_and_ops_limits(limited: Daemon) -> None:
             (await c.get("/health", anonymous=True)).expect(200)
 
 
+async def test_admin_is_not_rate_limited_and_a_tenant_still_is(limited: Daemon) -> None:
+    """With the default limits (10 creations and execs a minute), an admin token runs 15
+    execs in a row without a 429 and without X-RateLimit headers; a tenant's 11th is
+    refused, whatever the admin did."""
+    admin = limited.token(unique("adm"), tier="enterprise", scopes="read,write,admin")
+    async with ApiClient(limited, admin) as c, cleaning(c) as refs:
+        name = unique("ex")
+        refs.append(name)
+        await c.create_running(name)
+        for i in range(15):
+            r = (await c.exec(name, f"echo {i}")).expect(200)
+            assert r["stdout"] == f"{i}\n"
+            assert "X-RateLimit-Limit" not in r.headers, r.headers
+    async with ApiClient(limited, limited.token(unique("ten"))) as t:
+        for _ in range(10):
+            r = (await t.exec("nope", "true")).expect(404)
+            check_rate_headers(r, 10)
+        check_429(await t.exec("nope", "true"))
+
+
 async def _stream_raw(c: ApiClient) -> tuple[int, dict[str, str], bytes]:
     assert c.session is not None
     async with c.session.post(

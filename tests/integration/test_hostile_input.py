@@ -17,7 +17,7 @@ import pytest
 
 from tests.integration.daemon import Daemon
 from tests.integration.daemon_fixtures import ApiClient, running_daemon
-from tests.integration.test_terminal_support import Term, terminal
+from tests.integration.terminal_client import Term, terminal
 
 DEEP = "[" * 1500 + "]" * 1500
 HOSTILE_BODIES = {

@@ -12,7 +12,7 @@ import pytest
 from rexecd.errors import Conflict, InvalidRequest, RuntimeFailure
 from rexecd.runtime.network import PortForwarder
 
-from .test_network_support import Env, network_env, our_links
+from .network_env import Env, network_env, our_links
 
 ALLOWED = 18080  # stands for a service we deliberately offer on the gateway
 DAEMON = 18081  # stands for the daemon's own API port: must stay unreachable

@@ -13,7 +13,7 @@ import pytest
 from rexecd.errors import NotFound
 from rexecd.runtime.network import Network, PortForwarder, host_ifname, ifb_ifname
 
-from .test_network_support import (
+from .network_env import (
     Env,
     force_cleanup,
     network_env,

@@ -9,7 +9,7 @@ import pytest
 
 from rexecd.runtime.network import ifb_ifname
 
-from .test_network_support import Env, measure, network_env
+from .network_env import Env, measure, network_env
 
 SINK = 18090
 TOLERANCE = 0.15

@@ -8,7 +8,6 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,67 +15,13 @@ import pytest
 from rexecd.errors import ChildSetupError
 from rexecd.runtime.capabilities import DEFAULT_CAPS
 from rexecd.runtime.cgroups import CgroupLimits, open_driver
-from rexecd.runtime.container import ImageView, Runtime
+from rexecd.runtime.container import Runtime
 from rexecd.runtime.spawner import Spawner
 from rexecd.runtime.spec import BindMount, ProcessSpec
 from tests.integration.conftest import Result, make_busybox_layer
+from tests.integration.runtime_helpers import image, run, runtime, symlinked_proc_is_refused
 
-
-@pytest.fixture
-def runtime(tmp_path: Path, spawner: Spawner, cgroup_parent: str) -> Iterator[Runtime]:
-    rt = Runtime(tmp_path / "state", tmp_path / "run", open_driver(cgroup_parent), spawner)
-    yield rt
-
-
-def image(layer: Path, user: str = "") -> ImageView:
-    return ImageView(
-        layers=[layer], env=["PATH=/bin"], entrypoint=None, cmd=["sh"], working_dir="/", user=user
-    )
-
-
-def run(
-    rt: Runtime,
-    img: ImageView,
-    script: str,
-    *,
-    hostname: str = "box",
-    user: str | None = None,
-    mounts: list[BindMount] | None = None,
-    seccomp: str = "default",
-) -> Result:
-    """Run ``sh -c script`` to completion under seccomp profile ``seccomp``; return its
-    status and combined output."""
-    cid = uuid.uuid4().hex * 2
-    dirs = rt.dirs(cid)
-    rt.create_dirs(dirs)
-    r, w = os.pipe()
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    try:
-        spec = rt.build_spec(
-            cid,
-            hostname,
-            img,
-            dirs,
-            args=["sh", "-c", script],
-            user=user,
-            mounts=mounts,
-            seccomp=seccomp,
-        )
-        pid = rt.start(spec, CgroupLimits(), stdio=[devnull, w, w])
-        os.close(w)
-        w = -1
-        chunks = []
-        while chunk := os.read(r, 65536):
-            chunks.append(chunk)
-        status = rt.spawner.wait(pid, timeout=30)
-        assert status is not None, "container did not exit"
-        return Result(status, b"".join(chunks).decode(errors="replace"))
-    finally:
-        os.close(r)
-        os.close(devnull)
-        if w >= 0:
-            os.close(w)
-        rt.remove(cid)
+__all__ = ["runtime"]  # a fixture used here
 
 
 def test_pid_namespace_shows_no_host_process(runtime: Runtime, busybox_layer: Path) -> None:
@@ -288,13 +233,7 @@ def test_bind_mount_target_symlink_stays_inside(
 
 
 def test_symlinked_proc_is_refused_with_step(runtime: Runtime, tmp_path: Path) -> None:
-    evil = make_busybox_layer(tmp_path / "evil")
-    (evil / "proc").rmdir()
-    (evil / "proc").symlink_to("/etc")
-    with pytest.raises(ChildSetupError) as info:
-        run(runtime, image(evil), "true")
-    assert info.value.step == "mount /proc and /sys"
-    assert runtime.cgroups is not None and runtime.cgroups.list() == []
+    symlinked_proc_is_refused(runtime, tmp_path)
 
 
 def test_child_failure_names_step_and_leaves_nothing(runtime: Runtime, busybox_layer: Path) -> None:

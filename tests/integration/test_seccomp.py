@@ -20,14 +20,14 @@ from rexecd.runtime.container import Runtime
 from tests.integration.daemon import ROOT, Daemon
 from tests.integration.daemon_fixtures import seccomp_tiers
 from tests.integration.probe import exec_out, image, parse, probe_bin, probe_lower, running
-from tests.integration.test_runtime_isolation import run, runtime
-from tests.integration.test_terminal_support import (
+from tests.integration.runtime_helpers import run, runtime
+from tests.integration.terminal_client import (
     create_running,
     exec_sh,
     running_daemon,
     terminal,
 )
-from tests.unit.test_seccomp_profile import REFUSED_WITH_EPERM
+from tests.seccomp_expect import REFUSED_WITH_EPERM
 
 __all__ = ["probe_bin", "probe_lower", "runtime"]  # fixtures used here
 

@@ -36,7 +36,7 @@ from tests.integration.daemon_fixtures import (
     seccomp_tiers,
     unique,
 )
-from tests.integration.test_terminal_support import terminal
+from tests.integration.terminal_client import terminal
 
 PROBE_SRC = Path(__file__).with_name("probe.c")
 EVENTS = "/api/containers/events"

@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from .daemon import Daemon, api, wait_status
-from .test_terminal_support import (
+from .terminal_client import (
     Term,
     create_running,
     daemon_rss_kib,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pytest
 
 from .daemon import Daemon
-from .test_terminal_support import create_running, exec_sh, running_daemon, terminal
+from .terminal_client import create_running, exec_sh, running_daemon, terminal
 
 IDLE_S = 2
 

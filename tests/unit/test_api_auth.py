@@ -13,7 +13,7 @@ from aiohttp import WSServerHandshakeError, web
 from rexecd.api import WS_PROTOCOLS, principal_from_ws_request
 from rexecd.config import RateLimitsConfig
 from rexecd.service import auth
-from tests.unit.test_api_support import harness
+from tests.unit.fakes.service import harness
 
 
 async def test_health_needs_no_token(tmp_path: Path) -> None:
@@ -126,6 +126,52 @@ async def test_rate_limit(tmp_path: Path) -> None:
         assert (await h.client.get("/health")).status == 200
 
 
+async def test_rate_classes_tiers_and_the_admin_exemption(tmp_path: Path) -> None:
+    limits = RateLimitsConfig.model_validate(
+        {
+            "create_per_min": 1,
+            "exec_per_min": 2,
+            "ops_per_min": 5,
+            "read_per_min": 50,
+            "tiers": {"free": {"read_per_min": 3}},
+            "scopes": {"admin": {"read_per_min": 4}},
+        }
+    )
+    async with harness(tmp_path, limits=limits, clock=lambda: 1000.0) as h:
+        h.service.add(h.user_id(), "box")
+        # The route says exec; with exec_per_min set it has a window of its own.
+        created = await h.client.post(
+            "/api/containers", json={"image": "ubuntu"}, headers=h.headers()
+        )
+        assert created.status == 202 and created.headers["X-RateLimit-Limit"] == "1"
+        for remaining in ("1", "0"):
+            r = await h.client.post(
+                "/api/containers/box/exec", json={"command": "true"}, headers=h.headers()
+            )
+            assert r.status == 200 and r.headers["X-RateLimit-Remaining"] == remaining
+            assert r.headers["X-RateLimit-Limit"] == "2"
+        r = await h.client.post(
+            "/api/containers/box/exec", json={"command": "true"}, headers=h.headers()
+        )
+        assert r.status == 429
+        # The user's tier (free) sets its read limit.
+        r = await h.client.get("/api/containers", headers=h.headers())
+        assert r.headers["X-RateLimit-Limit"] == "3"
+        # root holds the admin scope: exempt by default, so no window and no headers,
+        # however many requests it makes.
+        for _ in range(10):
+            r = await h.client.get("/api/containers", headers=h.headers("root"))
+            assert r.status == 200 and "X-RateLimit-Limit" not in r.headers
+    limits = limits.model_copy(update={"exempt_scopes": []})
+    async with harness(tmp_path / "2", limits=limits, clock=lambda: 1000.0) as h:
+        # Not exempt: the admin scope's own numbers apply, over the tier's.
+        statuses = [
+            (await h.client.get("/api/containers", headers=h.headers("root"))).status
+            for _ in range(5)
+        ]
+        assert statuses == [200, 200, 200, 200, 429]
+
+
 async def test_tokens_endpoints(tmp_path: Path) -> None:
     async with harness(tmp_path) as h:
         resp = await h.client.post(
@@ -178,10 +224,10 @@ async def test_version_and_errors_for_unknown_routes(tmp_path: Path) -> None:
         assert await resp.json() == {"version": "1.2.3", "build": "abc"}
         resp = await h.client.get("/api/nothing", headers=h.headers())
         assert resp.status == 404
-        assert await resp.json() == {"error": "not found"}
+        assert await resp.json() == {"error": "not found", "code": "not_found"}
         resp = await h.client.put("/api/containers", headers=h.headers())
         assert resp.status == 405
-        assert (await resp.json())["error"] == "method not allowed"
+        assert await resp.json() == {"error": "method not allowed", "code": "method_not_allowed"}
         assert "GET" in resp.headers["Allow"]
 
 
@@ -272,10 +318,12 @@ async def test_websocket_token_styles(tmp_path: Path) -> None:
             raise AssertionError("a bad token must not upgrade")
 
 
-async def test_terminal_hook_gets_ws_auth(tmp_path: Path) -> None:
+async def test_a_plain_websocket_route_gets_ws_auth(tmp_path: Path) -> None:
+    """A route added without an Endpoint (``extra_routes``) is still authenticated, by
+    any of the WebSocket token sources, and needs the scope of its method."""
     seen: list[str] = []
 
-    async def terminal(request: web.Request) -> web.StreamResponse:
+    async def hook(request: web.Request) -> web.StreamResponse:
         p = await principal_from_ws_request(request)
         seen.append(p.user_name)
         ws = web.WebSocketResponse(protocols=WS_PROTOCOLS)
@@ -285,23 +333,22 @@ async def test_terminal_hook_gets_ws_auth(tmp_path: Path) -> None:
         return ws
 
     def routes(app: web.Application) -> None:
-        app.router.add_get("/ws/terminal/{id}", terminal)
+        app.router.add_get("/ws/hook/{id}", hook)
 
     async with harness(tmp_path, extra_routes=routes) as h:
-        token = h.tokens["alice"]
+        token = h.tokens["alice-ro"]
         async with h.client.ws_connect(
-            "/ws/terminal/abc", protocols=("rexec.v1", f"rexec.token.{token}")
+            "/ws/hook/abc", protocols=("rexec.v1", f"rexec.token.{token}")
         ) as ws:
             assert ws.protocol == "rexec.v1"
             assert (await ws.receive_json()) == {"type": "connected"}
         assert seen == ["alice"]
-        # A terminal is a shell: a read-only token may not open one.
         try:
-            await h.client.ws_connect("/ws/terminal/abc", headers=h.headers("alice-ro"))
+            await h.client.ws_connect("/ws/hook/abc")
         except WSServerHandshakeError as exc:
-            assert exc.status == 403
+            assert exc.status == 401
         else:
-            raise AssertionError("a read token must not open a terminal")
+            raise AssertionError("no token must not upgrade")
         assert seen == ["alice"]
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from rexecd.errors import RuntimeFailure
 from rexecd.models import Event
-from tests.unit.test_api_support import harness
+from tests.unit.fakes.service import harness
 
 
 async def test_list_and_get(tmp_path: Path) -> None:
@@ -222,7 +222,7 @@ async def test_internal_errors_hide_the_traceback(
             resp = await h.client.get("/api/containers", headers=h.headers())
         assert resp.status == 500
         text = await resp.text()
-        assert json.loads(text) == {"error": "internal server error"}
+        assert json.loads(text) == {"error": "internal server error", "code": "internal_error"}
         assert "secret" not in text and "Traceback" not in text
         assert "ZeroDivisionError" in caplog.text
         # A RexecError knows its own status and message.

@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from rexecd.api import files
-from tests.unit.test_api_support import harness
+from tests.unit.fakes.service import harness
 
 
 def _form(data: bytes, filename: str = "notes.txt", path: str | None = None) -> aiohttp.FormData:

@@ -12,7 +12,7 @@ import pytest
 from rexecd.api.app import ENDPOINTS
 from rexecd.api.wire import MAX_INT_DIGITS, decode_json
 from rexecd.errors import InvalidJson
-from tests.unit.test_api_support import Harness, harness
+from tests.unit.fakes.service import Harness, harness
 
 DEEP = 5000
 # Texts that json.loads either accepts (NaN, 1e999, lone surrogates) or fails on with

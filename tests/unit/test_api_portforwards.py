@@ -27,7 +27,7 @@ from rexecd.service.auth import Principal
 from rexecd.service.portforwards import PortForwards
 from rexecd.service.ratelimit import RateLimiter
 from rexecd.service.store import Store
-from tests.unit.test_api_support import FakeService, Harness
+from tests.unit.fakes.service import FakeService, Harness
 
 LO, HI = 20000, 20019
 

@@ -23,8 +23,8 @@ from rexecd.service.auth import Principal
 from rexecd.service.ratelimit import RateLimiter
 from rexecd.service.store import Store
 from rexecd.service.volumes import KeptVolumes
-from tests.unit.test_api_support import FakeService, Harness
-from tests.unit.test_client_fake import ServerThread
+from tests.unit.fakes.daemon import ServerThread
+from tests.unit.fakes.service import FakeService, Harness
 
 
 class VolumeService(FakeService):

@@ -1,4 +1,4 @@
-"""Tokens: format, hashing-only storage, authentication, scopes, WebSocket token sources."""
+"""Tokens: format, hashing-only storage, authentication and scopes."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from rexecd.api.credentials import bearer_token
 from rexecd.errors import Forbidden, InvalidRequest, NotFound, Unauthorized
 from rexecd.models import TokenCreate
 from rexecd.service import auth
@@ -17,9 +18,7 @@ from rexecd.service.auth import (
     authenticate,
     create_token,
     create_token_for,
-    extract_ws_token,
     require,
-    required_scope,
 )
 from rexecd.service.store import Store
 
@@ -74,7 +73,7 @@ def test_create_token_keeps_or_sets_tier(store: Store) -> None:
 def test_authenticate(store: Store) -> None:
     plain, out = create_token(store, "alice", tier="free", scopes=["read"])
     for header in (f"Bearer {plain}", f"bearer  {plain} ", plain):
-        p = authenticate(store, header, now=T0)
+        p = authenticate(store, bearer_token(header), now=T0)
         assert p.user_name == "alice" and p.tier == "free"
         assert p.scopes == frozenset({"read"}) and p.token_id == out.id
 
@@ -82,7 +81,7 @@ def test_authenticate(store: Store) -> None:
 @pytest.mark.parametrize("header", [None, "", "Bearer", "Bearer   "])
 def test_missing_token(store: Store, header: str | None) -> None:
     with pytest.raises(Unauthorized) as info:
-        authenticate(store, header)
+        authenticate(store, bearer_token(header))
     assert info.value.message == "Authorization token required"
     assert info.value.status == 401
 
@@ -138,25 +137,6 @@ def test_scope_implication_and_require() -> None:
     assert info.value.extra["required_scope"] == "write"
 
 
-@pytest.mark.parametrize(
-    ("method", "path", "scope"),
-    [
-        ("GET", "/health", None),
-        ("GET", "/api/containers", "read"),
-        ("GET", "/api/containers/events", "read"),
-        ("POST", "/api/containers", "write"),
-        ("DELETE", "/api/containers/x", "write"),
-        ("PATCH", "/api/containers/x/settings", "write"),
-        ("POST", "/api/images/import", "admin"),
-        ("GET", "/ws/terminal/abc", "write"),
-        ("POST", "/api/tokens", "write"),
-        ("GET", "/api/tokens/validate", "read"),
-    ],
-)
-def test_required_scope(method: str, path: str, scope: str | None) -> None:
-    assert required_scope(method, path) == scope
-
-
 def test_create_token_for_cannot_escalate(store: Store) -> None:
     plain, _ = create_token(store, "alice", scopes=["read", "write"])
     caller = authenticate(store, plain)
@@ -174,33 +154,3 @@ def test_token_validation_body(store: Store) -> None:
     body = auth.token_validation(authenticate(store, plain)).model_dump(mode="json")
     assert body["valid"] is True and body["tier"] == "pro" and body["token_id"] == out.id
     assert body["scopes"] == ["read", "admin"]
-
-
-# --- WebSocket token sources -----------------------------------------------------------
-
-
-def test_ws_header_wins() -> None:
-    creds = extract_ws_token(
-        {"authorization": "Bearer H", "Sec-WebSocket-Protocol": "rexec.v1, rexec.token.P"},
-        {"token": "Q"},
-    )
-    assert (creds.token, creds.protocol, creds.source) == ("H", "rexec.v1", "header")
-
-
-def test_ws_subprotocol() -> None:
-    creds = extract_ws_token({"sec-websocket-protocol": "rexec.v1,rexec.token.P"}, {"token": "Q"})
-    assert (creds.token, creds.protocol, creds.source) == ("P", "rexec.v1", "protocol")
-    only = extract_ws_token({"Sec-WebSocket-Protocol": "rexec.token.P"}, {})
-    assert (only.token, only.protocol) == ("P", None)
-
-
-def test_ws_legacy_query_and_nothing() -> None:
-    creds = extract_ws_token({}, {"token": "Q"}, allow_query=True)
-    assert (creds.token, creds.protocol, creds.source) == ("Q", None, "query")
-    # The legacy fallback is off unless the config switches it on.
-    off = extract_ws_token({"Sec-WebSocket-Protocol": "rexec.v1"}, {"token": "Q"})
-    assert (off.token, off.protocol, off.source) == (None, "rexec.v1", None)
-    empty = extract_ws_token(
-        {"Sec-WebSocket-Protocol": "rexec.v1, rexec.token."}, {"token": ""}, allow_query=True
-    )
-    assert (empty.token, empty.protocol, empty.source) == (None, "rexec.v1", None)

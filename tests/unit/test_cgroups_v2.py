@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 from collections.abc import Iterator
@@ -292,6 +293,17 @@ def test_oom_fd_is_an_inotify_watch_on_memory_events(fake: FakeV2) -> None:
         assert cg.stats().oom_kills == 1
     finally:
         os.close(fd)
+
+
+def test_inotify_watch_of_a_missing_path_names_it_and_leaks_no_fd(tmp_path: Path) -> None:
+    from rexecd import _native as n
+
+    before = len(os.listdir("/proc/self/fd"))
+    missing = tmp_path / "gone" / "memory.events"
+    with pytest.raises(OSError) as info:
+        n.inotify_watch(str(missing), n.IN_MODIFY)
+    assert info.value.errno == errno.ENOENT and info.value.filename == str(missing)
+    assert len(os.listdir("/proc/self/fd")) == before
 
 
 def test_kill_uses_cgroup_kill_and_destroy_is_idempotent(fake: FakeV2) -> None:

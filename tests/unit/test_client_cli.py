@@ -11,7 +11,7 @@ import pytest
 
 from rexecd.client.cli import _age, build_parser, describe_error, main, table
 from rexecd.client.sdk import ApiError
-from tests.unit.test_client_fake import TOKEN, FakeDaemon, Override, ServerThread
+from tests.unit.fakes.daemon import TOKEN, FakeDaemon, Override, ServerThread
 
 
 @pytest.fixture(params=["tcp", "unix"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import socket
 from collections.abc import AsyncIterator
@@ -18,7 +19,7 @@ from rexecd.client import (
 )
 from rexecd.client.sdk import DEFAULT_HOST
 from rexecd.models import TerminalFrame
-from tests.unit.test_client_fake import TOKEN, FakeDaemon, Override, container, serve
+from tests.unit.fakes.daemon import TOKEN, FakeDaemon, Override, container, serve
 
 Served = tuple[FakeDaemon, AsyncClient]
 
@@ -575,3 +576,20 @@ def test_client_imports_nothing_of_the_daemon() -> None:
         cwd=Path(__file__).resolve().parents[2],
     ).stdout
     assert out.strip() == "[]"
+
+
+def test_the_fake_daemon_refuses_a_missing_token() -> None:
+    """The fake itself enforces auth, so client tests that pass prove the header is sent."""
+
+    async def check() -> tuple[int, int]:
+        import aiohttp
+
+        daemon = FakeDaemon()
+        async with serve(daemon) as host, aiohttp.ClientSession() as s:
+            async with s.get(host + "/api/containers") as r1:
+                unauth = r1.status
+            async with s.get(host + "/health") as r2:
+                health = r2.status
+        return unauth, health
+
+    assert asyncio.run(check()) == (401, 200)

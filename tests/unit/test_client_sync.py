@@ -11,7 +11,7 @@ import pytest
 
 from rexecd.client import ApiError, Client, TransportError
 from rexecd.models import ContainerOut, TerminalFrame
-from tests.unit.test_client_fake import TOKEN, FakeDaemon, ServerThread
+from tests.unit.fakes.daemon import TOKEN, FakeDaemon, ServerThread
 
 
 @pytest.fixture(params=["tcp", "unix"])

@@ -19,7 +19,7 @@ import pytest
 
 from rexecd.client.sdk import AsyncClient
 from rexecd.client.terminal import RawMode, attach
-from tests.unit.test_client_fake import TOKEN, FakeDaemon, ServerThread, serve
+from tests.unit.fakes.daemon import TOKEN, FakeDaemon, ServerThread, serve
 
 ROOT = Path(__file__).resolve().parents[2]
 # The child makes the pty its controlling terminal, so a window-size change on the

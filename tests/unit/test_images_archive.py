@@ -16,8 +16,7 @@ import pytest
 from rexecd.errors import ImageError, UnsupportedImage
 from rexecd.runtime.images import ImageStore
 from rexecd.runtime.images.archive import host_arch
-
-from .test_images_support import (
+from tests.unit.fakes.images import (
     INDEX,
     MANIFEST,
     SIMPLE,

@@ -15,8 +15,7 @@ import pytest
 from rexecd.errors import ImageError, InvalidRequest, NotFound, RexecError
 from rexecd.runtime.images import ImageRecord, ImageStore
 from rexecd.runtime.images import store as store_mod
-
-from .test_images_support import SIMPLE, digest, docker_archive, layer, oci_archive, reg
+from tests.unit.fakes.images import SIMPLE, digest, docker_archive, layer, oci_archive, reg
 
 BASE = layer(reg("base", b"base\n"))
 TOP_A = layer(reg("a", b"a\n"))

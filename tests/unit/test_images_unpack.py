@@ -14,8 +14,7 @@ import pytest
 
 from rexecd.errors import ImageError
 from rexecd.runtime.images.unpack import OPAQUE_XATTR, UnpackStats, unpack_layer
-
-from .test_images_support import MTIME, dev, dir_, fifo, hard, layer, reg, sym
+from tests.unit.fakes.images import MTIME, dev, dir_, fifo, hard, layer, reg, sym
 
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0, reason="needs root: mknod of whiteouts, trusted.* xattrs, chown"

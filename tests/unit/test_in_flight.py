@@ -13,7 +13,7 @@ from rexecd.api.keys import IN_FLIGHT
 from rexecd.config import ConcurrencyConfig, Config
 from rexecd.errors import ConcurrencyLimited, RateLimited
 from rexecd.service.inflight import InFlightLimiter
-from tests.unit.test_api_support import harness
+from tests.unit.fakes.service import harness
 
 
 def test_a_user_gets_up_to_the_cap_of_each_kind_and_no_more() -> None:

@@ -16,6 +16,7 @@ from rexecd.cli import main as rexecd_main
 from rexecd.config import Config, ConfigError, TierLimits
 from rexecd.runtime import seccomp
 from rexecd.runtime.spec import ProcessSpec
+from tests.seccomp_expect import REFUSED_WITH_EPERM
 
 MASK32 = 0xFFFFFFFF
 NAMESPACE_FLAGS = (
@@ -26,39 +27,6 @@ NAMESPACE_FLAGS = (
     0x10000000,
     0x20000000,
     0x40000000,
-)
-
-
-# Refused with EPERM by the default profile whatever the arguments (also probed in
-# tests/integration/test_seccomp.py).
-REFUSED_WITH_EPERM = (
-    "keyctl",
-    "add_key",
-    "request_key",
-    "bpf",
-    "userfaultfd",
-    "perf_event_open",
-    "kexec_load",
-    "kexec_file_load",
-    "init_module",
-    "finit_module",
-    "delete_module",
-    "fsopen",
-    "fsconfig",
-    "fsmount",
-    "fspick",
-    "move_mount",
-    "open_tree",
-    "mount_setattr",
-    "clock_settime",
-    "settimeofday",
-    "adjtimex",
-    "clock_adjtime",
-    "io_uring_setup",
-    "io_uring_enter",
-    "io_uring_register",
-    "setns",
-    "mount",
 )
 
 

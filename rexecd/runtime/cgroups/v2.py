@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import os
 import threading
 import time
 from pathlib import Path
 
+from rexecd import _native as n
 from rexecd.errors import Conflict, NotFound, RexecError, RuntimeFailure
 from rexecd.runtime.cgroups import (
     DEFAULT_ROOT,
@@ -46,21 +46,6 @@ CPU_PERIOD_US = 100_000
 # OOM-kill at memory.max.
 MEMORY_HIGH_PERCENT = 95
 _PAGE = 4096
-_IN_MODIFY = 0x2
-
-
-def _inotify_modify_fd(path: Path) -> int:
-    """A non-blocking inotify fd watching ``path`` for modification (Python has no binding)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = int(libc.inotify_init1(os.O_CLOEXEC | os.O_NONBLOCK))
-    if fd < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), str(path))
-    if int(libc.inotify_add_watch(fd, os.fsencode(path), _IN_MODIFY)) < 0:
-        err = ctypes.get_errno()
-        os.close(fd)
-        raise OSError(err, os.strerror(err), str(path))
-    return fd
 
 
 def _io_max_line(lim: IoLimit) -> str:
@@ -208,7 +193,7 @@ class V2Cgroup(Cgroup):
         if not path.exists():
             return None
         try:
-            return _inotify_modify_fd(path)
+            return n.inotify_watch(str(path), n.IN_MODIFY)
         except OSError as exc:
             raise failure("cgroup watch memory.events", exc, path) from exc
 

@@ -36,6 +36,7 @@ from pydantic import ValidationError
 
 from rexecd import _native
 from rexecd.errors import ImageError, InvalidRequest, NotFound, RexecError
+from rexecd.runtime.durable import fsync_dir
 
 from .archive import LayerBlob, OuterArchive, open_archive, read_image
 from .blobs import open_layer
@@ -143,7 +144,7 @@ class ImageStore:
             for diff_id, tmp in staged:
                 self._commit(tmp, self._layer_dir(diff_id))
             if staged and self._durable:
-                _fsync_dir(self.layers_dir)
+                fsync_dir(self.layers_dir)
         finally:
             for _, tmp in staged:
                 if tmp.exists():
@@ -225,7 +226,7 @@ class ImageStore:
             path.unlink()
         except FileNotFoundError:
             raise NotFound(f"image {ref!r} not found") from None
-        _fsync_dir(self.images_dir)
+        fsync_dir(self.images_dir)
 
     def gc(self, keep: Collection[str] = ()) -> builtins.list[str]:
         """Delete layers that no image record uses (nor any diff_id in ``keep``, e.g.
@@ -281,7 +282,7 @@ class ImageStore:
             except FileNotFoundError:
                 pass
             raise
-        _fsync_dir(self.images_dir)
+        fsync_dir(self.images_dir)
 
     def _layer_dir(self, diff_id: str) -> Path:
         return self.layers_dir / _hex(diff_id)
@@ -294,12 +295,6 @@ def _hex(digest: str) -> str:
     return hexd
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _rmtree(path: Path) -> None:

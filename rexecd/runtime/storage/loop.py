@@ -10,15 +10,15 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from contextlib import AbstractContextManager, ExitStack
+from contextlib import ExitStack
 from pathlib import Path
 
 from rexecd import _native as n
 from rexecd.errors import Conflict, InvalidRequest, NotFound, RexecError, RuntimeFailure
+from rexecd.runtime.durable import fsync_dir
 from rexecd.runtime.storage import ext4, loopdev, mountinfo
 from rexecd.runtime.storage.volume import (
     IMAGE_SUFFIX,
-    KeyedLocks,
     Layout,
     MiB,
     Storage,
@@ -69,7 +69,7 @@ class LoopStorage(Storage):
     def __init__(self, state_dir: Path, run_dir: Path) -> None:
         # Resolved once: mountinfo and sysfs report canonical paths, compared as text.
         self.layout = Layout(state_dir.resolve(), run_dir.resolve())
-        self._locks = KeyedLocks()
+        super().__init__()
 
     # -- the Storage contract -----------------------------------------------------
 
@@ -94,9 +94,7 @@ class LoopStorage(Storage):
 
     def rename(self, user_id: str, old: str, new: str) -> None:
         src, dst = self.layout.volume(user_id, old, 0), self.layout.volume(user_id, new, 0)
-        # Both locks, always in the same order, so two renames cannot deadlock.
-        first, second = sorted((src, dst), key=lambda v: v.name)
-        with self._lock(first), self._lock(second):
+        with self._lock_pair(src, dst):
             if _is_mount(src.mountpoint) or _is_mount(dst.mountpoint):
                 raise Conflict(f"volume {user_id}/{old} or {user_id}/{new} is in use")
             if not src.image.exists():
@@ -304,7 +302,7 @@ class LoopStorage(Storage):
                 ext4.mkfs(part)
                 os.fsync(fd)
                 os.rename(part, vol.image)
-                _fsync_dir(vol.image.parent)
+                fsync_dir(vol.image.parent)
             finally:
                 os.close(fd)
         except OSError as exc:
@@ -416,14 +414,3 @@ class LoopStorage(Storage):
         return self.layout.volume(
             check_component("user id", vol.user_id), check_component("name", vol.name), 0
         )
-
-    def _lock(self, vol: Volume) -> AbstractContextManager[None]:
-        return self._locks.hold((vol.user_id, vol.name))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -32,15 +32,15 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
-from contextlib import AbstractContextManager, ExitStack
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 from rexecd import _native as n
 from rexecd.errors import Conflict, InvalidRequest, NotFound, RexecError, RuntimeFailure
+from rexecd.runtime.durable import fsync_dir
 from rexecd.runtime.storage import mountinfo
 from rexecd.runtime.storage.volume import (
-    KeyedLocks,
     Storage,
     Volume,
     check_component,
@@ -335,7 +335,7 @@ class ProjectQuotaStorage(Storage):
             raise RuntimeFailure.from_oserror("create volume dirs", exc) from exc
         self._guard = threading.Lock()
         self._alloc = threading.Lock()
-        self._locks = KeyedLocks()
+        super().__init__()
         # Ensured and not released since, by this process: what rename refuses to move.
         self._active: set[tuple[str, str]] = set()
 
@@ -364,8 +364,7 @@ class ProjectQuotaStorage(Storage):
 
     def rename(self, user_id: str, old: str, new: str) -> None:
         src, dst = self._volume(user_id, old), self._volume(user_id, new)
-        first, second = sorted((src, dst), key=lambda v: v.name)
-        with self._lock(first), self._lock(second):
+        with self._lock_pair(src, dst):
             with self._guard:
                 busy = {(user_id, old), (user_id, new)} & self._active
             if busy:
@@ -377,7 +376,7 @@ class ProjectQuotaStorage(Storage):
             try:
                 # The project id lives in the directory's inode: it moves with it.
                 os.rename(src.mountpoint, dst.mountpoint)
-                _fsync_dir(dst.mountpoint.parent)
+                fsync_dir(dst.mountpoint.parent)
             except OSError as exc:
                 raise RuntimeFailure.from_oserror("rename volume", exc) from exc
 
@@ -408,7 +407,7 @@ class ProjectQuotaStorage(Storage):
             gone = _sibling(vol, f"{_GONE_INFIX}{uuid.uuid4().hex[:12]}")
             try:
                 os.rename(vol.mountpoint, gone)
-                _fsync_dir(gone.parent)
+                fsync_dir(gone.parent)
             except OSError as exc:
                 raise RuntimeFailure.from_oserror("remove volume", exc) from exc
             self._discard(gone)
@@ -501,7 +500,7 @@ class ProjectQuotaStorage(Storage):
             self._set(projid, _limit(want))
             try:
                 os.rename(part, vol.mountpoint)
-                _fsync_dir(vol.mountpoint.parent)
+                fsync_dir(vol.mountpoint.parent)
             except OSError as exc:
                 raise RuntimeFailure.from_oserror("create volume", exc) from exc
         except BaseException:
@@ -621,8 +620,6 @@ class ProjectQuotaStorage(Storage):
                     found.append(key)
         return sorted(found)
 
-    def _lock(self, vol: Volume) -> AbstractContextManager[None]:
-        return self._locks.hold((vol.user_id, vol.name))
 
 
 def _limit(kib: int) -> DqBlk:
@@ -648,11 +645,3 @@ def _plain_dir(path: Path) -> None:
         pass
     if _get_xattr(path).xflags & FS_XFLAG_PROJINHERIT:
         _set_project(path, 0, False)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

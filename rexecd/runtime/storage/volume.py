@@ -13,7 +13,7 @@ import shutil
 import threading
 import uuid
 from collections.abc import Hashable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -137,8 +137,24 @@ class Storage(abc.ABC):
     the one implementation; a project-quota method would implement the same contract.
 
     Every method is safe to call from several threads; calls for the same volume are
-    serialised. Kernel failures leave as ``RuntimeFailure`` naming the step.
+    serialised (``_lock``, ``_lock_pair``). Kernel failures leave as ``RuntimeFailure``
+    naming the step.
     """
+
+    def __init__(self) -> None:
+        self._locks = KeyedLocks()
+
+    def _lock(self, vol: Volume) -> AbstractContextManager[None]:
+        """Hold the lock of ``vol``'s (user, name) while one call works on it."""
+        return self._locks.hold((vol.user_id, vol.name))
+
+    @contextmanager
+    def _lock_pair(self, a: Volume, b: Volume) -> Iterator[None]:
+        """Both volumes' locks, always taken in name order, so two renames in opposite
+        directions cannot deadlock."""
+        first, second = sorted((a, b), key=lambda v: v.name)
+        with self._lock(first), self._lock(second):
+            yield
 
     @abc.abstractmethod
     def ensure(

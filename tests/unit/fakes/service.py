@@ -1,4 +1,5 @@
-"""A fake ContainerService and an API harness shared by the test_api_* modules (no tests here)."""
+"""A fake ContainerService (terminal sessions included) and an API harness shared by the
+test_api_* modules (no tests here)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,15 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from rexecd.api import make_app
 from rexecd.config import ConcurrencyConfig, Config, RateLimitsConfig
-from rexecd.errors import Conflict, InvalidRequest, NotFound, UnsupportedImage
+from rexecd.errors import (
+    Conflict,
+    ContainerNotFound,
+    ContainerNotRunning,
+    InvalidRequest,
+    NotFound,
+    RexecError,
+    UnsupportedImage,
+)
 from rexecd.models import (
     ContainerCreate,
     ContainerOut,
@@ -40,6 +49,7 @@ from rexecd.service.auth import Principal
 from rexecd.service.interface import FileDownload, ProgressFn, TerminalProcess
 from rexecd.service.ratelimit import RateLimiter
 from rexecd.service.store import Store
+from rexecd.service.terminals import TerminalClient
 
 IMAGES = ("ubuntu", "alpine")
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -71,6 +81,40 @@ class _Subscription:
         self.closed = True
         if self._queue in self._queues:
             self._queues.remove(self._queue)
+
+
+class FakeTerminal:
+    """A terminal session without a shell: records what the socket sent it, and echoes
+    each write back as output, the way a PTY in cooked mode would."""
+
+    def __init__(self, scrollback: bytes = b"") -> None:
+        self.scrollback = scrollback
+        self.written: list[bytes] = []
+        self.sizes: list[tuple[int, int]] = []
+        self.client: TerminalClient | None = None
+        self.detached = asyncio.Event()
+
+    async def attach(self, client: TerminalClient) -> bytes:
+        old, self.client = self.client, None
+        if old is not None:
+            old.abort()
+        return self.scrollback
+
+    def resume(self, client: TerminalClient) -> None:
+        self.client = client
+
+    def detach(self, client: TerminalClient) -> None:
+        if self.client is client:
+            self.client = None
+        self.detached.set()
+
+    async def write(self, data: bytes) -> None:
+        self.written.append(data)
+        if self.client is not None:
+            await self.client.send_output(data)
+
+    def resize(self, cols: int, rows: int) -> None:
+        self.sizes.append((cols, rows))
 
 
 class FakeService:
@@ -105,6 +149,9 @@ class FakeService:
         self.on_list: Callable[[], Awaitable[None]] | None = None
         self._ready: dict[str, asyncio.Event] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # (container db id, session id) -> session; set to make opening a shell fail.
+        self.terminals: dict[tuple[str, str], FakeTerminal] = {}
+        self.terminal_error: RexecError | None = None
 
     # -- helpers for tests ------------------------------------------------------------
 
@@ -130,12 +177,12 @@ class FakeService:
         for rec in self.records.values():
             if rec.user_id == p.user_id and ref in (rec.id, rec.db_id, rec.name):
                 return rec
-        raise NotFound("container not found", id=ref)
+        raise ContainerNotFound("container not found")
 
     def _running(self, p: Principal, ref: str) -> ContainerRecord:
         rec = self._find(p, ref)
         if rec.status != "running":
-            raise Conflict("container is not running", status=rec.status)
+            raise ContainerNotRunning("container is not running", status=rec.status)
         return rec
 
     # -- ContainerService -------------------------------------------------------------
@@ -358,6 +405,19 @@ class FakeService:
 
     async def open_terminal(self, p: Principal, ref: str, cols: int, rows: int) -> TerminalProcess:
         raise NotImplementedError
+
+    async def terminal_session(
+        self, p: Principal, ref: str, session_id: str, new: bool, cols: int, rows: int
+    ) -> tuple[FakeTerminal, bool]:
+        rec = self._running(p, ref)
+        if self.terminal_error is not None:
+            raise self.terminal_error
+        key = (rec.db_id, session_id)
+        found = self.terminals.get(key)
+        if found is not None and not new:
+            return found, False
+        self.terminals[key] = FakeTerminal()
+        return self.terminals[key], True
 
 
 @dataclass
