@@ -17,6 +17,7 @@
     ├── RateLimited (429, rate_limited)
     │   └── ConcurrencyLimited (429, concurrency_limited)  too many requests in flight
     ├── ImageError (400, image_invalid)       bad archive, digest mismatch, unsafe member
+    ├── RegistryError (502, registry_error)    a registry unreachable, refusing, or broken
     ├── RuntimeFailure (500, runtime_failure)  kernel step failed: carries step and errno
     │   └── ChildSetupError (500, child_setup)  a container child reported a failed step
     ├── ExecTimeout (504, exec_timeout)
@@ -126,6 +127,14 @@ class ImageError(RexecError):
 
     status = 400
     code = "image_invalid"
+
+
+class RegistryError(RexecError):
+    """An image registry could not be used: unreachable, timed out, refused our
+    credentials, or answered something that is not the distribution API."""
+
+    status = 502
+    code = "registry_error"
 
 
 class RuntimeFailure(RexecError):

@@ -231,13 +231,17 @@ def require(principal: Principal, scope: str) -> None:
 def required_scope(method: str, path: str) -> Scope | None:
     """The scope an endpoint needs; None for the unauthenticated ones (``/health``).
 
-    Reads need ``read``, changes ``write``, image import ``admin``. A terminal is
-    a shell in the container, so opening one needs ``write`` although it is a GET.
+    Reads need ``read``, changes ``write``, changes to the image store (import, pull,
+    remove, prune) ``admin``. A terminal is a shell in the container, so opening one
+    needs ``write`` although it is a GET.
     """
     path = path.rstrip("/") or "/"
     if path in ("/health", "/api/health"):
         return None
-    if path.endswith("/images/import"):
+    if path.endswith("/images/import") or (
+        path.startswith(("/api/images/", "/images/"))
+        and method.upper() not in ("GET", "HEAD", "OPTIONS")
+    ):
         return "admin"
     if path.startswith("/ws/terminal"):
         return "write"

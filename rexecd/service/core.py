@@ -18,7 +18,6 @@ from rexecd.errors import (
     NotFound,
     RexecError,
     RuntimeUnavailable,
-    UnsupportedImage,
 )
 from rexecd.models import (
     ContainerCreate,
@@ -37,13 +36,14 @@ from rexecd.runtime.images import ImageRecord, ImageStore
 from rexecd.runtime.spec import BindMount
 from rexecd.runtime.storage import Storage, Volume
 from rexecd.runtime.users import resolve_user
-from rexecd.service import quotas
+from rexecd.service import catalog, quotas
 from rexecd.service.auth import Principal
 from rexecd.service.events import EventBus
 from rexecd.service.exits import ProcessExits
 from rexecd.service.initguard import InitGuard
 from rexecd.service.interface import ProgressFn
 from rexecd.service.portforwards import PortForwards
+from rexecd.service.registry import Puller
 from rexecd.service.store import Store
 from rexecd.service.storethread import in_store_thread
 from rexecd.service.terminals import TerminalRegistry
@@ -148,6 +148,7 @@ class ManagerCore:
         self.store = store
         self.runtime = runtime
         self.images = images
+        self.puller = Puller(cfg.registries, images)
         self.events = events or EventBus()
         self.network = network
         # None: upper/work and /home/user are plain directories without a size limit.
@@ -243,20 +244,32 @@ class ManagerCore:
 
     # ------------------------------------------------------------ images
 
-    def _image_ref(self, req: ContainerCreate) -> str:
-        if req.image == "custom":
-            if not req.custom_image:
-                raise InvalidRequest("custom_image is required when image is 'custom'")
-            return req.custom_image
-        return req.image
-
-    def _image(self, ref: str) -> ImageRecord:
+    def _resolve(self, req: ContainerCreate) -> tuple[catalog.Resolved, ImageRecord | None]:
+        """What the request's image is, and its record when it is local (blocking).
+        Raises UnsupportedImage (400, saying how to get it) when it is neither local
+        nor pullable."""
+        resolved = catalog.resolve(self.cfg, req.image, req.custom_image)
         try:
-            return self.images.get(ref)
+            return resolved, self.images.get(resolved.local)
         except NotFound:
-            raise UnsupportedImage(
-                "unsupported image type", image=ref, supported_images=self._supported()
-            ) from None
+            if resolved.pull is None:
+                asked = resolved.local if req.image == catalog.CUSTOM else req.image
+                raise catalog.unsupported(self.cfg, asked, self._supported()) from None
+            return resolved, None
+
+    def _image_of(self, rec: ContainerRecord) -> ImageRecord:
+        """The image ``rec`` was made from: its lease, which a re-pull of the name does
+        not move (blocking). A container made before leases existed is pinned to what
+        its name means now."""
+        pinned = self.images.pinned(rec.id)
+        if pinned is not None:
+            return pinned
+        try:
+            image = self.images.get(catalog.resolve(self.cfg, rec.image, None).local)
+        except (NotFound, InvalidRequest):
+            raise catalog.unsupported(self.cfg, rec.image, self._supported()) from None
+        self.images.pin(rec.id, image)
+        return image
 
     def _supported(self) -> list[str]:
         names = []

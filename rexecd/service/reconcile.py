@@ -65,6 +65,8 @@ class DaemonLife(ManagerCore):
                 )
             log.info("container %s (%s) marked %s", rec.name, rec.id[:12], rec.status)
         await asyncio.to_thread(self._sweep_orphans, live)
+        # Leases of containers that no longer exist (deleted while a crash hid it).
+        await asyncio.to_thread(self.images.drop_leases, {r.id for r in recs})
         forwards = await asyncio.to_thread(self.port_forwards.reconcile, live)
         if forwards:
             log.info("reconciled port forwards: %s", forwards)
@@ -162,6 +164,7 @@ class DaemonLife(ManagerCore):
         for db_id in list(self._inits) + list(self._oom_fds):
             self._unwatch(db_id)
         await self.terminals.close_all()
+        await self.puller.close()
         for task in list(self._bg):
             task.cancel()
         self.events.close()
