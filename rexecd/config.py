@@ -454,6 +454,32 @@ class RegistriesConfig(_Section):
         return v
 
 
+MirrorManager = Literal["apt", "apk", "dnf", "pacman"]
+
+
+class PackagesConfig(_Section):
+    """How a role's packages are installed (see service/roles.py)."""
+
+    # Package manager -> the lines of its sources file used instead of the image's own
+    # while a role installs: apt a sources.list ("deb http://... bookworm main"), apk an
+    # /etc/apk/repositories, dnf (and yum) a .repo file, pacman a mirrorlist
+    # ("Server = ..."). Install time only: the image's own sources stay in the layer.
+    mirrors: dict[MirrorManager, list[str]] = Field(default_factory=dict)
+    # A role install that has not finished by then is killed and the create fails.
+    install_timeout_s: PositiveInt = 1800
+    # Bytes of install output kept in the container's log (<state_dir>/logs/<id>.log).
+    log_max_bytes: int = Field(default=8 << 20, ge=4096)
+
+    @field_validator("mirrors")
+    @classmethod
+    def _lines(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        for manager, lines in v.items():
+            for line in lines:
+                if not line.strip() or any(c in line for c in "\r\n\0"):
+                    raise ValueError(f"{manager}: a mirror line must be one non-empty line")
+        return v
+
+
 class TerminalConfig(_Section):
     idle_timeout_s: PositiveInt = 600
     # API.md promises at least 64 KiB of scrollback on reconnect.
@@ -522,6 +548,7 @@ class Config(_Section):
         default_factory=lambda: [RoleConfig.model_validate(r) for r in _catalog()["role_docs"]]
     )
     registries: RegistriesConfig = Field(default_factory=RegistriesConfig)
+    packages: PackagesConfig = Field(default_factory=PackagesConfig)
     terminal: TerminalConfig = Field(default_factory=TerminalConfig)
     exec: ExecConfig = Field(default_factory=ExecConfig)
     retention: RetentionConfig = Field(default_factory=RetentionConfig)

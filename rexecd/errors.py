@@ -18,6 +18,7 @@
     │   └── ConcurrencyLimited (429, concurrency_limited)  too many requests in flight
     ├── ImageError (400, image_invalid)       bad archive, digest mismatch, unsafe member
     ├── RegistryError (502, registry_error)    a registry unreachable, refusing, or broken
+    ├── RoleInstallFailed (500, role_install_failed)  a role's install exited non-zero
     ├── RuntimeFailure (500, runtime_failure)  kernel step failed: carries step and errno
     │   └── ChildSetupError (500, child_setup)  a container child reported a failed step
     ├── ExecTimeout (504, exec_timeout)
@@ -135,6 +136,12 @@ class RegistryError(RexecError):
 
     status = 502
     code = "registry_error"
+
+
+class RoleInstallFailed(RexecError):
+    """A role's install script failed or did not finish; the message ends with its log."""
+
+    code = "role_install_failed"
 
 
 class RuntimeFailure(RexecError):

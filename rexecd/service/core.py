@@ -33,7 +33,7 @@ from rexecd.runtime.cgroups import CgroupLimits, IoLimit
 from rexecd.runtime.container import KILL_WAIT_S, ContainerDirs, ImageView, Runtime
 from rexecd.runtime.containerfs import Entry, mode_string
 from rexecd.runtime.images import ImageRecord, ImageStore
-from rexecd.runtime.spec import BindMount
+from rexecd.runtime.spec import BindMount, ContainerSpec
 from rexecd.runtime.storage import Storage, Volume
 from rexecd.runtime.users import resolve_user
 from rexecd.service import catalog, quotas
@@ -107,6 +107,16 @@ class _InitWatch:
     exited: asyncio.Future[int | None]
 
 
+@dataclass
+class _Started:
+    """What ``_start_init`` has made so far, for the caller's undo."""
+
+    dirs: ContainerDirs | None = None
+    ip: str | None = None
+    attached: bool = False
+    pid: int = 0
+
+
 class _Reporter:
     """Sends StreamProgress frames to an optional callback; never fails the create."""
 
@@ -159,6 +169,8 @@ class ManagerCore:
         self.volumes = KeptVolumes(cfg, store, storage)
         self._locks: dict[str, asyncio.Lock] = {}
         self._creating: dict[str, asyncio.Task[None]] = {}
+        # Role builds in progress, by cache key: their lock and how many creates wait.
+        self._role_builds: dict[str, tuple[asyncio.Lock, list[int]]] = {}
         self._inits: dict[str, _InitWatch] = {}
         self._oom_fds: dict[str, int] = {}
         self._oom_seen: dict[str, int] = {}
@@ -327,66 +339,96 @@ class ManagerCore:
         """Start ``rec``'s container; on failure undo every step and re-raise."""
         self._require_limits()
         view = await asyncio.to_thread(self._view, image)
-        ip: str | None = None
-        attached = False
+        st = _Started()
         try:
-            dirs, mounts = await asyncio.to_thread(self._prepare, rec, view)
-            if self.network is not None and rec.network_mode == "default":
-                ip = str(
-                    await asyncio.to_thread(
-                        self.store.allocate_ip, rec.db_id, self.cfg.network.subnet
-                    )
-                )
-                await asyncio.to_thread(
-                    self.network.write_etc_files,
-                    dirs.upper / "etc",
-                    rec.name,
-                    ip,
-                    [str(d) for d in self.cfg.network.dns],
-                )
-            spec = self.runtime.build_spec(
-                rec.id,
-                rec.name,
+            spec = await self._start_init(
+                rec,
                 view,
-                dirs,
+                st,
                 env=[f"{k}={v}" for k, v in rec.environment.items()] + ["TERM=xterm-256color"],
-                mounts=mounts,
+                report=report,
             )
-            if report is not None:
-                await report("starting", "starting the container", 60, container_id=rec.id)
-
-            def on_ready(pid: int) -> None:
-                nonlocal attached
-                if ip is not None and self.network is not None:
-                    self.network.attach(
-                        rec.id, pid, ip, rec.resources.network_mbps, group=rec.user_id[:8]
-                    )
-                    attached = True
-
-            # After _prepare: the volume the io throttle names is mounted by now.
-            limits = await asyncio.to_thread(self._limits, rec, rec.resources)
-            pid = await asyncio.to_thread(self.runtime.start, spec, limits, on_ready=on_ready)
-            start = procinfo.start_time(pid)
             if report is not None:
                 await report("configuring", "configuring the environment", 85, container_id=rec.id)
             now = utcnow()
             rec = await self._update(
                 rec.db_id,
                 status="running",
-                pid=pid,
-                pid_start_time=start,
+                pid=st.pid,
+                pid_start_time=procinfo.start_time(st.pid),
                 started_at=now,
                 last_used_at=now,
-                ip_address=ip,
+                ip_address=st.ip,
                 error_message=None,
                 spec={"uid": spec.process.uid, "gid": spec.process.gid, "env": spec.process.env},
             )
         except BaseException:
-            await asyncio.to_thread(self._undo_launch, rec, attached)
+            await asyncio.to_thread(self._undo_launch, rec, st.attached)
             raise
         self._watch(rec)
         self._publish("started", rec)
         return rec
+
+    async def _start_init(
+        self,
+        rec: ContainerRecord,
+        view: ImageView,
+        st: _Started,
+        *,
+        env: list[str],
+        args: list[str] | None = None,
+        user: str | None = None,
+        stdio: list[int] | None = None,
+        home: bool = True,
+        network: str | None = None,
+        hostname: str | None = None,
+        report: _Reporter | None = None,
+    ) -> ContainerSpec:
+        """Storage, address, /etc files, cgroup limits and the spawn of ``rec``'s init,
+        filling ``st`` as it goes so that the caller can undo (``_undo_launch``) after
+        any failure. ``args`` runs a command instead of an idle init; ``home`` binds
+        /home/user; ``network`` and ``hostname`` override the record's."""
+        hostname = hostname or rec.name
+        dirs, mounts = await asyncio.to_thread(self._prepare, rec, view)
+        st.dirs = dirs
+        if self.network is not None and (network or rec.network_mode) == "default":
+            st.ip = str(
+                await asyncio.to_thread(self.store.allocate_ip, rec.db_id, self.cfg.network.subnet)
+            )
+            await asyncio.to_thread(
+                self.network.write_etc_files,
+                dirs.upper / "etc",
+                hostname,
+                st.ip,
+                [str(d) for d in self.cfg.network.dns],
+            )
+        spec = self.runtime.build_spec(
+            rec.id,
+            hostname,
+            view,
+            dirs,
+            args=args,
+            env=env,
+            user=user,
+            mounts=mounts if home else [],
+        )
+        if report is not None:
+            await report("starting", "starting the container", 60, container_id=rec.id)
+        ip = st.ip
+
+        def on_ready(pid: int) -> None:
+            if ip is not None and self.network is not None:
+                self.network.attach(
+                    rec.id, pid, ip, rec.resources.network_mbps, group=rec.user_id[:8]
+                )
+                st.attached = True
+
+        # After _prepare: the volume the io throttle names is mounted by now.
+        limits = await asyncio.to_thread(self._limits, rec, rec.resources)
+        st.pid = await asyncio.to_thread(
+            self.runtime.start, spec, limits, on_ready=on_ready, stdio=stdio
+        )
+        return spec
 
     def _limits(self, rec: ContainerRecord, res: ContainerResources) -> CgroupLimits:
         """``limits_for`` with this daemon's pids cap and the owner's current tier's disk
@@ -424,12 +466,16 @@ class ManagerCore:
         return (os.major(dev), os.minor(dev)) if os.major(dev) != 0 else None
 
     def _undo_launch(self, rec: ContainerRecord, attached: bool) -> None:
+        self._undo_start(rec, attached)
+        self._release_volume(rec)
+
+    def _undo_start(self, rec: ContainerRecord, attached: bool) -> None:
+        """Network side, address, cgroup and mount point of a start; the volume stays."""
         if attached and self.network is not None:
             with contextlib.suppress(Exception):
                 self.network.detach(rec.id)
         self.store.release_ips(rec.db_id)
         self.runtime.release(rec.id)
-        self._release_volume(rec)
 
     def _release(self, rec: ContainerRecord) -> None:
         """After init is gone: cgroup, mount point and host network side go; data stays."""

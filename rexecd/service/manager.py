@@ -45,12 +45,13 @@ from rexecd.service.inside import InsideOps
 from rexecd.service.interface import ProgressFn
 from rexecd.service.names import generate_name
 from rexecd.service.reconcile import DaemonLife
+from rexecd.service.roles import RoleBuilds
 from rexecd.service.storethread import in_store_thread
 
 log = logging.getLogger(__name__)
 
 
-class ContainerManager(InsideOps, DaemonLife, ImageOps):
+class ContainerManager(InsideOps, DaemonLife, ImageOps, RoleBuilds):
     """The real ``ContainerService``: the rules of every container operation."""
 
     # ------------------------------------------------------------ queries
@@ -156,7 +157,11 @@ class ContainerManager(InsideOps, DaemonLife, ImageOps):
                 await report(
                     "creating", "preparing the container's storage", 40, container_id=rec.id
                 )
-                rec = await self._launch(rec, image, report)
+                with_role = await self._with_role(rec, image, report)
+                if with_role is not image:
+                    # The role's layer too, for as long as the container exists.
+                    await asyncio.to_thread(self.images.pin, rec.id, with_role)
+                rec = await self._launch(rec, with_role, report)
             except Exception as exc:  # recorded and reported, never lost
                 if not isinstance(exc, RexecError):
                     log.exception("create of %s failed", rec.id)
@@ -262,6 +267,7 @@ class ContainerManager(InsideOps, DaemonLife, ImageOps):
         self._release(rec)
         self.runtime.remove(rec.id)
         self.images.unpin(rec.id)
+        self.log_path(rec.id).unlink(missing_ok=True)
         if volumes:
             self.volumes.destroy(rec.user_id, rec.name)
             self.store.delete_volume(rec.user_id, rec.name)

@@ -7,9 +7,11 @@ no host user may reach)::
     ROOT/layers/<hex>/         one unpacked layer, named by its diff_id; read-only by use
     ROOT/images/<ref>.json     ImageRecord, "/" in the name spelled %2F
     ROOT/leases/<owner>.json   the ImageRecord a container was made from (see leases.py)
+    ROOT/roles/<key>.json      an image with a role installed: its base's record plus the
+                               role's layer, cached under the (base digest, role) key
     ROOT/tmp/                  layers being unpacked; swept when no import is running
 
-A layer is referenced by every image record and every lease that lists it; gc()
+A layer is referenced by every image record, role record and lease that lists it; gc()
 removes only layers with no reference, and an image a lease names cannot be removed.
 
 A layer directory appears only by an atomic rename of a complete unpack (after one
@@ -27,15 +29,17 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
+import threading
 import time
 from collections import Counter
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, BinaryIO
 from urllib.parse import quote
 
 from rexecd import _native
@@ -50,6 +54,7 @@ from .models import DEFAULT_TAG, DIGEST_RE, ImageConfig, ImageRecord, parse_refe
 from .unpack import unpack_layer
 
 ROOTFS_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_KEY_RE = re.compile(r"^[0-9a-f]{64}\Z")
 
 
 @dataclass
@@ -75,9 +80,10 @@ class ImageStore:
         self.layers_dir = root / "layers"
         self.images_dir = root / "images"
         self.tmp_dir = root / "tmp"
+        self.roles_dir = root / "roles"
         self._durable = durable
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for d in (self.layers_dir, self.images_dir, self.tmp_dir):
+        for d in (self.layers_dir, self.images_dir, self.tmp_dir, self.roles_dir):
             d.mkdir(mode=0o700, exist_ok=True)
             os.chmod(d, 0o700)
         self.leases = Leases(root / "leases")
@@ -338,6 +344,9 @@ class ImageStore:
             except FileNotFoundError:
                 raise NotFound(f"image {ref!r} not found") from None
             fsync_dir(self.images_dir)
+            # Role builds on this content are worth keeping while another name has it.
+            named = {r.digest for r in self.list()}
+            self._drop_roles(lambda r: r.digest in named)
         return rec
 
     def tag(self, src: str, dst: str) -> ImageRecord:
@@ -360,9 +369,102 @@ class ImageStore:
     def layer_refs(self) -> Counter[str]:
         """How many image records and leases name each layer (its reference count)."""
         refs: Counter[str] = Counter()
-        for rec in [*self.list(), *(r for _, r in self.leases.items())]:
+        for rec in [*self.list(), *self._role_records(), *(r for _, r in self.leases.items())]:
             refs.update(set(rec.layers))
         return refs
+
+    # --- role layers ----------------------------------------------------------------
+
+    def role_image(self, key: str) -> ImageRecord | None:
+        """The cached image of role build ``key`` (see service/roles.py), or None when
+        there is none or one of its layers went missing (then it is built again)."""
+        rec = read_record(self._role_path(key))
+        if rec is None:
+            return None
+        try:
+            self.layer_paths(rec)
+        except RexecError:
+            return None
+        return rec
+
+    def add_role_layer(
+        self, key: str, base: ImageRecord, write: Callable[[IO[bytes]], object]
+    ) -> ImageRecord:
+        """Unpack the layer tar that ``write`` produces (called in a thread of its own,
+        writing to a pipe) through the safe unpacker, as any pulled layer, and cache
+        ``base`` plus that layer under ``key``. The layer is named by its diff_id, so an
+        identical result shares one directory. Raises ImageError; nothing of a failed
+        layer is left."""
+        rfd, wfd = os.pipe2(os.O_CLOEXEC)
+        failed: list[BaseException] = []
+
+        def produce() -> None:
+            try:
+                with os.fdopen(wfd, "wb") as w:
+                    write(w)
+            except BaseException as e:  # handed to the caller below
+                failed.append(e)
+
+        writer = threading.Thread(target=produce, name="role-layer", daemon=True)
+        with self._import_lock():
+            staged: list[tuple[str, Path]] = []
+            try:
+                with os.fdopen(rfd, "rb") as r:
+                    writer.start()
+                    try:
+                        tmp, layer = self._stage(
+                            r,
+                            label=f"role layer {key[:12]}",
+                            diff_id=None,
+                            blob_digest=None,
+                            blob_size=None,
+                        )
+                    finally:
+                        r.close()  # a writer still going gets EPIPE, not a hang
+                        writer.join()
+                if failed:
+                    rmtree(tmp)
+                    raise ImageError(f"role layer {key[:12]}: {failed[0]}") from failed[0]
+                staged.append((layer.diff_id, tmp))
+                if self._layer_dir(layer.diff_id).exists():
+                    rmtree(tmp)
+                    staged.clear()
+                self._publish(staged)
+            finally:
+                for _, tmp in staged:
+                    if tmp.exists():
+                        rmtree(tmp)
+            rec = base.model_copy(
+                update={
+                    "layers": [*base.layers, layer.diff_id],
+                    "size": base.size + layer.size,
+                    "imported": datetime.now(UTC),
+                }
+            )
+            write_atomic(self._role_path(key), rec.model_dump_json(indent=2).encode())
+        log.info("role layer %s on %s: %s, %d bytes", key[:12], base.ref, layer.diff_id, layer.size)
+        return rec
+
+    def _role_path(self, key: str) -> Path:
+        if not _KEY_RE.fullmatch(key):
+            raise InvalidRequest(f"invalid role cache key {key!r}")
+        return self.roles_dir / f"{key}.json"
+
+    def _role_records(self) -> Iterator[ImageRecord]:
+        for path in sorted(self.roles_dir.glob("*.json")):
+            rec = read_record(path)
+            if rec is not None:
+                yield rec
+
+    def _drop_roles(self, keep: Callable[[ImageRecord], bool]) -> builtins.list[str]:
+        """Remove role records ``keep`` refuses (their layers go at the next gc)."""
+        gone = []
+        for path in sorted(self.roles_dir.glob("*.json")):
+            rec = read_record(path)
+            if rec is None or not keep(rec):
+                path.unlink(missing_ok=True)
+                gone.append(path.stem)
+        return gone
 
     # --- leases ---------------------------------------------------------------------
 
@@ -423,6 +525,10 @@ class ImageStore:
                 except NotFound:
                     continue  # removed meanwhile
                 out.images.append(rec.ref)
+            # Role builds no container uses go too (built again on the next create).
+            leased = {tuple(r.layers) for _, r in self.leases.items()}
+            with self._import_lock():
+                self._drop_roles(lambda r: tuple(r.layers) in leased)
         for diff_id, size in self._collect():
             out.layers.append(diff_id)
             out.bytes += size
