@@ -246,6 +246,23 @@ class ManagerCore:
             )
         )
 
+    async def _stage_progress(
+        self, rec: ContainerRecord, report: _Reporter, stage: str, message: str, pct: int
+    ) -> None:
+        """A create's progress at ``stage``: a stream frame and a ``progress`` event."""
+        await report(stage, message, pct, container_id=rec.id)
+        self.events.publish(
+            rec.user_id,
+            Event(
+                type="progress",
+                container=rec.to_out(),
+                timestamp=utcnow(),
+                stage=stage,
+                message=message,
+                progress=pct,
+            ),
+        )
+
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
         self._bg.add(task)

@@ -11,7 +11,6 @@ from typing import BinaryIO
 from rexecd.errors import InvalidRequest
 from rexecd.models import (
     ContainerRecord,
-    Event,
     ImageInfo,
     ImageRemoved,
     ImportResult,
@@ -19,7 +18,6 @@ from rexecd.models import (
     PruneOut,
     PullOut,
     Role,
-    utcnow,
 )
 from rexecd.runtime.images import ImageRecord
 from rexecd.service import catalog
@@ -200,15 +198,4 @@ class ImageOps(ManagerCore):
     async def _progress(
         self, rec: ContainerRecord, report: _Reporter, message: str, pct: int
     ) -> None:
-        await report("pulling", message, pct, container_id=rec.id)
-        self.events.publish(
-            rec.user_id,
-            Event(
-                type="progress",
-                container=rec.to_out(),
-                timestamp=utcnow(),
-                stage="pulling",
-                message=message,
-                progress=pct,
-            ),
-        )
+        await self._stage_progress(rec, report, "pulling", message, pct)

@@ -35,7 +35,7 @@ from typing import Any
 
 from rexecd.config import RoleConfig
 from rexecd.errors import RoleInstallFailed
-from rexecd.models import ContainerRecord, Event, utcnow
+from rexecd.models import ContainerRecord
 from rexecd.runtime.container import ImageView
 from rexecd.runtime.images import ImageRecord
 from rexecd.runtime.images.diff import write_diff
@@ -398,18 +398,7 @@ class RoleBuilds(ManagerCore):
     async def _role_progress(
         self, rec: ContainerRecord, report: _Reporter, message: str, pct: int
     ) -> None:
-        await report("configuring", message, pct, container_id=rec.id)
-        self.events.publish(
-            rec.user_id,
-            Event(
-                type="progress",
-                container=rec.to_out(),
-                timestamp=utcnow(),
-                stage="configuring",
-                message=message,
-                progress=pct,
-            ),
-        )
+        await self._stage_progress(rec, report, "configuring", message, pct)
 
 
 def _last_line(chunk: bytes) -> str:

@@ -189,6 +189,38 @@ class ImageStore:
         log.debug("%s: %d entries, %d bytes", label, stats.entries, stats.file_bytes)
         return tmp, stream
 
+    def _add_layer(
+        self,
+        raw: Reader,
+        label: str,
+        *,
+        any_compression: bool = False,
+        done: Callable[[], None] | None = None,
+    ) -> LayerStream:
+        """Unpack a layer whose diff_id is learnt by reading it and make it visible (an
+        identical layer already there is kept instead). ``done`` runs once the stream
+        has been read, before anything is published: raising there discards it."""
+        tmp: Path | None = None
+        try:
+            try:
+                tmp, layer = self._stage(
+                    raw,
+                    label=label,
+                    diff_id=None,
+                    blob_digest=None,
+                    blob_size=None,
+                    any_compression=any_compression,
+                )
+            finally:
+                if done is not None:
+                    done()
+            if not self._layer_dir(layer.diff_id).exists():
+                self._publish([(layer.diff_id, tmp)])
+            return layer
+        finally:
+            if tmp is not None and tmp.exists():
+                rmtree(tmp)
+
     def _publish(self, staged: list[tuple[str, Path]]) -> None:
         """Make staged layers visible under ``layers/`` (each complete on disk first)."""
         if staged and self._durable:
@@ -248,27 +280,9 @@ class ImageStore:
         ref_name, tag = parse_reference(name)
         tag = tag or DEFAULT_TAG
         with self._import_lock():
-            staged: list[tuple[str, Path]] = []
-            try:
-                with src.open("rb") if isinstance(src, Path) else _no_close(src) as raw:
-                    tmp, layer = self._stage(
-                        raw,
-                        label=f"rootfs {name!r}",
-                        diff_id=None,
-                        blob_digest=None,
-                        blob_size=None,
-                        any_compression=True,
-                    )
-                diff_id = layer.diff_id
-                staged.append((diff_id, tmp))
-                if self._layer_dir(diff_id).exists():
-                    rmtree(tmp)
-                    staged.clear()
-                self._publish(staged)
-            finally:
-                for _, tmp in staged:
-                    if tmp.exists():
-                        rmtree(tmp)
+            with src.open("rb") if isinstance(src, Path) else _no_close(src) as raw:
+                layer = self._add_layer(raw, f"rootfs {name!r}", any_compression=True)
+            diff_id = layer.diff_id
             now = datetime.now(UTC)
             config = ImageConfig(env=[ROOTFS_ENV], cmd=["/bin/sh"])
             rec = ImageRecord(
@@ -406,34 +420,17 @@ class ImageStore:
                 failed.append(e)
 
         writer = threading.Thread(target=produce, name="role-layer", daemon=True)
+
+        def finish(r: IO[bytes]) -> None:
+            r.close()  # a writer still going gets EPIPE, not a hang
+            writer.join()
+            if failed:
+                raise ImageError(f"role layer {key[:12]}: {failed[0]}") from failed[0]
+
         with self._import_lock():
-            staged: list[tuple[str, Path]] = []
-            try:
-                with os.fdopen(rfd, "rb") as r:
-                    writer.start()
-                    try:
-                        tmp, layer = self._stage(
-                            r,
-                            label=f"role layer {key[:12]}",
-                            diff_id=None,
-                            blob_digest=None,
-                            blob_size=None,
-                        )
-                    finally:
-                        r.close()  # a writer still going gets EPIPE, not a hang
-                        writer.join()
-                if failed:
-                    rmtree(tmp)
-                    raise ImageError(f"role layer {key[:12]}: {failed[0]}") from failed[0]
-                staged.append((layer.diff_id, tmp))
-                if self._layer_dir(layer.diff_id).exists():
-                    rmtree(tmp)
-                    staged.clear()
-                self._publish(staged)
-            finally:
-                for _, tmp in staged:
-                    if tmp.exists():
-                        rmtree(tmp)
+            with os.fdopen(rfd, "rb") as r:
+                writer.start()
+                layer = self._add_layer(r, f"role layer {key[:12]}", done=lambda: finish(r))
             rec = base.model_copy(
                 update={
                     "layers": [*base.layers, layer.diff_id],
