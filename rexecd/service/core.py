@@ -33,6 +33,7 @@ from rexecd.runtime.cgroups import CgroupLimits, IoLimit
 from rexecd.runtime.container import KILL_WAIT_S, ContainerDirs, ImageView, Runtime
 from rexecd.runtime.containerfs import Entry, mode_string
 from rexecd.runtime.images import ImageRecord, ImageStore
+from rexecd.runtime.images.files import rmtree
 from rexecd.runtime.spec import BindMount, ContainerSpec
 from rexecd.runtime.storage import Storage, Volume
 from rexecd.runtime.users import resolve_user
@@ -504,6 +505,19 @@ class ManagerCore:
                 log.warning("network detach of %s: %s", rec.id, exc)
         self.runtime.release(rec.id)
         self._release_volume(rec)
+
+    def _wipe_root(self, rec: ContainerRecord) -> None:
+        """Empty the container's writable layer (upper and work dirs); /home/user stays."""
+        vol = self._vol(rec)
+        if vol is not None and self.storage is not None:
+            if vol.image.exists():
+                self.storage.wipe_root(vol)
+                self.storage.release(vol)
+            return
+        dirs = self.runtime.dirs(rec.id)
+        for d in (dirs.upper, dirs.work):
+            if d.exists():
+                rmtree(d)
 
     def _release_volume(self, rec: ContainerRecord) -> None:
         vol = self._vol(rec)

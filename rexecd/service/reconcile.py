@@ -45,7 +45,13 @@ class DaemonLife(ManagerCore):
             if alive and rec.pid is not None:
                 # Killed mid-create: what exists is half-built; take it down.
                 await asyncio.to_thread(self.runtime.stop, rec.id, rec.pid, 0.0)
+            if rec.status == "configuring":
+                # A role install was cut short (its build has no pid on record): stop
+                # what is left of it, and let none of its files reach the container.
+                await asyncio.to_thread(self.runtime.kill_cgroup, rec.id)
             await asyncio.to_thread(self._release, rec)
+            if rec.status == "configuring":
+                await asyncio.to_thread(self._wipe_root, rec)
             if rec.status == "running":
                 rec = await self._update(
                     rec.db_id,

@@ -39,7 +39,6 @@ from rexecd.models import ContainerRecord
 from rexecd.runtime.container import ImageView
 from rexecd.runtime.images import ImageRecord
 from rexecd.runtime.images.diff import write_diff
-from rexecd.runtime.images.files import rmtree
 from rexecd.service.core import ManagerCore, _Reporter, _Started
 
 log = logging.getLogger(__name__)
@@ -327,18 +326,6 @@ class RoleBuilds(ManagerCore):
             await asyncio.to_thread(self._undo_start, rec, st.attached)
             with contextlib.suppress(OSError):
                 os.close(rfd)
-
-    def _wipe_root(self, rec: ContainerRecord) -> None:
-        vol = self._vol(rec)
-        if vol is not None and self.storage is not None:
-            if vol.image.exists():
-                self.storage.wipe_root(vol)
-                self.storage.release(vol)
-            return
-        dirs = self.runtime.dirs(rec.id)
-        for d in (dirs.upper, dirs.work):
-            if d.exists():
-                rmtree(d)
 
     async def _follow(
         self,

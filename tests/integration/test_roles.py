@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from rexecd.config import Config
 from tests.deadlines import scaled
 from tests.integration import aptrepo
 from tests.integration.daemon import Daemon, free_port
-from tests.integration.daemon_fixtures import ApiClient, cleaning, unique
+from tests.integration.daemon_fixtures import ApiClient, apoll, cleaning, unique
 
 ROOTFS = aptrepo.CACHE / "debian-bookworm" / "rootfs.tar"
 SHIPPED = {r.id: r for r in Config().roles}
@@ -32,6 +33,13 @@ TEST_ROLES = [
         "name": "Broken",
         "description": "a package no repository has",
         "install": {"apt": ["rexecd-no-such-package"]},
+    },
+    {
+        # An install that never ends: what a daemon crash in the middle leaves.
+        "id": "endless",
+        "name": "Endless",
+        "description": "writes a file, then sleeps",
+        "setup": ["touch /etc/rexecd-partial", "exec sleep 3517"],
     },
     {
         # No packages, only a setup step: quick, and it shows what the build saw.
@@ -128,6 +136,13 @@ async def test_python_role_installs_once_then_starts_from_the_cached_layer(d: Da
         # The layer carries nothing of the first container: /etc/hosts is the second's.
         hosts = await c.sh(second, "cat /etc/hosts")
         assert second in hosts and first not in hosts
+        # A restart keeps the role: the container's lease pins the role's layer.
+        (await c.post(f"/api/containers/{second}/restart")).expect(200)
+        await c.wait_status(second, "running")
+        assert (await c.sh(second, "python3 -c 'print(2)'")).strip() == "2"
+        # Deleting the container deletes its log.
+        await c.remove(first)
+        assert not log_of(d, cid).exists()
 
 
 @pytest.mark.timeout(900)
@@ -187,3 +202,46 @@ async def test_barebone_adds_nothing(d: Daemon) -> None:
         assert not log_of(d, frames[-1]["container_id"]).exists()
         r = (await c.exec(name, "command -v python3")).expect(200)
         assert r["exit_code"] != 0  # the image as it is: minbase has no python
+
+
+@pytest.mark.timeout(600)
+async def test_daemon_crash_mid_install_leaves_nothing_of_it(d: Daemon) -> None:
+    token = d.token(unique("cr"))
+    name = unique("cr")
+    async with ApiClient(d, token) as c:
+        (await c.create(name, "debian:bookworm", role="endless", memory_mb=256)).expect(202)
+        await c.wait_status(name, "configuring")
+        await until_partial(d, name)
+    d.restart(kill=True)
+    async with ApiClient(d, token) as c, cleaning(c) as refs:
+        refs.append(name)
+        rec = await c.container(name)
+        assert rec["status"] == "error" and "restarted during creation" in rec["error_message"]
+        # The build's processes are gone with its cgroup...
+        assert not [p for p in processes_named("sleep") if "3517" in p]
+        # ...and a start runs the bare image: nothing the cut install wrote is there.
+        (await c.post(f"/api/containers/{name}/start")).expect(200)
+        r = (await c.exec(name, "test -e /etc/rexecd-partial")).expect(200)
+        assert r["exit_code"] == 1
+
+
+async def until_partial(d: Daemon, name: str) -> None:
+    """Until the endless build is in its last step (its file written, sleep running)."""
+
+    async def sleeping() -> bool:
+        return any("3517" in p for p in processes_named("sleep"))
+
+    await apoll(sleeping, 60, what=f"the endless install of {name} to reach its sleep")
+
+
+def processes_named(comm: str) -> list[str]:
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().strip() == comm:
+                out.append(Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " "))
+        except OSError:
+            continue
+    return out
