@@ -389,8 +389,10 @@ class RoleBuilds(ManagerCore):
 
 
 def _last_line(chunk: bytes) -> str:
+    """The last non-empty line of ``chunk``, printable characters only: frames reach
+    terminals (``rexec create --progress``), where an escape sequence would act."""
     for raw in reversed(chunk.splitlines()):
-        line = raw.decode("utf-8", "replace").strip()
-        if line:
-            return line[:200]
+        line = "".join(ch for ch in raw.decode("utf-8", "replace") if ch.isprintable())
+        if line.strip():
+            return line.strip()[:200]
     return ""

@@ -18,7 +18,13 @@ from rexecd.config import Config, RoleConfig, load_config
 from rexecd.errors import ImageError, InvalidRequest
 from rexecd.runtime.images import ImageConfig, ImageRecord, ImageStore
 from rexecd.runtime.images.diff import write_diff
-from rexecd.service.roles import NO_MANAGER_STATUS, install_script, installs_nothing, role_key
+from rexecd.service.roles import (
+    NO_MANAGER_STATUS,
+    _last_line,
+    install_script,
+    installs_nothing,
+    role_key,
+)
 
 from .test_images_support import layer, oci_archive, reg
 
@@ -163,6 +169,15 @@ def test_script_runs_the_first_manager_it_finds_with_the_mirror(tmp_path: Path) 
     # The temporary dir with the mirror file is gone: no install-time file stays.
     mirror_file = next(x for x in res.stdout.splitlines() if x.startswith("file ")).split()[1]
     assert not os.path.exists(mirror_file)
+
+
+def test_progress_lines_carry_no_terminal_escapes() -> None:
+    chunk = b"Get:1 http://m ./ python3\r\n\x1b]0;pwned\x07Setting up \x1b[31mpython3\x1b[0m\n\n"
+    line = _last_line(chunk)
+    assert "\x1b" not in line and "\x07" not in line
+    assert line.startswith("]0;pwnedSetting up") and line.endswith("python3[0m")
+    assert _last_line(b"\n \n") == ""
+    assert len(_last_line(b"x" * 1000)) == 200
 
 
 # --- the diff writer ------------------------------------------------------------------
