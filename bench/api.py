@@ -172,7 +172,7 @@ def main() -> None:
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run as root")
-    image = ROOT / "images" / "busybox.tar"
+    image = ROOT / "build" / "test-images" / "busybox.tar"
     base = Path(tempfile.mkdtemp(prefix="rexecd-bench-api-", dir="/var/tmp"))
     d = Daemon(base, overrides={"tiers": {"enterprise": BIG_TIER}})
     results: dict[str, Any] = {}

@@ -170,7 +170,7 @@ def bench_peer(tool: str, rootfs: Path, work: Path, runs: int) -> list[float] | 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--runs", type=int, default=100)
-    ap.add_argument("--image", default=str(ROOT / "images" / "busybox.tar"))
+    ap.add_argument("--image", default=str(ROOT / "build" / "test-images" / "busybox.tar"))
     ap.add_argument(
         "--seccomp-cost",
         action="store_true",

@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 from bench.podman_env import PodmanEnv  # noqa: E402
 from tests.integration.daemon import Daemon, api, wait_status  # noqa: E402
 
-BUSYBOX_TAR = ROOT / "images" / "busybox.tar"
+BUSYBOX_TAR = ROOT / "build" / "test-images" / "busybox.tar"
 RESULTS = ROOT / "bench" / "results" / "terminal.json"
 WARMUP = 20
 KEYS = (("x", "x"), ("\x7f", "\x08"))  # (key, what its echo contains)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from rexecd.errors import ConfigError, InvalidRequest, NotFound, RexecError
 
 if TYPE_CHECKING:
+    from rexecd.runtime.images import ImageRecord, ImageStore
     from rexecd.service.store import Store
 
 DEFAULT_STATE = Path("/var/lib/rexecd")
@@ -57,28 +58,119 @@ def _cmd_seccomp_show(a: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_image_import(a: argparse.Namespace) -> int:
+def _images(a: argparse.Namespace) -> ImageStore:
     from rexecd.runtime.images import ImageStore
 
-    rec = ImageStore(Path(a.state_dir) / "images").import_archive(Path(a.file), name=a.name)
+    return ImageStore(Path(a.state_dir) / "images")
+
+
+def _print_import(rec: ImageRecord) -> None:
     print(
         json.dumps(
             {"name": rec.ref, "digest": rec.digest, "size": rec.size, "layers": len(rec.layers)}
         )
     )
+
+
+def _cmd_image_import(a: argparse.Namespace) -> int:
+    store = _images(a)
+    if a.rootfs is not None:
+        if a.file is not None or not a.name:
+            raise InvalidRequest("rexecd image import --rootfs FILE --name NAME:TAG (no FILE)")
+        rec = store.import_rootfs(Path(a.rootfs), a.name)
+    elif a.file is None:
+        raise InvalidRequest("name a tarball to import (or --rootfs FILE --name NAME:TAG)")
+    else:
+        rec = store.import_archive(Path(a.file), name=a.name)
+    _print_import(rec)
     return 0
 
 
-def _cmd_image_ls(a: argparse.Namespace) -> int:
-    from rexecd.runtime.images import ImageStore
+def _cmd_image_pull(a: argparse.Namespace) -> int:
+    import asyncio
 
-    recs = ImageStore(Path(a.state_dir) / "images").list()
+    from rexecd.client.progress import ProgressBar
+    from rexecd.config import load_config
+    from rexecd.service.registry import Puller, PullProgress
+
+    cfg = load_config(Path(a.config) if a.config else _default_config())
+    bar = ProgressBar()
+
+    def show(p: PullProgress) -> None:
+        bar.update(
+            p.percent,
+            f"{p.reference}: {p.done / 1e6:.1f}/{p.total / 1e6:.1f} MB, "
+            f"{p.layers_done}/{p.layers_total} layers",
+        )
+
+    async def pull() -> None:
+        puller = Puller(cfg.registries, _images(a))
+        try:
+            res = await puller.pull(a.reference, a.name, None if a.quiet else show)
+        finally:
+            await puller.close()
+            bar.done()
+        rec = res.record
+        print(
+            json.dumps(
+                {
+                    "name": rec.ref,
+                    "digest": rec.digest,
+                    "size": rec.size,
+                    "layers": len(rec.layers),
+                    "source": res.source,
+                    "downloaded": res.downloaded,
+                    "layers_fetched": res.layers_fetched,
+                    "layers_present": res.layers_present,
+                    "seconds": round(res.seconds, 3),
+                }
+            )
+        )
+
+    asyncio.run(pull())
+    return 0
+
+
+def _default_config() -> Path | None:
+    path = Path("/etc/rexecd/rexecd.yaml")
+    return path if path.exists() else None
+
+
+def _cmd_image_ls(a: argparse.Namespace) -> int:
+    store = _images(a)
+    recs = store.list()
+    uses = store.use_counts()
     if a.json:
         print(json.dumps([r.model_dump(mode="json") for r in recs], indent=2))
         return 0
-    print(f"{'NAME':40} {'DIGEST':20} {'LAYERS':>6} {'SIZE':>12}")
+    print(f"{'NAME':40} {'DIGEST':14} {'LAYERS':>6} {'SIZE':>12} {'CONTAINERS':>10}")
     for r in recs:
-        print(f"{r.ref:40} {r.digest[7:19]:20} {len(r.layers):>6} {r.size:>12}")
+        n = uses[(r.ref, r.digest)]
+        print(f"{r.ref:40} {r.digest[7:19]:14} {len(r.layers):>6} {r.size:>12} {n:>10}")
+    return 0
+
+
+def _cmd_image_rm(a: argparse.Namespace) -> int:
+    store = _images(a)
+    for ref in a.refs:
+        rec = store.remove(ref)
+        print(f"removed {rec.ref} ({rec.digest})")
+    layers = store.gc()
+    print(f"{len(layers)} layer(s) no longer used, removed")
+    return 0
+
+
+def _cmd_image_tag(a: argparse.Namespace) -> int:
+    rec = _images(a).tag(a.source, a.target)
+    print(f"{rec.ref} -> {rec.digest}")
+    return 0
+
+
+def _cmd_image_prune(a: argparse.Namespace) -> int:
+    res = _images(a).prune(all_unused=a.all)
+    for ref in res.images:
+        print(f"removed {ref}")
+    print(f"{len(res.layers)} layer(s) removed, {res.bytes / 1e6:.1f} MB freed")
     return 0
 
 
@@ -251,17 +343,46 @@ def build_parser() -> argparse.ArgumentParser:
     )
     show.set_defaults(fn=_cmd_seccomp_show)
 
-    img = sub.add_parser("image", help="manage imported images")
+    img = sub.add_parser("image", help="manage the local images")
     isub = img.add_subparsers(dest="image_command", required=True)
-    imp = isub.add_parser("import", help="import an OCI-layout or docker-archive tarball")
+    imp = isub.add_parser(
+        "import", help="import an OCI-layout or docker-archive tarball, or a plain rootfs"
+    )
     dirs(imp)
-    imp.add_argument("file")
+    imp.add_argument("file", nargs="?")
+    imp.add_argument(
+        "--rootfs",
+        metavar="FILE",
+        help="a plain root file system tarball (gzip, zstd, xz, bzip2 or none); needs --name",
+    )
     imp.add_argument("--name", help="NAME:TAG to tag it with")
     imp.set_defaults(fn=_cmd_image_import)
+    pull = isub.add_parser("pull", help="pull an image from its registry (or a mirror)")
+    dirs(pull)
+    pull.add_argument("reference", help="[REGISTRY/]NAME[:TAG|@DIGEST]")
+    pull.add_argument("--name", help="NAME:TAG to store it as (default: the reference's)")
+    pull.add_argument(
+        "--config", help="YAML config for registries (default: /etc/rexecd/rexecd.yaml)"
+    )
+    pull.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    pull.set_defaults(fn=_cmd_image_pull)
     ls = isub.add_parser("ls", help="list images")
     dirs(ls)
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(fn=_cmd_image_ls)
+    rm = isub.add_parser("rm", help="remove images (not while a container uses one)")
+    dirs(rm)
+    rm.add_argument("refs", nargs="+", metavar="REF")
+    rm.set_defaults(fn=_cmd_image_rm)
+    tag = isub.add_parser("tag", help="give an image another name")
+    dirs(tag)
+    tag.add_argument("source")
+    tag.add_argument("target")
+    tag.set_defaults(fn=_cmd_image_tag)
+    prune = isub.add_parser("prune", help="remove layers no image or container uses")
+    dirs(prune)
+    prune.add_argument("--all", action="store_true", help="also images no container uses")
+    prune.set_defaults(fn=_cmd_image_prune)
     return p
 
 

@@ -39,6 +39,9 @@ _UNIX_PATH_MAX = 107
 _IFNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}\Z")
 _CGROUP_SEGMENT_RE = re.compile(r"^[A-Za-z0-9_.-]+\Z")
 _SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9._:-]*\Z")
+_IMAGE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._/-]*(?::[\w][\w.-]{0,127})?\Z")
+_REFERENCE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:-]*(?:@sha256:[0-9a-f]{64})?\Z")
+_REGISTRY_RE = re.compile(r"^(?:https?://)?[A-Za-z0-9.-]+(?::[0-9]+)?(?:/[A-Za-z0-9._/-]*)?\Z")
 
 
 # --- the embedded default file ------------------------------------------------------
@@ -69,6 +72,24 @@ def default_config_text() -> str:
 @functools.cache
 def _embedded() -> dict[str, Any]:
     data: dict[str, Any] = yaml.load(default_config_text(), Loader=_StrictLoader)
+    return data
+
+
+# The catalogue and the roles live in the source tree's images/ folder, shipped in the
+# package as rexecd/catalog (a symlink to ../images).
+CATALOG_RESOURCE = "catalog"
+
+
+@functools.cache
+def _catalog() -> dict[str, Any]:
+    base = resources.files("rexecd").joinpath(CATALOG_RESOURCE)
+    data: dict[str, Any] = yaml.load(
+        base.joinpath("catalog.yaml").read_text("utf-8"), Loader=_StrictLoader
+    )
+    data["role_docs"] = [
+        yaml.load(base.joinpath("roles", f"{rid}.yaml").read_text("utf-8"), Loader=_StrictLoader)
+        for rid in data.get("roles", [])
+    ]
     return data
 
 
@@ -353,47 +374,150 @@ class ConcurrencyConfig(_Section):
 
 
 class CatalogueImage(_Section):
+    """One entry of images/catalog.yaml (its header says what each key means)."""
+
     name: str
+    aliases: list[str] = Field(default_factory=list)
     display_name: str
     description: str
     category: str
     tags: list[str] = Field(default_factory=list)
     popular: bool = False
+    # What is pulled when the image is not local; None: local only (import or pull it).
+    reference: str | None = None
+    pull: bool = True
 
     @field_validator("name")
     @classmethod
-    def _slug(cls, v: str) -> str:
-        if not _SLUG_RE.fullmatch(v):
-            raise ValueError(f"{v!r} must be lower-case [a-z0-9._:-]")
+    def _name(cls, v: str) -> str:
+        if not _IMAGE_NAME_RE.fullmatch(v):
+            raise ValueError(f"{v!r} must be a lower-case image name (NAME:TAG)")
+        return v
+
+    @field_validator("aliases")
+    @classmethod
+    def _aliases(cls, v: list[str]) -> list[str]:
+        for a in v:
+            if not _SLUG_RE.fullmatch(a):
+                raise ValueError(f"alias {a!r} must be lower-case [a-z0-9._:-]")
+        return v
+
+    @field_validator("reference")
+    @classmethod
+    def _reference(cls, v: str | None) -> str | None:
+        if v is not None and not _REFERENCE_RE.fullmatch(v):
+            raise ValueError(f"{v!r} is not an image reference (HOST/NAME:TAG)")
         return v
 
 
 class ImagesConfig(_Section):
-    # The catalogue and the roles are data, spelled out once, in default.yaml.
+    # The catalogue and the roles are data, spelled out once, in images/catalog.yaml.
     catalogue: list[CatalogueImage] = Field(
-        default_factory=lambda: [
-            CatalogueImage.model_validate(i) for i in _embedded()["images"]["catalogue"]
-        ]
+        default_factory=lambda: [CatalogueImage.model_validate(i) for i in _catalog()["images"]]
     )
 
     @field_validator("catalogue")
     @classmethod
     def _unique(cls, v: list[CatalogueImage]) -> list[CatalogueImage]:
-        _check_unique([i.name for i in v], "image name")
+        # A name or alias that meant two images would make a create ambiguous.
+        _check_unique([n for i in v for n in (i.name, *i.aliases)], "image name or alias")
         return v
+
+
+PackageManager = Literal["apt", "apk", "pacman", "dnf", "yum", "zypper"]
 
 
 class RoleConfig(_Section):
     id: str
     name: str
     description: str
+    # The names GET /api/roles shows; `install` has each package manager's own names.
     packages: list[str] = Field(default_factory=list)
+    install: dict[PackageManager, list[str]] = Field(default_factory=dict)
+    # Shell steps run after the packages are installed.
+    setup: list[str] = Field(default_factory=list)
 
     @field_validator("id")
     @classmethod
     def _slug(cls, v: str) -> str:
         if not _SLUG_RE.fullmatch(v):
             raise ValueError(f"{v!r} must be lower-case [a-z0-9._:-]")
+        return v
+
+
+class RegistryCredential(_Section):
+    username: str
+    # One of the two: the password itself, or a file holding it (kept out of the config).
+    password: str | None = Field(default=None, repr=False)
+    password_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> RegistryCredential:
+        if (self.password is None) == (self.password_file is None):
+            raise ValueError("give exactly one of password and password_file")
+        return self
+
+    def secret(self) -> str:
+        if self.password is not None:
+            return self.password
+        assert self.password_file is not None
+        return self.password_file.read_text("utf-8").strip()
+
+
+class RegistriesConfig(_Section):
+    """How images are pulled from OCI registries (the distribution API)."""
+
+    # false: never contact a registry; only local images are used.
+    pull: bool = True
+    # Registry host -> mirrors tried first, in order ("host[:port]" or a URL).
+    mirrors: dict[str, list[str]] = Field(default_factory=dict)
+    # true: a registry that has mirrors is reached only through them.
+    mirrors_only: bool = False
+    # Hosts ("host[:port]") reached over plain HTTP, or HTTPS without verification, as
+    # Docker's insecure-registries. Loopback addresses always are.
+    insecure: list[str] = Field(default_factory=list)
+    # Registry host -> basic-auth credentials (also sent to its token service).
+    credentials: dict[str, RegistryCredential] = Field(default_factory=dict)
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    # Longest silence on a connection before it is dropped (and the blob resumed).
+    read_timeout_s: float = Field(default=30.0, gt=0)
+    # Attempts per request after the first (connection lost, 5xx), with backoff.
+    retries: NonNegativeInt = 5
+    max_concurrent_downloads: int = Field(default=3, ge=1, le=16)
+
+    @field_validator("mirrors")
+    @classmethod
+    def _mirror_urls(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        for host, urls in v.items():
+            for u in (host, *urls):
+                if not _REGISTRY_RE.fullmatch(u):
+                    raise ValueError(f"{u!r} is not a registry (host[:port] or http(s)://host)")
+        return v
+
+
+MirrorManager = Literal["apt", "apk", "dnf", "pacman"]
+
+
+class PackagesConfig(_Section):
+    """How a role's packages are installed (see service/roles.py)."""
+
+    # Package manager -> the lines of its sources file used instead of the image's own
+    # while a role installs: apt a sources.list ("deb http://... bookworm main"), apk an
+    # /etc/apk/repositories, dnf (and yum) a .repo file, pacman a mirrorlist
+    # ("Server = ..."). Install time only: the image's own sources stay in the layer.
+    mirrors: dict[MirrorManager, list[str]] = Field(default_factory=dict)
+    # A role install that has not finished by then is killed and the create fails.
+    install_timeout_s: PositiveInt = 1800
+    # Bytes of install output kept in the container's log (<state_dir>/logs/<id>.log).
+    log_max_bytes: int = Field(default=8 << 20, ge=4096)
+
+    @field_validator("mirrors")
+    @classmethod
+    def _lines(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        for manager, lines in v.items():
+            for line in lines:
+                if not line.strip() or any(c in line for c in "\r\n\0"):
+                    raise ValueError(f"{manager}: a mirror line must be one non-empty line")
         return v
 
 
@@ -462,8 +586,10 @@ class Config(_Section):
     concurrency: ConcurrencyConfig = Field(default_factory=ConcurrencyConfig)
     images: ImagesConfig = Field(default_factory=ImagesConfig)
     roles: list[RoleConfig] = Field(
-        default_factory=lambda: [RoleConfig.model_validate(r) for r in _embedded()["roles"]]
+        default_factory=lambda: [RoleConfig.model_validate(r) for r in _catalog()["role_docs"]]
     )
+    registries: RegistriesConfig = Field(default_factory=RegistriesConfig)
+    packages: PackagesConfig = Field(default_factory=PackagesConfig)
     terminal: TerminalConfig = Field(default_factory=TerminalConfig)
     exec: ExecConfig = Field(default_factory=ExecConfig)
     retention: RetentionConfig = Field(default_factory=RetentionConfig)

@@ -27,6 +27,8 @@ its stable ``code``. A raise site picks the class; it never overrides the code.
     │   └── ConcurrencyLimited (429, concurrency_limited)  too many requests in flight
     ├── HttpError (4xx/5xx, http_error)             any other error aiohttp raised itself
     ├── ImageError (400, image_invalid)             bad archive, digest mismatch, unsafe member
+    ├── RegistryError (502, registry_error)         a registry unreachable, refusing, or broken
+    ├── RoleInstallFailed (500, role_install_failed)  a role's install exited non-zero
     ├── RuntimeFailure (500, runtime_failure)       kernel step failed: carries step and errno
     │   └── ChildSetupError (500, child_setup)      a container child reported a failed step
     ├── ExecTimeout (504, exec_timeout)             an exec's command ran past its timeout
@@ -200,6 +202,20 @@ class ImageError(RexecError):
 
     status = 400
     code = "image_invalid"
+
+
+class RegistryError(RexecError):
+    """An image registry could not be used: unreachable, timed out, refused our
+    credentials, or answered something that is not the distribution API."""
+
+    status = 502
+    code = "registry_error"
+
+
+class RoleInstallFailed(RexecError):
+    """A role's install script failed or did not finish; the message ends with its log."""
+
+    code = "role_install_failed"
 
 
 class RuntimeFailure(RexecError):

@@ -417,7 +417,13 @@ class ImageInfo(_Response):
     category: str
     tags: list[str]
     popular: bool
+    # A create can use it now: it is local, or the catalogue lets a create pull it.
     available: bool
+    # rexecd's additions: other names a create accepts, what is pulled, whether it is
+    # already in the local store.
+    aliases: list[str] = Field(default_factory=list)
+    reference: str | None = None
+    local: bool = False
 
 
 class ImageList(_Response):
@@ -441,6 +447,52 @@ class ImportResult(_Response):
     digest: str
     size: int
     layers: int
+
+
+class PullRequest(_Request):
+    """``POST /api/images/pull``: an image reference, and the local name to give it."""
+
+    reference: str = Field(min_length=1, max_length=512)
+    name: str | None = Field(default=None, max_length=255)
+
+
+class PullOut(ImportResult):
+    source: str
+    downloaded: int
+    layers_fetched: int
+    layers_present: int
+    seconds: float
+
+
+class LocalImage(_Response):
+    """An image in the local store (``GET /api/images/local``)."""
+
+    name: str
+    digest: str
+    size: int
+    layers: list[str]
+    created: UtcDatetime
+    imported: UtcDatetime
+    # Containers made from it (their leases): it cannot be removed while any exist.
+    containers: int
+
+
+class LocalImageList(_Response):
+    images: list[LocalImage]
+    count: int
+
+
+class ImageRemoved(_Response):
+    message: str
+    name: str
+    digest: str
+    layers_removed: int
+
+
+class PruneOut(_Response):
+    images_removed: list[str]
+    layers_removed: int
+    bytes_freed: int
 
 
 # --- tokens ----------------------------------------------------------------------------
@@ -530,12 +582,18 @@ EventType = Literal[
 class Event(_OmitNone):
     """A frame of the ``/containers/events`` WebSocket (server to client)."""
 
-    _omit_when_none: ClassVar[frozenset[str]] = frozenset({"container", "containers", "timestamp"})
+    _omit_when_none: ClassVar[frozenset[str]] = frozenset(
+        {"container", "containers", "timestamp", "stage", "message", "progress"}
+    )
 
     type: EventType
     container: ContainerOut | None = None
     containers: list[ContainerOut] | None = None
     timestamp: UtcDatetime | None = None
+    # ``progress`` events: where a creation is (the stream's stage, message, percent).
+    stage: str | None = None
+    message: str | None = None
+    progress: int | None = None
 
 
 StreamStage = Literal["validating", "pulling", "creating", "starting", "configuring", "ready"]

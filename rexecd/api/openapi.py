@@ -21,6 +21,7 @@ _PATH_PARAM_RE = re.compile(r"\{([^}:]+)(?::[^}]*)?\}")
 _PATH_PARAM_DOC = {
     "id": "container runtime id (64 hex), db id (UUID) or name",
     "token_id": "token id",
+    "ref": "image reference NAME[:TAG] (may contain '/')",
 }
 _RATE_HEADERS = {
     "X-RateLimit-Limit": {
@@ -151,7 +152,9 @@ def build_openapi(endpoints: Iterable[Endpoint], *, version: str) -> dict[str, A
             op_id = f"{ep.handler.__name__}_{suffix}"
             suffix += 1
         used.add(op_id)
-        paths.setdefault(ep.path, {})[ep.method.lower()] = _operation(ep, op_id, refs)
+        # aiohttp's "{ref:.+}" (a parameter spanning slashes) is plain "{ref}" in OpenAPI.
+        path = _PATH_PARAM_RE.sub(r"{\1}", ep.path)
+        paths.setdefault(path, {})[ep.method.lower()] = _operation(ep, op_id, refs)
     return {
         "openapi": "3.1.0",
         "info": {

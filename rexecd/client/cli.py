@@ -153,17 +153,47 @@ def _key_value(item: str) -> tuple[str, str]:
 
 
 async def _create(c: AsyncClient, a: argparse.Namespace) -> int:
+    if a.progress:
+        return await _create_with_progress(c, a)
     container = await c.create(
-        a.image,
-        name=a.name,
-        role=a.role,
-        memory_mb=a.memory,
-        cpu_shares=a.cpu,
-        disk_mb=a.disk,
-        environment=dict(a.env),
-        wait=a.wait,
-        wait_timeout=a.wait_timeout,
+        a.image, **_create_fields(a), wait=a.wait, wait_timeout=a.wait_timeout
     )
+    return _created(a, container)
+
+
+def _create_fields(a: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "name": a.name,
+        "role": a.role,
+        "custom_image": a.custom_image,
+        "memory_mb": a.memory,
+        "cpu_shares": a.cpu,
+        "disk_mb": a.disk,
+        "environment": dict(a.env),
+    }
+
+
+async def _create_with_progress(c: AsyncClient, a: argparse.Namespace) -> int:
+    """Follow the creation's stages (an image pull's MB included) on a progress bar."""
+    from rexecd.client.progress import ProgressBar
+
+    bar = ProgressBar()
+    container: ContainerOut | None = None
+    error = None
+    try:
+        async for frame in c.create_stream(a.image, **_create_fields(a)):
+            bar.update(frame.progress, f"{frame.stage}: {frame.message}")
+            container = frame.container or container
+            error = frame.error or error
+    finally:
+        bar.done()
+    if container is None:
+        _err(f"rexec: create failed: {error or 'the stream ended early'}\n")
+        return 1
+    return _created(a, container)
+
+
+def _created(a: argparse.Namespace, container: ContainerOut) -> int:
     _show(_wants_json(a), container, _containers_table([container]))
     if container.status == "error":
         _err(f"rexec: container {container.name} failed: {container.error_message or 'error'}\n")
@@ -492,8 +522,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--role", help="role to set the container up for (see rexec roles)")
     sizes(sp)
     sp.add_argument("-e", "--env", action="append", default=[], type=_key_value, metavar="K=V")
+    sp.add_argument("--custom-image", metavar="REF", help="the image, when IMAGE is custom")
     sp.add_argument("--wait", action="store_true", help="wait until it is running")
     sp.add_argument("--wait-timeout", type=float, default=300.0, metavar="S")
+    sp.add_argument(
+        "--progress", action="store_true", help="wait, showing each stage (and pull) on a bar"
+    )
 
     command("inspect", _inspect, "show one container").add_argument("container")
     command("start", _action, "start a container").add_argument("container")

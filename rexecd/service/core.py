@@ -19,7 +19,6 @@ from rexecd.errors import (
     NotFound,
     RexecError,
     RuntimeUnavailable,
-    UnsupportedImage,
 )
 from rexecd.models import (
     ContainerCreate,
@@ -35,16 +34,19 @@ from rexecd.runtime.cgroups import CgroupLimits, IoLimit
 from rexecd.runtime.container import KILL_WAIT_S, ContainerDirs, ImageView, Runtime
 from rexecd.runtime.containerfs import Entry, mode_string
 from rexecd.runtime.images import ImageRecord, ImageStore
-from rexecd.runtime.spec import BindMount
+from rexecd.runtime.images.files import rmtree
+from rexecd.runtime.seccomp import DEFAULT as DEFAULT_SECCOMP
+from rexecd.runtime.spec import BindMount, ContainerSpec
 from rexecd.runtime.storage import Storage, Volume
 from rexecd.runtime.users import resolve_user
-from rexecd.service import quotas
+from rexecd.service import catalog, quotas
 from rexecd.service.auth import Principal
 from rexecd.service.events import EventBus
 from rexecd.service.exits import ProcessExits
 from rexecd.service.initguard import InitGuard
 from rexecd.service.interface import ProgressFn
 from rexecd.service.portforwards import PortForwards
+from rexecd.service.registry import Puller
 from rexecd.service.store import Store
 from rexecd.service.storethread import in_store_thread
 from rexecd.service.terminals import TerminalRegistry
@@ -108,6 +110,17 @@ class _InitWatch:
     exited: asyncio.Future[int | None]
 
 
+@dataclass
+class _Started:
+    """What ``_start_init`` has made so far, for the caller's undo."""
+
+    dirs: ContainerDirs | None = None
+    ip: str | None = None
+    attached: bool = False
+    pid: int = 0
+    seccomp: str = DEFAULT_SECCOMP
+
+
 class _Reporter:
     """Sends StreamProgress frames to an optional callback; never fails the create."""
 
@@ -149,6 +162,7 @@ class ManagerCore:
         self.store = store
         self.runtime = runtime
         self.images = images
+        self.puller = Puller(cfg.registries, images)
         self.events = events or EventBus()
         self.network = network
         # None: upper/work and /home/user are plain directories without a size limit.
@@ -159,6 +173,8 @@ class ManagerCore:
         self.volumes = KeptVolumes(cfg, store, storage)
         self._locks: dict[str, asyncio.Lock] = {}
         self._creating: dict[str, asyncio.Task[None]] = {}
+        # Role builds in progress, by cache key: their lock and how many creates wait.
+        self._role_builds: dict[str, tuple[asyncio.Lock, list[int]]] = {}
         self._inits: dict[str, _InitWatch] = {}
         self._oom_fds: dict[str, int] = {}
         self._oom_seen: dict[str, int] = {}
@@ -234,6 +250,23 @@ class ManagerCore:
             )
         )
 
+    async def _stage_progress(
+        self, rec: ContainerRecord, report: _Reporter, stage: str, message: str, pct: int
+    ) -> None:
+        """A create's progress at ``stage``: a stream frame and a ``progress`` event."""
+        await report(stage, message, pct, container_id=rec.id)
+        self.events.publish(
+            rec.user_id,
+            Event(
+                type="progress",
+                container=rec.to_out(),
+                timestamp=utcnow(),
+                stage=stage,
+                message=message,
+                progress=pct,
+            ),
+        )
+
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
         self._bg.add(task)
@@ -244,20 +277,32 @@ class ManagerCore:
 
     # ------------------------------------------------------------ images
 
-    def _image_ref(self, req: ContainerCreate) -> str:
-        if req.image == "custom":
-            if not req.custom_image:
-                raise InvalidRequest("custom_image is required when image is 'custom'")
-            return req.custom_image
-        return req.image
-
-    def _image(self, ref: str) -> ImageRecord:
+    def _resolve(self, req: ContainerCreate) -> tuple[catalog.Resolved, ImageRecord | None]:
+        """What the request's image is, and its record when it is local (blocking).
+        Raises UnsupportedImage (400, saying how to get it) when it is neither local
+        nor pullable."""
+        resolved = catalog.resolve(self.cfg, req.image, req.custom_image)
         try:
-            return self.images.get(ref)
+            return resolved, self.images.get(resolved.local)
         except NotFound:
-            raise UnsupportedImage(
-                "unsupported image type", image=ref, supported_images=self._supported()
-            ) from None
+            if resolved.pull is None:
+                asked = resolved.local if req.image == catalog.CUSTOM else req.image
+                raise catalog.unsupported(self.cfg, asked, self._supported()) from None
+            return resolved, None
+
+    def _image_of(self, rec: ContainerRecord) -> ImageRecord:
+        """The image ``rec`` was made from: its lease, which a re-pull of the name does
+        not move (blocking). A container made before leases existed is pinned to what
+        its name means now."""
+        pinned = self.images.pinned(rec.id)
+        if pinned is not None:
+            return pinned
+        try:
+            image = self.images.get(catalog.resolve(self.cfg, rec.image, None).local)
+        except (NotFound, InvalidRequest):
+            raise catalog.unsupported(self.cfg, rec.image, self._supported()) from None
+        self.images.pin(rec.id, image)
+        return image
 
     def _supported(self) -> list[str]:
         names = []
@@ -315,59 +360,26 @@ class ManagerCore:
         """Start ``rec``'s container; on failure undo every step and re-raise."""
         self._require_limits()
         view = await asyncio.to_thread(self._view, image)
-        ip: str | None = None
-        attached = False
+        st = _Started()
         try:
-            dirs, mounts = await asyncio.to_thread(self._prepare, rec, view)
-            if self.network is not None and rec.network_mode == "default":
-                ip = str(
-                    await asyncio.to_thread(
-                        self.store.allocate_ip, rec.db_id, self.cfg.network.subnet
-                    )
-                )
-                await asyncio.to_thread(
-                    self.network.write_etc_files,
-                    dirs.upper / "etc",
-                    rec.name,
-                    ip,
-                    [str(d) for d in self.cfg.network.dns],
-                )
-            profile = (await asyncio.to_thread(self._owner_tier, rec)).seccomp
-            spec = self.runtime.build_spec(
-                rec.id,
-                rec.name,
+            spec = await self._start_init(
+                rec,
                 view,
-                dirs,
+                st,
                 env=[f"{k}={v}" for k, v in rec.environment.items()] + ["TERM=xterm-256color"],
-                mounts=mounts,
-                seccomp=profile,
+                report=report,
             )
-            if report is not None:
-                await report("starting", "starting the container", 60, container_id=rec.id)
-
-            def on_ready(pid: int) -> None:
-                nonlocal attached
-                if ip is not None and self.network is not None:
-                    self.network.attach(
-                        rec.id, pid, ip, rec.resources.network_mbps, group=rec.user_id[:8]
-                    )
-                    attached = True
-
-            # After _prepare: the volume the io throttle names is mounted by now.
-            limits = await asyncio.to_thread(self._limits, rec, rec.resources)
-            pid = await asyncio.to_thread(self.runtime.start, spec, limits, on_ready=on_ready)
-            start = procinfo.start_time(pid)
             if report is not None:
                 await report("configuring", "configuring the environment", 85, container_id=rec.id)
             now = utcnow()
             rec = await self._update(
                 rec.db_id,
                 status="running",
-                pid=pid,
-                pid_start_time=start,
+                pid=st.pid,
+                pid_start_time=procinfo.start_time(st.pid),
                 started_at=now,
                 last_used_at=now,
-                ip_address=ip,
+                ip_address=st.ip,
                 error_message=None,
                 # The profile stays the container's until it stops: its execs and
                 # terminals get the same one, whatever the tier says meanwhile.
@@ -375,15 +387,79 @@ class ManagerCore:
                     "uid": spec.process.uid,
                     "gid": spec.process.gid,
                     "env": spec.process.env,
-                    "seccomp": profile,
+                    "seccomp": st.seccomp,
                 },
             )
         except BaseException:
-            await asyncio.to_thread(self._undo_launch, rec, attached)
+            await asyncio.to_thread(self._undo_launch, rec, st.attached)
             raise
         self._watch(rec)
         self._publish("started", rec)
         return rec
+
+    async def _start_init(
+        self,
+        rec: ContainerRecord,
+        view: ImageView,
+        st: _Started,
+        *,
+        env: list[str],
+        args: list[str] | None = None,
+        user: str | None = None,
+        stdio: list[int] | None = None,
+        home: bool = True,
+        network: str | None = None,
+        hostname: str | None = None,
+        report: _Reporter | None = None,
+    ) -> ContainerSpec:
+        """Storage, address, /etc files, cgroup limits and the spawn of ``rec``'s init,
+        filling ``st`` as it goes so that the caller can undo (``_undo_launch``) after
+        any failure. ``args`` runs a command instead of an idle init; ``home`` binds
+        /home/user; ``network`` and ``hostname`` override the record's."""
+        hostname = hostname or rec.name
+        dirs, mounts = await asyncio.to_thread(self._prepare, rec, view)
+        st.dirs = dirs
+        if self.network is not None and (network or rec.network_mode) == "default":
+            st.ip = str(
+                await asyncio.to_thread(self.store.allocate_ip, rec.db_id, self.cfg.network.subnet)
+            )
+            await asyncio.to_thread(
+                self.network.write_etc_files,
+                dirs.upper / "etc",
+                hostname,
+                st.ip,
+                [str(d) for d in self.cfg.network.dns],
+            )
+        # The owner's tier's seccomp profile, which stays the container's until it stops.
+        st.seccomp = (await asyncio.to_thread(self._owner_tier, rec)).seccomp
+        spec = self.runtime.build_spec(
+            rec.id,
+            hostname,
+            view,
+            dirs,
+            args=args,
+            env=env,
+            user=user,
+            mounts=mounts if home else [],
+            seccomp=st.seccomp,
+        )
+        if report is not None:
+            await report("starting", "starting the container", 60, container_id=rec.id)
+        ip = st.ip
+
+        def on_ready(pid: int) -> None:
+            if ip is not None and self.network is not None:
+                self.network.attach(
+                    rec.id, pid, ip, rec.resources.network_mbps, group=rec.user_id[:8]
+                )
+                st.attached = True
+
+        # After _prepare: the volume the io throttle names is mounted by now.
+        limits = await asyncio.to_thread(self._limits, rec, rec.resources)
+        st.pid = await asyncio.to_thread(
+            self.runtime.start, spec, limits, on_ready=on_ready, stdio=stdio
+        )
+        return spec
 
     def _owner_tier(self, rec: ContainerRecord) -> TierLimits:
         """The current tier of ``rec``'s owner. Blocking (database): run it in a thread."""
@@ -425,12 +501,16 @@ class ManagerCore:
         return (os.major(dev), os.minor(dev)) if os.major(dev) != 0 else None
 
     def _undo_launch(self, rec: ContainerRecord, attached: bool) -> None:
+        self._undo_start(rec, attached)
+        self._release_volume(rec)
+
+    def _undo_start(self, rec: ContainerRecord, attached: bool) -> None:
+        """Network side, address, cgroup and mount point of a start; the volume stays."""
         if attached and self.network is not None:
             with contextlib.suppress(Exception):
                 self.network.detach(rec.id)
         self.store.release_ips(rec.db_id)
         self.runtime.release(rec.id)
-        self._release_volume(rec)
 
     def _release(self, rec: ContainerRecord) -> None:
         """After init is gone: cgroup, mount point and host network side go; data stays."""
@@ -442,6 +522,19 @@ class ManagerCore:
                 log.warning("network detach of %s: %s", rec.id, exc)
         self.runtime.release(rec.id)
         self._release_volume(rec)
+
+    def _wipe_root(self, rec: ContainerRecord) -> None:
+        """Empty the container's writable layer (upper and work dirs); /home/user stays."""
+        vol = self._vol(rec)
+        if vol is not None and self.storage is not None:
+            if vol.image.exists():
+                self.storage.wipe_root(vol)
+                self.storage.release(vol)
+            return
+        dirs = self.runtime.dirs(rec.id)
+        for d in (dirs.upper, dirs.work):
+            if d.exists():
+                rmtree(d)
 
     def _release_volume(self, rec: ContainerRecord) -> None:
         vol = self._vol(rec)

@@ -21,9 +21,13 @@ from rexecd.models import (
     FileList,
     Health,
     ImageInfo,
+    ImageRemoved,
     ImportResult,
+    LocalImage,
     PortForwardCreate,
     PortForwardOut,
+    PruneOut,
+    PullOut,
     Role,
     SettingsPatch,
     Stats,
@@ -159,7 +163,24 @@ class ContainerService(Protocol):
 
     async def list_images(self) -> list[ImageInfo]: ...
 
-    async def import_image(self, src: BinaryIO, name: str | None) -> ImportResult: ...
+    async def import_image(
+        self, src: BinaryIO, name: str | None, rootfs: bool = False
+    ) -> ImportResult:
+        """An OCI-layout or docker-archive tarball; with ``rootfs``, a plain root file
+        system tarball (compressed or not) made a one-layer image named ``name``."""
+        ...
+
+    async def pull_image(self, reference: str, name: str | None) -> PullOut:
+        """Pull ``reference`` from its registry (or a mirror) into the local store."""
+        ...
+
+    async def list_local_images(self) -> list[LocalImage]: ...
+
+    async def remove_image(self, ref: str) -> ImageRemoved:
+        """Remove a local image (Conflict while a container made from it exists)."""
+        ...
+
+    async def prune_images(self, all_unused: bool) -> PruneOut: ...
 
     def roles(self) -> list[Role]: ...
 

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator
-from typing import Any, BinaryIO
+from typing import Any
 
 from rexecd import __version__
 from rexecd.errors import (
@@ -29,11 +29,8 @@ from rexecd.models import (
     ContainerRecord,
     Event,
     Health,
-    ImageInfo,
-    ImportResult,
     PortForwardCreate,
     PortForwardOut,
-    Role,
     SettingsPatch,
     VolumeList,
     utcnow,
@@ -41,60 +38,21 @@ from rexecd.models import (
 from rexecd.runtime.images import ImageRecord
 from rexecd.service import quotas
 from rexecd.service.auth import Principal
+from rexecd.service.catalog import Resolved
 from rexecd.service.core import _Reporter
+from rexecd.service.imageops import ImageOps
 from rexecd.service.inside import InsideOps
 from rexecd.service.interface import ProgressFn
 from rexecd.service.names import generate_name
 from rexecd.service.reconcile import DaemonLife
+from rexecd.service.roles import RoleBuilds
 from rexecd.service.storethread import in_store_thread
 
 log = logging.getLogger(__name__)
 
 
-class ContainerManager(InsideOps, DaemonLife):
+class ContainerManager(InsideOps, DaemonLife, ImageOps, RoleBuilds):
     """The real ``ContainerService``: the rules of every container operation."""
-
-    async def list_images(self) -> list[ImageInfo]:
-        imported = await asyncio.to_thread(self.images.list)
-        have = {r.name for r in imported}
-        out = [
-            ImageInfo(
-                name=c.name,
-                display_name=c.display_name,
-                description=c.description,
-                category=c.category,
-                tags=list(c.tags),
-                popular=c.popular,
-                available=c.name in have,
-            )
-            for c in self.cfg.images.catalogue
-        ]
-        listed = {c.name for c in self.cfg.images.catalogue}
-        for r in imported:
-            if r.name not in listed:
-                listed.add(r.name)
-                out.append(
-                    ImageInfo(
-                        name=r.name,
-                        display_name=r.name,
-                        description=f"imported image {r.ref}",
-                        category="custom",
-                        tags=[r.tag],
-                        popular=False,
-                        available=True,
-                    )
-                )
-        return out
-
-    async def import_image(self, src: BinaryIO, name: str | None) -> ImportResult:
-        rec = await asyncio.to_thread(self.images.import_archive, src, name)
-        return ImportResult(name=rec.ref, digest=rec.digest, size=rec.size, layers=len(rec.layers))
-
-    def roles(self) -> list[Role]:
-        return [
-            Role(id=r.id, name=r.name, description=r.description, packages=list(r.packages))
-            for r in self.cfg.roles
-        ]
 
     # ------------------------------------------------------------ queries
 
@@ -129,8 +87,7 @@ class ContainerManager(InsideOps, DaemonLife):
     ) -> ContainerOut:
         self._require_limits()
         report = _Reporter(progress)
-        ref = self._image_ref(req)
-        image = await asyncio.to_thread(self._image, ref)
+        resolved, image = await asyncio.to_thread(self._resolve, req)
         if req.role is not None and req.role not in {r.id for r in self.cfg.roles}:
             raise InvalidRequest(
                 f"unknown role {req.role!r}", supported_roles=[r.id for r in self.cfg.roles]
@@ -140,7 +97,9 @@ class ContainerManager(InsideOps, DaemonLife):
         rec = ContainerRecord(
             user_id=p.user_id,
             name=req.name or await self._free_name(p),
-            image=ref,
+            # What the user asked for, as Rexec reports it ("debian", "busybox"); the
+            # lease written once the image is there pins what it resolved to.
+            image=req.custom_image if req.image == "custom" and req.custom_image else req.image,
             role=req.role,
             resources=resources,
             environment=dict(req.environment),
@@ -155,7 +114,7 @@ class ContainerManager(InsideOps, DaemonLife):
         # quota, name taken) still reaches a stream client as a plain JSON error.
         await report("validating", "request validated", 5, container_id=rec.id)
         self._publish("created", rec)
-        task = asyncio.ensure_future(self._finish_create(rec, image, report))
+        task = asyncio.ensure_future(self._finish_create(rec, image, resolved, report))
         self._creating[rec.db_id] = task
         db_id = rec.db_id
 
@@ -178,15 +137,31 @@ class ContainerManager(InsideOps, DaemonLife):
         return (await self._find(p, ref)).to_out()
 
     async def _finish_create(
-        self, rec: ContainerRecord, image: ImageRecord, report: _Reporter
+        self,
+        rec: ContainerRecord,
+        image: ImageRecord | None,
+        resolved: Resolved,
+        report: _Reporter,
     ) -> None:
         async with self._lock(rec.db_id):
             try:
-                await report("pulling", f"image {image.ref} is present", 20, container_id=rec.id)
+                if image is None:
+                    image = await self._pull_for(rec, resolved, report)
+                else:
+                    await report(
+                        "pulling", f"image {image.ref} is present", 20, container_id=rec.id
+                    )
+                # From here on the container keeps this image's layers, whatever later
+                # happens to its name (re-pull, re-tag, removal).
+                await asyncio.to_thread(self.images.pin, rec.id, image)
                 await report(
                     "creating", "preparing the container's storage", 40, container_id=rec.id
                 )
-                rec = await self._launch(rec, image, report)
+                with_role = await self._with_role(rec, image, report)
+                if with_role is not image:
+                    # The role's layer too, for as long as the container exists.
+                    await asyncio.to_thread(self.images.pin, rec.id, with_role)
+                rec = await self._launch(rec, with_role, report)
             except Exception as exc:  # recorded and reported, never lost
                 if not isinstance(exc, RexecError):
                     log.exception("create of %s failed", rec.id)
@@ -232,7 +207,7 @@ class ContainerManager(InsideOps, DaemonLife):
                         tier=p.tier,
                     )
                 rec = await self._update(rec.db_id, expires_at=exp)
-            image = await asyncio.to_thread(self._image, rec.image)
+            image = await asyncio.to_thread(self._image_of, rec)
             rec = await self._launch(rec, image)
         return rec.to_out()
 
@@ -267,7 +242,7 @@ class ContainerManager(InsideOps, DaemonLife):
             self._require_limits()
             if rec.status == "running":
                 rec = await self._halt(rec, float(self.cfg.stop_timeout_s))
-            image = await asyncio.to_thread(self._image, rec.image)
+            image = await asyncio.to_thread(self._image_of, rec)
             rec = await self._launch(rec, image)
         return rec.to_out()
 
@@ -289,6 +264,8 @@ class ContainerManager(InsideOps, DaemonLife):
     def _remove(self, rec: ContainerRecord, volumes: bool, tier: str) -> None:
         self._release(rec)
         self.runtime.remove(rec.id)
+        self.images.unpin(rec.id)
+        self.log_path(rec.id).unlink(missing_ok=True)
         if volumes:
             self.volumes.destroy(rec.user_id, rec.name)
             self.store.delete_volume(rec.user_id, rec.name)
@@ -354,7 +331,7 @@ class ContainerManager(InsideOps, DaemonLife):
                 # or the next start would mount an empty /home/user.
                 await asyncio.to_thread(self._move_volume, old, rec)
             if restart:
-                image = await asyncio.to_thread(self._image, rec.image)
+                image = await asyncio.to_thread(self._image_of, rec)
                 rec = await self._launch(rec, image)
                 restarted = True
             self._publish("updated", rec)

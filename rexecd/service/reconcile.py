@@ -45,7 +45,13 @@ class DaemonLife(ManagerCore):
             if alive and rec.pid is not None:
                 # Killed mid-create: what exists is half-built; take it down.
                 await asyncio.to_thread(self.runtime.stop, rec.id, rec.pid, 0.0)
+            if rec.status == "configuring":
+                # A role install was cut short (its build has no pid on record): stop
+                # what is left of it, and let none of its files reach the container.
+                await asyncio.to_thread(self.runtime.kill_cgroup, rec.id)
             await asyncio.to_thread(self._release, rec)
+            if rec.status == "configuring":
+                await asyncio.to_thread(self._wipe_root, rec)
             if rec.status == "running":
                 rec = await self._update(
                     rec.db_id,
@@ -65,6 +71,8 @@ class DaemonLife(ManagerCore):
                 )
             log.info("container %s (%s) marked %s", rec.name, rec.id[:12], rec.status)
         await asyncio.to_thread(self._sweep_orphans, live)
+        # Leases of containers that no longer exist (deleted while a crash hid it).
+        await asyncio.to_thread(self.images.drop_leases, {r.id for r in recs})
         forwards = await asyncio.to_thread(self.port_forwards.reconcile, live)
         if forwards:
             log.info("reconciled port forwards: %s", forwards)
@@ -162,6 +170,7 @@ class DaemonLife(ManagerCore):
         for db_id in list(self._inits) + list(self._oom_fds):
             self._unwatch(db_id)
         await self.terminals.close_all()
+        await self.puller.close()
         for task in list(self._bg):
             task.cancel()
         self.events.close()

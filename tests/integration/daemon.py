@@ -22,6 +22,8 @@ import yaml
 from tests.deadlines import scaled
 
 ROOT = Path(__file__).resolve().parents[2]
+# scripts/build-test-image writes here (scripts/setup runs it); git-ignored.
+TEST_IMAGES = ROOT / "build" / "test-images"
 RX = [sys.executable, "-m", "rexecd.cli"]
 
 
@@ -62,6 +64,9 @@ class Daemon:
             "minimums": {"memory_mb": 16, "cpu_millicores": 10, "disk_mb": 16},
             "rate_limits": {"create_per_min": 1000, "ops_per_min": 1000, "read_per_min": 5000},
             "stop_timeout_s": 2,
+            # Never reach a public registry from a test: tests that pull turn this on
+            # with a mirror on loopback (mirrors_only).
+            "registries": {"pull": False},
         }
         _merge(cfg, self.overrides)
         self.config = self.base / "rexecd.yaml"

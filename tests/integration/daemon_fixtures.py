@@ -30,9 +30,9 @@ import pytest
 
 from rexecd.config import Config
 from tests.deadlines import scaled
-from tests.integration.daemon import ROOT, Daemon
+from tests.integration.daemon import TEST_IMAGES, Daemon
 
-IMAGES = ROOT / "images"
+IMAGES = TEST_IMAGES
 BUSYBOX_TAR = IMAGES / "busybox.tar"
 LAYERED_TAR = IMAGES / "layered.tar"
 MiB = 1024 * 1024

@@ -15,9 +15,9 @@ from typing import Any
 
 import aiohttp
 
-from .daemon import ROOT, Daemon, api, wait_status
+from .daemon import TEST_IMAGES, Daemon, api, wait_status
 
-BUSYBOX_TAR = ROOT / "images" / "busybox.tar"
+BUSYBOX_TAR = TEST_IMAGES / "busybox.tar"
 CLOSED = (
     aiohttp.WSMsgType.CLOSE,
     aiohttp.WSMsgType.CLOSING,

@@ -12,7 +12,7 @@ import pytest
 from rexecd.runtime.cgroups import open_driver
 
 ROOT = Path(__file__).resolve().parents[2]
-IMAGES = ROOT / "images"
+IMAGES = ROOT / "build" / "test-images"
 
 
 def rexecd(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -29,7 +29,7 @@ def rexecd(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def state(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not (IMAGES / "busybox.tar").exists():
-        pytest.fail("images/busybox.tar missing: ./scripts/setup builds it")
+        pytest.fail(f"{IMAGES}/busybox.tar missing: ./scripts/setup builds it")
     st = tmp_path_factory.mktemp("state")
     for name in ("busybox.tar", "layered.tar"):
         rexecd("image", "import", "--state-dir", str(st), str(IMAGES / name))

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.daemon import Daemon, api, wait_status
+from tests.integration.daemon import TEST_IMAGES, Daemon, api, wait_status
 
-ROOT = Path(__file__).resolve().parents[2]
 MiB = 1024 * 1024
 
 
@@ -35,7 +34,7 @@ def daemon() -> Iterator[Daemon]:
     base = Path(tempfile.mkdtemp(prefix="rexecd-disk-", dir="/var/tmp"))
     d = Daemon(base)
     try:
-        d.import_image(ROOT / "images" / "busybox.tar")
+        d.import_image(TEST_IMAGES / "busybox.tar")
         d.start()
         yield d
     finally:

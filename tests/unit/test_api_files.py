@@ -153,6 +153,9 @@ async def test_images_and_roles(tmp_path: Path) -> None:
             "tags": ["ubuntu"],
             "popular": True,
             "available": True,
+            "aliases": [],
+            "reference": None,
+            "local": False,
         }
         resp = await h.client.get("/api/roles", headers=h.headers())
         assert await resp.json() == {
@@ -188,3 +191,54 @@ async def test_image_import(tmp_path: Path) -> None:
         assert h.service.imports[-1] == (b"tar", None)
         resp = await h.client.post("/api/images/import", data=b"", headers=h.headers("root"))
         assert resp.status == 400
+
+
+async def test_image_store_routes_need_admin(tmp_path: Path) -> None:
+    async with harness(tmp_path) as h:
+        pull = {"reference": "debian:bookworm", "name": "debian:12"}
+        for method, path, kw in (
+            ("post", "/api/images/pull", {"json": pull}),
+            ("delete", "/api/images/local/free:1", {}),
+            ("post", "/api/images/prune", {}),
+            ("post", "/api/images/import?rootfs=true&name=r:1", {"data": b"x"}),
+        ):
+            resp = await getattr(h.client, method)(path, headers=h.headers(), **kw)
+            assert resp.status == 403, path
+            assert (await resp.json())["required_scope"] == "admin"
+        assert h.service.pulls == [] and h.service.imports == []
+        assert "free:1" in h.service.local
+
+        resp = await h.client.post("/api/images/pull", json=pull, headers=h.headers("root"))
+        assert resp.status == 201
+        body = await resp.json()
+        assert body["name"] == "debian:12" and body["layers_fetched"] == 1
+        assert h.service.pulls == [("debian:bookworm", "debian:12")]
+        resp = await h.client.post(
+            "/api/images/pull", json={"reference": "missing:1"}, headers=h.headers("root")
+        )
+        assert resp.status == 404
+        resp = await h.client.post("/api/images/pull", json={}, headers=h.headers("root"))
+        assert resp.status == 400
+
+        resp = await h.client.get("/api/images/local", headers=h.headers("alice-ro"))
+        body = await resp.json()
+        assert body["count"] == 3 and body["images"][0]["containers"] == 1
+
+        # A name with a slash and a colon is one path parameter.
+        resp = await h.client.delete("/api/images/local/team/tool:2", headers=h.headers("root"))
+        assert resp.status == 200 and (await resp.json())["name"] == "team/tool:2"
+        resp = await h.client.delete("/api/images/local/used:1", headers=h.headers("root"))
+        assert resp.status == 409 and "in use" in (await resp.json())["error"]
+        resp = await h.client.delete("/api/images/local/nope:1", headers=h.headers("root"))
+        assert resp.status == 404
+
+        resp = await h.client.post("/api/images/prune?all=maybe", headers=h.headers("root"))
+        assert resp.status == 400
+        resp = await h.client.post("/api/images/prune?all=true", headers=h.headers("root"))
+        assert (await resp.json())["images_removed"] == ["free:1"]
+        assert h.service.local == ["used:1"]
+
+        resp = await h.client.post(
+            "/api/images/import?rootfs=true&name=deb:1", data=b"tar", headers=h.headers("root")
+        )
+        assert resp.status == 201 and h.service.imports[-1] == (b"tar", "rootfs deb:1")

@@ -384,3 +384,19 @@ def test_parser_lists_every_command() -> None:
         "tokens",
     ):
         assert name in help_text
+
+
+def test_create_with_progress(daemon: FakeDaemon, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(
+        capsys, "create", "custom", "--custom-image", "team/tool:2", "--name", "p1", "--progress"
+    )
+    assert code == 0, err
+    assert daemon.last().path == "/api/containers/stream"
+    assert daemon.last().body == {"image": "custom", "custom_image": "team/tool:2", "name": "p1"}
+    assert rows(out)[1][0] == "p1" and rows(out)[1][3] == "running"
+    # Not a terminal: plain lines, the first stage and the last (100%) at least.
+    lines = err.splitlines()
+    assert lines[0].strip().startswith("0% validating") and lines[-1].startswith("100% ready")
+
+    code, out, err = run(capsys, "create", "broken", "--name", "p2", "--progress")
+    assert code == 1 and "image failed to start" in err

@@ -73,7 +73,11 @@ def test_defaults_match_api_md() -> None:
         "guest": (20, 500), "free": (50, 1000), "pro": (100, 2000), "enterprise": (200, 5000),
     }  # fmt: skip
     names = {i.name for i in cfg.images.catalogue}
-    assert {"ubuntu", "debian", "alpine", "arch", "busybox", "custom"} <= names
+    assert {"ubuntu:24.04", "debian:bookworm", "alpine:latest", "archlinux:latest"} <= names
+    assert "custom" in names
+    aliases = {a for i in cfg.images.catalogue for a in i.aliases}
+    assert {"ubuntu", "ubuntu-24", "debian", "alpine", "arch", "archlinux", "busybox"} <= aliases
+    assert cfg.registries.pull and not cfg.registries.mirrors and not cfg.registries.insecure
     assert [r.id for r in cfg.roles] == ["node", "python", "go", "rust", "devops", "barebone"]
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from rexecd.errors import ImageError, UnsupportedImage
 from rexecd.runtime.images import ImageStore
-from rexecd.runtime.images.archive import host_arch
+from rexecd.runtime.images.manifest import host_arch
 from tests.unit.fakes.images import (
     INDEX,
     MANIFEST,

@@ -15,6 +15,7 @@ import pytest
 from rexecd.errors import ImageError, InvalidRequest, NotFound, RexecError
 from rexecd.runtime.images import ImageRecord, ImageStore
 from rexecd.runtime.images import store as store_mod
+from rexecd.runtime.images.files import rmtree
 from tests.unit.fakes.images import SIMPLE, digest, docker_archive, layer, oci_archive, reg
 
 BASE = layer(reg("base", b"base\n"))
@@ -108,7 +109,7 @@ def test_layer_paths_lowest_first_and_missing(store: ImageStore, tmp_path: Path)
     paths = store.layer_paths(rec)
     assert [p.name for p in paths] == [d[7:] for d in rec.layers]
     assert [sorted(os.listdir(p)) for p in paths] == [["base"], ["a"], ["b"]]
-    store_mod._rmtree(paths[1])
+    rmtree(paths[1])
     with pytest.raises(RexecError, match="missing from the store"):
         store.layer_paths(rec)
 

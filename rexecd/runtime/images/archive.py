@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
 import posixpath
 import re
 import tarfile
@@ -19,27 +18,21 @@ from typing import IO, Any, BinaryIO
 from rexecd.errors import ImageError, InvalidRequest, UnsupportedImage
 
 from .blobs import CHUNK, check_digest, decompress
-from .models import DIGEST_RE, ImageConfig, parse_reference
+from .manifest import (
+    descriptors,
+    digest_of,
+    image_entries,
+    is_index,
+    parse_config,
+    parse_manifest,
+    pick_platform,
+)
+from .models import ImageConfig, parse_reference
 
 # Small JSON documents only: a bigger one is not an image, and must not fill memory.
 _JSON_LIMIT = 16 << 20
-_BLOB_DIGEST_RE = re.compile(r"^(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})\Z")
 _BLOB_PATH_RE = re.compile(r"^blobs/(sha256)/([0-9a-f]{64})\Z")
 _LEGACY_CONFIG_RE = re.compile(r"^([0-9a-f]{64})\.json\Z")
-
-_INDEX_TYPES = {
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-}
-_MANIFEST_TYPES = {
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-}
-_CONFIG_TYPES = {
-    "application/vnd.oci.image.config.v1+json",
-    "application/vnd.docker.container.image.v1+json",
-}
-_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386"}
 _MAX_INDEX_DEPTH = 4
 
 
@@ -105,7 +98,7 @@ class OuterArchive:
             raise ImageError(f"archive member {name!r} is too large ({m.size} bytes)")
         data = self.open(m).read()
         if digest is not None:
-            check_digest(_digest_of(data, digest), digest, f"blob {name!r}")
+            check_digest(digest_of(data, digest), digest, f"blob {name!r}")
         return data
 
     def read_json(self, name: str, digest: str | None = None) -> Any:
@@ -118,13 +111,6 @@ class OuterArchive:
 def _norm(name: str) -> str:
     # Names are only keys into the member table here; nothing is created from them.
     return posixpath.normpath("/" + name).lstrip("/")
-
-
-def _digest_of(data: bytes, like: str) -> str:
-    algo = like.partition(":")[0]
-    if algo not in ("sha256", "sha512"):
-        raise UnsupportedImage(f"unsupported digest algorithm {algo!r}")
-    return f"{algo}:{hashlib.new(algo, data).hexdigest()}"
 
 
 @contextmanager
@@ -206,7 +192,7 @@ def _read_oci(arc: OuterArchive, want: tuple[str, str | None] | None) -> ParsedI
         "1."
     ):
         raise UnsupportedImage("oci-layout: unsupported imageLayoutVersion")
-    entries = _images(_descriptors(arc.read_json("index.json"), "index.json"))
+    entries = image_entries(descriptors(arc.read_json("index.json"), "index.json"))
     if not entries:
         raise ImageError("index.json lists no image")
     pairs = [(d, _ref_of(d)) for d in entries]
@@ -217,14 +203,14 @@ def _read_oci(arc: OuterArchive, want: tuple[str, str | None] | None) -> ParsedI
     if len({d["digest"] for d, _ in pairs}) > 1 and len({r for _, r in pairs}) > 1:
         names = ", ".join(sorted({f"{r[0]}:{r[1]}" for _, r in pairs if r is not None}))
         raise ImageError(f"archive holds several images ({names}); name the one to import")
-    desc = _pick_platform([d for d, _ in pairs], "index.json")
+    desc = pick_platform([d for d, _ in pairs], "index.json")
     ref = next(r for d, r in pairs if d is desc)
     for _ in range(_MAX_INDEX_DEPTH):
         doc = arc.read_json(_blob_path(desc), desc["digest"])
-        if not _is_index(desc, doc):
+        if not is_index(desc.get("mediaType"), doc):
             return _read_manifest(arc, desc, doc, ref)
         where = f"index {desc['digest']}"
-        desc = _pick_platform(_images(_descriptors(doc, where)), where)
+        desc = pick_platform(image_entries(descriptors(doc, where)), where)
     raise ImageError("image indexes nested too deeply")
 
 
@@ -232,26 +218,13 @@ def _read_manifest(
     arc: OuterArchive, desc: dict[str, Any], doc: Any, ref: tuple[str | None, str | None] | None
 ) -> ParsedImage:
     where = f"manifest {desc['digest']}"
-    if not isinstance(doc, dict) or doc.get("mediaType", desc.get("mediaType")) not in (
-        _MANIFEST_TYPES | {None}
-    ):
-        raise UnsupportedImage(f"{where}: not an image manifest")
-    cfg_desc = _descriptor(doc.get("config"), f"{where} config")
-    if cfg_desc.get("mediaType", next(iter(_CONFIG_TYPES))) not in _CONFIG_TYPES:
-        mt = cfg_desc.get("mediaType")
-        raise UnsupportedImage(f"{where}: config type {mt!r} is not an image config")
-    raw_layers = doc.get("layers")
-    if not isinstance(raw_layers, list):
-        raise ImageError(f"{where}: no layers list")
-    cfg_bytes = arc.read(_blob_path(cfg_desc), cfg_desc["digest"])
-    config, created, diff_ids = _parse_config(cfg_bytes, f"config {cfg_desc['digest']}")
-    if len(diff_ids) != len(raw_layers):
-        raise ImageError(f"{where}: {len(raw_layers)} layers but {len(diff_ids)} diff_ids")
+    m = parse_manifest(doc, where, desc.get("mediaType"))
+    cfg_bytes = arc.read(_blob_path(m.config), m.config["digest"])
+    config, created, diff_ids = parse_config(cfg_bytes, f"config {m.config['digest']}")
+    if len(diff_ids) != len(m.layers):
+        raise ImageError(f"{where}: {len(m.layers)} layers but {len(diff_ids)} diff_ids")
     layers = []
-    for i, (raw, diff_id) in enumerate(zip(raw_layers, diff_ids, strict=True)):
-        d = _descriptor(raw, f"{where} layer {i}")
-        if "encrypted" in str(d.get("mediaType", "")):
-            raise UnsupportedImage(f"{where}: encrypted layers are not supported")
+    for d, diff_id in zip(m.layers, diff_ids, strict=True):
         path = _blob_path(d)
         member = arc.member(path)
         if member.size != d["size"]:
@@ -261,47 +234,9 @@ def _read_manifest(
     return ParsedImage(name, tag, desc["digest"], config, created, layers)
 
 
-def _descriptors(doc: Any, where: str) -> list[dict[str, Any]]:
-    if not isinstance(doc, dict) or not isinstance(doc.get("manifests"), list):
-        raise ImageError(f"{where}: no manifests list")
-    return [_descriptor(d, where) for d in doc["manifests"]]
-
-
-def _descriptor(d: Any, where: str) -> dict[str, Any]:
-    if not isinstance(d, dict):
-        raise ImageError(f"{where}: descriptor is not an object")
-    digest, size = d.get("digest"), d.get("size")
-    if not isinstance(digest, str) or not _BLOB_DIGEST_RE.fullmatch(digest):
-        raise ImageError(f"{where}: invalid digest {digest!r}")
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise ImageError(f"{where}: invalid size for {digest}")
-    return d
-
-
 def _blob_path(d: dict[str, Any]) -> str:
     algo, _, hexd = d["digest"].partition(":")
     return f"blobs/{algo}/{hexd}"
-
-
-def _is_index(desc: dict[str, Any], doc: Any) -> bool:
-    mt = desc.get("mediaType") or (doc.get("mediaType") if isinstance(doc, dict) else None)
-    if mt in _INDEX_TYPES:
-        return True
-    return mt is None and isinstance(doc, dict) and "manifests" in doc
-
-
-def _images(descs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    # BuildKit adds attestation manifests (platform unknown/unknown) next to the images.
-    out = []
-    for d in descs:
-        ann = d.get("annotations") or {}
-        plat = d.get("platform") or {}
-        if ann.get("vnd.docker.reference.type") == "attestation-manifest":
-            continue
-        if plat.get("os") == "unknown":
-            continue
-        out.append(d)
-    return out
 
 
 def _ref_of(d: dict[str, Any]) -> tuple[str | None, str | None] | None:
@@ -334,24 +269,6 @@ def _same_ref(ref: tuple[str | None, str | None] | None, want: tuple[str, str | 
     return ref[0] == want[0] and (ref[1] or "latest") == (want[1] or "latest")
 
 
-def host_arch() -> str:
-    m = platform.machine()
-    return _ARCH.get(m, m)
-
-
-def _pick_platform(descs: list[dict[str, Any]], where: str) -> dict[str, Any]:
-    if not descs:
-        raise ImageError(f"{where}: no image manifests")
-    if len(descs) == 1:
-        return descs[0]
-    arch = host_arch()
-    for d in descs:
-        plat = d.get("platform") or {}
-        if plat.get("os") == "linux" and plat.get("architecture") == arch:
-            return d
-    raise UnsupportedImage(f"{where}: no image for linux/{arch}")
-
-
 # --- docker-archive ---------------------------------------------------------------------
 
 
@@ -372,7 +289,7 @@ def _read_docker(arc: OuterArchive, want: tuple[str, str | None] | None) -> Pars
     cfg_bytes = arc.read(config_name, _digest_in_name(config_name))
     # No manifest exists in this format: the config digest is docker's image ID.
     digest = f"sha256:{hashlib.sha256(cfg_bytes).hexdigest()}"
-    config, created, diff_ids = _parse_config(cfg_bytes, f"config {config_name!r}")
+    config, created, diff_ids = parse_config(cfg_bytes, f"config {config_name!r}")
     if len(diff_ids) != len(layer_paths):
         raise ImageError(f"manifest.json: {len(layer_paths)} layers but {len(diff_ids)} diff_ids")
     layers = []
@@ -410,36 +327,3 @@ def _digest_in_name(path: str) -> str | None:
     if m := _LEGACY_CONFIG_RE.fullmatch(p):
         return f"sha256:{m.group(1)}"
     return None
-
-
-# --- image config -----------------------------------------------------------------------
-
-
-def _parse_config(raw: bytes, where: str) -> tuple[ImageConfig, datetime | None, list[str]]:
-    try:
-        cfg = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ImageError(f"{where}: not valid JSON: {e}") from None
-    if not isinstance(cfg, dict):
-        raise ImageError(f"{where}: not an object")
-    if cfg.get("os", "linux") != "linux":
-        raise UnsupportedImage(f"{where}: image is for {cfg.get('os')!r}, not linux")
-    rootfs = cfg.get("rootfs")
-    if not isinstance(rootfs, dict) or rootfs.get("type") != "layers":
-        raise ImageError(f"{where}: rootfs.type is not 'layers'")
-    diff_ids = rootfs.get("diff_ids")
-    if not isinstance(diff_ids, list) or not all(
-        isinstance(d, str) and DIGEST_RE.fullmatch(d) for d in diff_ids
-    ):
-        raise ImageError(f"{where}: rootfs.diff_ids must be sha256 digests")
-    try:
-        config = ImageConfig.from_oci(cfg.get("config"))
-    except ValueError as e:
-        raise ImageError(f"{where}: {e}") from None
-    created = None
-    if isinstance(cfg.get("created"), str):
-        try:
-            created = datetime.fromisoformat(cfg["created"])
-        except ValueError:
-            created = None  # a malformed date is not worth refusing an image over
-    return config, created, list(diff_ids)

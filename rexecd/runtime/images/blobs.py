@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import bz2
 import hashlib
+import lzma
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -140,6 +142,33 @@ class _ZstdReader:
         return data
 
 
+class _OneShotReader:
+    """Inflates an xz or bzip2 stream (plain rootfs tarballs come so; image layers never
+    do) through a decompressor object with ``max_length``, like the gzip reader."""
+
+    def __init__(self, raw: Reader, label: str, kind: str) -> None:
+        self._raw = raw
+        self._label = label
+        self._kind = kind
+        self._d: lzma.LZMADecompressor | bz2.BZ2Decompressor = (
+            lzma.LZMADecompressor() if kind == "xz" else bz2.BZ2Decompressor()
+        )
+
+    def read(self, n: int = -1, /) -> bytes:
+        limit = CHUNK if n < 0 else n
+        while not self._d.eof:
+            data = b"" if not self._d.needs_input else self._raw.read(_IN_PIECE)
+            if self._d.needs_input and not data:
+                raise ImageError(f"{self._label}: truncated {self._kind} stream")
+            try:
+                out = self._d.decompress(data, limit)
+            except (OSError, EOFError, lzma.LZMAError) as e:
+                raise ImageError(f"{self._label}: corrupt {self._kind} stream: {e}") from None
+            if out:
+                return out
+        return b""
+
+
 def compression_of(head: bytes) -> str:
     """Name the compression from a blob's first bytes: "gzip", "zstd" or "tar" (none)."""
     if head.startswith(_GZIP):
@@ -153,8 +182,11 @@ def compression_of(head: bytes) -> str:
     return "tar"
 
 
-def decompress(raw: Reader, label: str) -> tuple[str, Reader]:
-    """Sniff ``raw`` and return its compression name and a reader of the plain bytes."""
+def decompress(raw: Reader, label: str, allow_any: bool = False) -> tuple[str, Reader]:
+    """Sniff ``raw`` and return its compression name and a reader of the plain bytes.
+
+    Image blobs are gzip, zstd or plain; ``allow_any`` also takes xz and bzip2, which
+    plain rootfs tarballs (mmdebstrap, debootstrap) often come in."""
     head = raw.read(CHUNK)
     # A pipe may hand over fewer bytes than the longest magic on the first read.
     while 0 < len(head) < len(_XZ) and (more := raw.read(CHUNK)):
@@ -167,6 +199,8 @@ def decompress(raw: Reader, label: str) -> tuple[str, Reader]:
         return kind, _ZstdReader(src, label)
     if kind == "tar":
         return kind, src
+    if kind in ("xz", "bzip2") and allow_any:
+        return kind, _OneShotReader(src, label, kind)
     raise UnsupportedImage(f"{label}: {kind} compression is not supported (gzip, zstd or none)")
 
 
@@ -175,25 +209,48 @@ def check_digest(got: str, want: str, what: str) -> None:
         raise ImageError(f"{what}: digest mismatch: archive says {want}, content is {got}")
 
 
+class LayerStream:
+    """The uncompressed tar of a layer blob as it is read; once the ``open_layer`` block
+    has ended, ``diff_id``, ``blob_digest`` and ``size`` (of the blob) are what was read."""
+
+    def __init__(self, stream: Reader) -> None:
+        self._stream = stream
+        self.diff_id = ""
+        self.blob_digest = ""
+        self.size = 0  # bytes of the blob as read
+        self.diff_size = 0  # bytes of the uncompressed tar
+
+    def read(self, n: int = -1, /) -> bytes:
+        return self._stream.read(n)
+
+
 @contextmanager
 def open_layer(
-    raw: Reader, *, label: str, diff_id: str, blob_digest: str | None, blob_size: int | None
-) -> Iterator[Reader]:
+    raw: Reader,
+    *,
+    label: str,
+    diff_id: str | None,
+    blob_digest: str | None,
+    blob_size: int | None,
+    any_compression: bool = False,
+) -> Iterator[LayerStream]:
     """Yield the uncompressed tar stream of a layer blob.
 
     On a clean exit the rest of the blob is read and its size, digest (when the archive
-    names one) and diff_id are checked; a mismatch is an ImageError naming ``label``.
-    Bytes already consumed before a mismatch was found are only ever written into a
-    temporary directory that the caller discards.
+    names one) and diff_id (when known: a plain rootfs import learns it here) are
+    checked; a mismatch is an ImageError naming ``label``. Bytes already consumed before
+    a mismatch was found are only ever written into a temporary directory that the
+    caller discards.
     """
     algo = blob_digest.partition(":")[0] if blob_digest else "sha256"
     if algo not in ("sha256", "sha512"):
         raise UnsupportedImage(f"{label}: unsupported digest algorithm {algo!r}")
     outer = HashingReader(raw, algo)
-    kind, stream = decompress(outer, label)
+    kind, stream = decompress(outer, label, any_compression)
     # An uncompressed blob is its own diff: hash it once, not twice.
     inner = HashingReader(stream) if kind != "tar" or algo != "sha256" else None
-    yield inner if inner is not None else stream
+    layer = LayerStream(inner if inner is not None else stream)
+    yield layer
     if inner is not None:
         inner.drain()
     outer.drain()
@@ -201,4 +258,8 @@ def open_layer(
         raise ImageError(f"{label}: size mismatch: archive says {blob_size}, read {outer.count}")
     if blob_digest is not None:
         check_digest(outer.digest, blob_digest, label)
-    check_digest(inner.digest if inner is not None else outer.digest, diff_id, f"{label} diff_id")
+    got = inner.digest if inner is not None else outer.digest
+    if diff_id is not None:
+        check_digest(got, diff_id, f"{label} diff_id")
+    layer.diff_id, layer.blob_digest, layer.size = got, outer.digest, outer.count
+    layer.diff_size = inner.count if inner is not None else outer.count

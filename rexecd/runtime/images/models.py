@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -44,6 +45,64 @@ def parse_reference(ref: str) -> tuple[str, str | None]:
     if tag is not None and not _TAG_RE.fullmatch(tag):
         raise InvalidRequest(f"invalid image tag in {ref!r}")
     return name, tag
+
+
+DOCKER_HUB = "docker.io"
+
+
+@dataclass(frozen=True)
+class RemoteRef:
+    """A reference to an image in a registry, as the distribution API addresses it."""
+
+    registry: str  # "docker.io", "quay.io", "127.0.0.1:5000"
+    repository: str  # "library/debian"
+    tag: str | None
+    digest: str | None  # "sha256:..." when pinned
+
+    @property
+    def reference(self) -> str:
+        """What a manifest is fetched by: the digest when pinned, else the tag."""
+        return self.digest or self.tag or DEFAULT_TAG
+
+    @property
+    def local_name(self) -> str:
+        """The store's name for it: Docker Hub's official images by their short name."""
+        if self.registry == DOCKER_HUB:
+            return self.repository.removeprefix("library/")
+        return f"{self.registry}/{self.repository}"
+
+    def __str__(self) -> str:
+        tail = f":{self.tag}" if self.tag else ""
+        pin = f"@{self.digest}" if self.digest else ""
+        return f"{self.registry}/{self.repository}{tail}{pin}"
+
+
+def parse_remote(ref: str) -> RemoteRef:
+    """Split ``[registry/]repository[:tag][@sha256:...]`` as Docker does: the first
+    component names a registry when it has a '.' or ':' or is ``localhost``; otherwise
+    the image is on Docker Hub, where a one-component name is an official image
+    (``library/``). Raises InvalidRequest."""
+    rest, _, digest = ref.partition("@")
+    if digest and not DIGEST_RE.fullmatch(digest):
+        raise InvalidRequest(f"invalid digest in {ref!r}")
+    name, tag = rest, None
+    colon = rest.rfind(":")
+    if colon > rest.rfind("/"):
+        name, tag = rest[:colon], rest[colon + 1 :]
+    first, slash, remainder = name.partition("/")
+    if slash and ("." in first or ":" in first or first == "localhost"):
+        registry, repo = first, remainder
+    else:
+        registry, repo = DOCKER_HUB, name
+    if registry == "index.docker.io":
+        registry = DOCKER_HUB
+    if registry == DOCKER_HUB and "/" not in repo:
+        repo = f"library/{repo}"
+    if len(ref) > 255 or not re.fullmatch(_HOST, registry) or not _NAME_RE.fullmatch(repo):
+        raise InvalidRequest(f"invalid image reference {ref!r}")
+    if tag is not None and not _TAG_RE.fullmatch(tag):
+        raise InvalidRequest(f"invalid image tag in {ref!r}")
+    return RemoteRef(registry, repo, tag if tag or digest else DEFAULT_TAG, digest or None)
 
 
 def _string_list(v: Any, field: str) -> list[str] | None:

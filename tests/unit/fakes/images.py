@@ -13,7 +13,7 @@ from typing import Any
 
 import zstandard
 
-from rexecd.runtime.images.archive import host_arch
+from rexecd.runtime.images.manifest import host_arch
 
 Member = tuple[tarfile.TarInfo, bytes | None]
 MTIME = 1700000000

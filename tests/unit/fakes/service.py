@@ -38,11 +38,16 @@ from rexecd.models import (
     FileList,
     Health,
     ImageInfo,
+    ImageRemoved,
     ImportResult,
+    LocalImage,
+    PruneOut,
+    PullOut,
     Role,
     SettingsPatch,
     Stats,
     StreamProgress,
+    utcnow,
 )
 from rexecd.service import auth
 from rexecd.service.auth import Principal
@@ -126,6 +131,8 @@ class FakeService:
         self.files: dict[tuple[str, str], bytes] = {}
         self.uploads: list[tuple[str, str, bytes, int]] = []
         self.imports: list[tuple[bytes, str | None]] = []
+        self.pulls: list[tuple[str, str | None]] = []
+        self.local = ["used:1", "team/tool:2", "free:1"]
         self.exec_answer: tuple[int, dict[str, object]] = (
             200,
             {
@@ -366,12 +373,53 @@ class FakeService:
             for name in IMAGES
         ]
 
-    async def import_image(self, src: BinaryIO, name: str | None) -> ImportResult:
+    async def import_image(
+        self, src: BinaryIO, name: str | None, rootfs: bool = False
+    ) -> ImportResult:
         data = src.read()
-        self.imports.append((data, name))
+        self.imports.append((data, name) if not rootfs else (data, f"rootfs {name}"))
         return ImportResult(
             name=name or "imported:latest", digest="sha256:0", size=len(data), layers=1
         )
+
+    async def pull_image(self, reference: str, name: str | None) -> PullOut:
+        if reference.startswith("missing"):
+            raise NotFound(f"image {reference} not found")
+        self.pulls.append((reference, name))
+        return PullOut(
+            name=name or reference,
+            digest="sha256:1",
+            size=10,
+            layers=1,
+            source="mirror 127.0.0.1:1",
+            downloaded=10,
+            layers_fetched=1,
+            layers_present=0,
+            seconds=0.1,
+        )
+
+    async def list_local_images(self) -> list[LocalImage]:
+        now = utcnow()
+        return [
+            LocalImage(
+                name=ref, digest="sha256:1", size=1, layers=[], created=now, imported=now,
+                containers=1 if ref == "used:1" else 0,
+            )
+            for ref in self.local
+        ]  # fmt: skip
+
+    async def remove_image(self, ref: str) -> ImageRemoved:
+        if ref not in self.local:
+            raise NotFound(f"image {ref!r} not found")
+        if ref == "used:1":
+            raise Conflict(f"image {ref} is in use by 1 container(s): delete them first")
+        self.local.remove(ref)
+        return ImageRemoved(message="image removed", name=ref, digest="sha256:1", layers_removed=2)
+
+    async def prune_images(self, all_unused: bool) -> PruneOut:
+        gone = [r for r in self.local if r != "used:1"] if all_unused else []
+        self.local = [r for r in self.local if r not in gone]
+        return PruneOut(images_removed=gone, layers_removed=len(gone), bytes_freed=4096)
 
     def roles(self) -> list[Role]:
         return [Role(id="dev", name="Developer", description="tools", packages=["git"])]
