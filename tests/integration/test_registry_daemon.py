@@ -25,7 +25,7 @@ from tests.integration.daemon_fixtures import (
     unique,
 )
 from tests.integration.registry import Registry, mirror_of_hub, push_image, running_registry
-from tests.unit.test_images_support import layer, reg
+from tests.unit.fakes.images import layer, reg
 
 SIZES = {"memory_mb": 64, "disk_mb": 64, "cpu_shares": 250}
 

@@ -31,7 +31,7 @@ from tests.integration.registry import (
     push_index,
     running_registry,
 )
-from tests.unit.test_images_support import layer, reg
+from tests.unit.fakes.images import layer, reg
 
 BASE = layer(reg("etc/os-release", b"ID=tiny\n"), reg("bin/sh", b"#!fake\n", mode=0o755))
 TOP = layer(reg("app/hello.txt", b"hello\n"))

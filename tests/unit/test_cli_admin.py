@@ -7,16 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from rexecd.cli import main
 from rexecd.service.auth import authenticate
 from rexecd.service.store import Store
-
-
-def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as info:
-        main(list(args))
-    out, err = capsys.readouterr()
-    return int(info.value.code or 0), out, err
+from tests.unit.fakes.cli import run
 
 
 def test_token_create_prints_only_the_token(

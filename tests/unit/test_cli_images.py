@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 
 from rexecd.runtime.images import ImageStore
-
-from .test_cli_admin import run
-from .test_images_support import digest, dir_, layer, reg
+from tests.unit.fakes.cli import run
+from tests.unit.fakes.images import digest, dir_, layer, reg
 
 ROOTFS = layer(dir_("./"), dir_("./etc"), reg("./etc/hostname", b"x\n"))
 

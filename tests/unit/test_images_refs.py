@@ -13,8 +13,7 @@ import pytest
 
 from rexecd.errors import Conflict, ImageError, NotFound
 from rexecd.runtime.images import ImageStore
-
-from .test_images_support import compress, digest, dir_, layer, oci_archive, reg, sym
+from tests.unit.fakes.images import compress, digest, dir_, layer, oci_archive, reg, sym
 
 BASE = layer(reg("base", b"base\n"))
 TOP = layer(reg("top", b"top\n"))

@@ -25,8 +25,7 @@ from rexecd.service.roles import (
     installs_nothing,
     role_key,
 )
-
-from .test_images_support import layer, oci_archive, reg
+from tests.unit.fakes.images import layer, oci_archive, reg
 
 BASE_DIGEST = "sha256:" + "1" * 64
 LAYER = "sha256:" + "2" * 64
