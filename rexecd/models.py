@@ -282,6 +282,45 @@ class ExecRequest(_Request):
         return ["/bin/sh", "-c", self.command]
 
 
+class ExecStreamStart(ExecRequest):
+    """The first frame of the exec stream ``/api/containers/{id}/exec/stream``: what to
+    run, as for ``POST /exec``, plus ``tty`` (a PTY of ``cols`` x ``rows``).
+
+    ``timeout_seconds`` 0 (the default) means no deadline: the process lives as long
+    as the socket does; a larger value is capped like a one-shot exec's.
+    """
+
+    type: Literal["start"] = "start"
+    tty: bool = False
+    cols: int = Field(default=80, ge=1, le=65535)
+    rows: int = Field(default=24, ge=1, le=65535)
+    timeout_seconds: int = Field(default=0, ge=0)
+
+    @field_validator("timeout_seconds", mode="before")
+    @classmethod
+    def _timeout(cls, v: Any) -> Any:
+        if v is None:
+            return 0
+        if isinstance(v, int) and not isinstance(v, bool) and v > EXEC_MAX_TIMEOUT_S:
+            return EXEC_MAX_TIMEOUT_S
+        return v
+
+
+class ExecStreamFrame(BaseModel):
+    """A JSON (text) frame of the exec stream, either way; output and stdin travel as
+    binary frames (see the README's protocol note)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["started", "exit", "error", "eof", "resize", "signal", "ping", "pong"]
+    exit_code: int | None = None
+    error: str | None = None
+    code: str | None = None
+    cols: int | None = Field(default=None, ge=0, le=65535)
+    rows: int | None = Field(default=None, ge=0, le=65535)
+    signal: str | int | None = None
+
+
 class ExecResult(_Response):
     stdout: str
     stderr: str
@@ -587,6 +626,8 @@ class TerminalFrame(BaseModel):
     # struct winsize holds unsigned shorts.
     cols: int | None = Field(default=None, ge=0, le=65535)
     rows: int | None = Field(default=None, ge=0, le=65535)
+    # On the frame that ends a session because the shell exited: its exit status.
+    exit_code: int | None = None
 
     def to_wire(self) -> str:
         return self.model_dump_json(exclude_none=True)

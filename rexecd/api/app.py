@@ -11,6 +11,7 @@ from aiohttp import WSCloseCode, web
 from rexecd.api import (
     containers,
     events,
+    execstream,
     files,
     images,
     openapi,
@@ -50,6 +51,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     *stream.ENDPOINTS,
     *containers.ENDPOINTS,
     *exec_.ENDPOINTS,
+    *execstream.ENDPOINTS,
     *files.ENDPOINTS,
     *portforwards.ENDPOINTS,
     *images.ENDPOINTS,

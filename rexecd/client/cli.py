@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
@@ -19,7 +20,7 @@ from rexecd.client.sdk import (
     ProtocolError,
     TransportError,
 )
-from rexecd.client.terminal import attach
+from rexecd.client.terminal import DEFAULT_DETACH_KEYS
 from rexecd.models import ContainerOut, Event, ExecResult, PortForwardOut, VolumeOut
 
 Handler = Callable[[AsyncClient, argparse.Namespace], Awaitable[int]]
@@ -212,6 +213,8 @@ async def _exec(c: AsyncClient, a: argparse.Namespace) -> int:
         argv = argv[1:]
     if not argv:
         raise _UsageError("exec needs a command after the container name (rexec exec NAME -- CMD)")
+    if a.interactive or a.tty:
+        return await _exec_stream(c, a, argv)
     try:
         result = await c.exec(
             a.container,
@@ -222,13 +225,34 @@ async def _exec(c: AsyncClient, a: argparse.Namespace) -> int:
             timeout_seconds=a.timeout,
         )
     except ApiError as e:
-        if e.status == 504:
-            # Show what the command printed before the deadline, then the error.
+        if e.status == 504 and "stdout" in e.body:
+            # Show what the command printed before the deadline, then one line on it.
             _out(str(e.body.get("stdout") or ""))
-            _err(str(e.body.get("stderr") or ""))
+            sys.stdout.flush()
+            _err(str(e.body.get("stderr") or "").removesuffix("command timed out\n"))
+            raise ApiError(504, {"error": "command timed out", "code": "exec_timeout"}) from None
         raise
     _print_exec(result, _wants_json(a))
     return _exit_status(result.exit_code)
+
+
+async def _exec_stream(c: AsyncClient, a: argparse.Namespace, argv: list[str]) -> int:
+    from rexecd.client.interactive import run_stream
+    from rexecd.client.terminal import terminal_size
+
+    size = terminal_size(1) or terminal_size(0) if a.tty else None
+    stream = c.exec_stream(
+        a.container,
+        argv,
+        tty=a.tty,
+        size=size,
+        workdir=a.workdir,
+        env=[f"{k}={v}" for k, v in a.env],
+        user=a.user,
+        timeout_seconds=a.timeout,
+    )
+    async with stream:
+        return await run_stream(stream, interactive=a.interactive, tty=a.tty)
 
 
 def _print_exec(result: ExecResult, wants_json: bool) -> None:
@@ -243,8 +267,17 @@ def _print_exec(result: ExecResult, wants_json: bool) -> None:
 
 
 async def _connect(c: AsyncClient, a: argparse.Namespace) -> int:
+    from rexecd.client.terminal import attach, parse_detach_keys
+
+    try:
+        detach = parse_detach_keys(a.detach_keys)
+    except ValueError as e:
+        raise _UsageError(str(e)) from None
+    escape = None if a.escape_char == "none" else a.escape_char.encode()
+    if escape is not None and len(escape) != 1:
+        raise _UsageError("--escape-char takes one character, or 'none'")
     async with c.terminal(a.container, session=a.session, new_session=a.new_session) as term:
-        return await attach(term)
+        return await attach(term, detach_keys=detach, escape_char=escape)
 
 
 async def _stats(c: AsyncClient, a: argparse.Namespace) -> int:
@@ -514,13 +547,38 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-w", "--workdir")
     sp.add_argument("-u", "--user")
     sp.add_argument("-e", "--env", action="append", default=[], type=_key_value, metavar="K=V")
-    sp.add_argument("--timeout", type=int, metavar="S", help="deadline (default 60, max 300)")
-    sp.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD...")
+    sp.add_argument(
+        "--timeout",
+        type=int,
+        metavar="S",
+        help="deadline (default 60, max 300; none with -i/-t unless given)",
+    )
+    sp.add_argument(
+        "-i", "--interactive", action="store_true", help="stream stdin into the command"
+    )
+    sp.add_argument("-t", "--tty", action="store_true", help="run the command on a PTY")
+    # The command is cut off the line by _split_exec before argparse sees it.
+    sp.add_argument("cmd", nargs="*", metavar="-- CMD")
+    p.set_defaults(exec_parser=sp)
 
     sp = command("connect", _connect, "open an interactive terminal in a container")
     sp.add_argument("container")
     sp.add_argument("--session", metavar="ID", help="session to open or take over")
     sp.add_argument("--new-session", action="store_true", help="always start a fresh shell")
+    sp.add_argument(
+        "--detach-keys",
+        metavar="KEYS",
+        default=os.environ.get("REXEC_DETACH_KEYS", DEFAULT_DETACH_KEYS),
+        help="keys that detach and leave the session running "
+        f"(default $REXEC_DETACH_KEYS or {DEFAULT_DETACH_KEYS}; '' disables)",
+    )
+    sp.add_argument(
+        "-e",
+        "--escape-char",
+        metavar="CHAR",
+        default="~",
+        help="ssh-style escape at the start of a line: CHAR. disconnects (default ~; 'none')",
+    )
 
     command("stats", _stats, "show a container's resource usage").add_argument("container")
     command("images", _images, "list the images you can create containers from")
@@ -586,6 +644,8 @@ def describe_error(e: ApiError, token_given: bool = True) -> str:
         text += f", retry after {e.retry_after:g}s"
     elif e.status == 401 and not token_given:
         text += "; set REXEC_TOKEN or pass --token"
+    elif e.code == "exec_timeout":
+        text += "; give a longer --timeout (at most 300 s), or use -i for no deadline"
     elif "limit" in body and "current" in body:
         text += f": {body['current']} of {body['limit']}"
         if "tier" in body:
@@ -605,10 +665,59 @@ async def _run(client: AsyncClient, handler: Handler, a: argparse.Namespace) -> 
         return await handler(client, a)
 
 
+def _takes_value(parser: argparse.ArgumentParser, arg: str) -> bool | None:
+    """Whether option ``arg`` consumes the next word; None when it is not an option."""
+    if arg.startswith("--") and "=" in arg:
+        return False
+    action = parser._option_string_actions.get(arg)
+    if action is not None:
+        return action.nargs != 0
+    if arg.startswith("-") and not arg.startswith("--") and len(arg) > 2:
+        # Bundled short flags (-it), or a short option with its value attached (-uroot).
+        first = parser._option_string_actions.get(arg[:2])
+        return False if first is not None else None
+    return None
+
+
+def _split_exec(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[list[str], list[str]]:
+    """``argv`` cut into what argparse parses and the command of ``rexec exec``.
+
+    Options may come before and after the container name; the command starts at
+    ``--`` or at the first word that is not an option (as with podman), so
+    ``exec box --timeout 120 -- cmd`` and ``exec box ls -l`` both mean what they say.
+    """
+    exec_parser: argparse.ArgumentParser = parser.get_default("exec_parser")
+    i = 0
+    seen: str | None = None
+    current = parser
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            return (argv[:i], argv[i + 1 :]) if seen == "container" else (argv, [])
+        takes = _takes_value(current, arg)
+        if takes is not None:
+            i += 2 if takes else 1
+            continue
+        if seen is None:
+            if arg != "exec":
+                return argv, []
+            seen, current = "exec", exec_parser
+        elif seen == "exec":
+            seen = "container"
+        else:
+            return argv[:i], argv[i:]
+        i += 1
+    return argv, []
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``rexec``; returns the exit status (0, 1 on errors, the command's for exec)."""
     parser = build_parser()
-    a = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    head, command_words = _split_exec(parser, words)
+    a = parser.parse_args(head)
+    if command_words:
+        a.cmd = command_words
     try:
         client = AsyncClient(getattr(a, "host", None), getattr(a, "token", None))
     except ValueError as e:

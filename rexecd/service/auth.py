@@ -228,6 +228,10 @@ def require(principal: Principal, scope: str) -> None:
         )
 
 
+# The exec stream is a GET (a WebSocket upgrade) that runs a command.
+_EXEC_STREAM_RE = re.compile(r"(/api)?/containers/[^/]+/exec/stream")
+
+
 def required_scope(method: str, path: str) -> Scope | None:
     """The scope an endpoint needs; None for the unauthenticated ones (``/health``).
 
@@ -239,7 +243,7 @@ def required_scope(method: str, path: str) -> Scope | None:
         return None
     if path.endswith("/images/import"):
         return "admin"
-    if path.startswith("/ws/terminal"):
+    if path.startswith("/ws/terminal") or _EXEC_STREAM_RE.fullmatch(path):
         return "write"
     if method.upper() in ("GET", "HEAD", "OPTIONS"):
         return "read"

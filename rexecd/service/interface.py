@@ -17,6 +17,7 @@ from rexecd.models import (
     ContainerOut,
     Event,
     ExecRequest,
+    ExecStreamStart,
     FileInfo,
     FileList,
     Health,
@@ -31,6 +32,7 @@ from rexecd.models import (
     VolumeList,
 )
 from rexecd.service.auth import Principal
+from rexecd.service.execstream import StreamProcess
 
 ProgressFn = Callable[[StreamProgress], Awaitable[None]]
 
@@ -93,6 +95,10 @@ class ContainerService(Protocol):
 
     async def exec(self, p: Principal, ref: str, req: ExecRequest) -> tuple[int, dict[str, object]]:
         """Run a command to completion: ``(200, ExecResult)`` or ``(504, partial result)``."""
+        ...
+
+    async def open_exec_stream(self, p: Principal, ref: str, req: ExecStreamStart) -> StreamProcess:
+        """Start a process whose stdio (or PTY) the caller streams; see ``execstream``."""
         ...
 
     async def stats(self, p: Principal, ref: str) -> Stats: ...

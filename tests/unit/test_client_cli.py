@@ -220,7 +220,10 @@ def test_exec_prints_and_propagates_exit_code(
     code, out, err = run(capsys, "exec", "web", "--", "sleep", "100")
     assert code == 1
     assert out == "partial\n"
-    assert err == "rexec: command timed out (504)\n"
+    assert err == (
+        "rexec: command timed out (504); give a longer --timeout (at most 300 s), "
+        "or use -i for no deadline\n"
+    )
 
     code, _, err = run(capsys, "exec", "web")
     assert code == 2 and "needs a command" in err
