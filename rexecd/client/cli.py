@@ -280,6 +280,19 @@ async def _connect(c: AsyncClient, a: argparse.Namespace) -> int:
         return await attach(term, detach_keys=detach, escape_char=escape)
 
 
+async def _cp(c: AsyncClient, a: argparse.Namespace) -> int:
+    from rexecd.client import copy
+
+    src, dst = copy.parse_endpoint(a.src), copy.parse_endpoint(a.dst)
+    try:
+        copy.check_pair(src, dst)
+        if dst.container is not None:
+            return await copy.copy_to(c, a.src, dst)
+        return await copy.copy_from(c, src, a.dst)
+    except copy.CopyError as e:
+        raise _UsageError(str(e)) from None
+
+
 async def _stats(c: AsyncClient, a: argparse.Namespace) -> int:
     s = await c.stats(a.container)
     row = [
@@ -579,6 +592,10 @@ def build_parser() -> argparse.ArgumentParser:
         default="~",
         help="ssh-style escape at the start of a line: CHAR. disconnects (default ~; 'none')",
     )
+
+    sp = command("cp", _cp, "copy files or directories between here and a container")
+    sp.add_argument("src", metavar="SRC", help="a local path, or NAME:PATH")
+    sp.add_argument("dst", metavar="DST", help="NAME:PATH, or a local path")
 
     command("stats", _stats, "show a container's resource usage").add_argument("container")
     command("images", _images, "list the images you can create containers from")
