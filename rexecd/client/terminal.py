@@ -54,6 +54,14 @@ def parse_detach_keys(spec: str) -> bytes:
     return bytes(keys)
 
 
+def _next_sequence_state(state: int, b: int) -> int:
+    if b == 0x1B:
+        return 1
+    if state == 1:
+        return 2 if b == ord("[") else 0
+    return 0 if 0x40 <= b <= 0x7E else 2
+
+
 class KeyFilter:
     """Watches typed bytes for the detach sequence and for ssh's ``~.`` escape.
 
@@ -70,6 +78,7 @@ class KeyFilter:
         self._held = b""  # a prefix of ``detach`` typed so far
         self._line_start = True
         self._escaping = False
+        self._sequence = 0  # 0: none, 1: after ESC, 2: inside ESC [ ... (CSI)
 
     def feed(self, data: bytes) -> tuple[bytes, str | None]:
         out = bytearray()
@@ -94,6 +103,13 @@ class KeyFilter:
                     if b == self.detach[0]:
                         self._held = bytes((b,))
                         continue
+            if self._sequence or b == 0x1B:
+                # An escape sequence (ESC [ ... final) is the terminal talking, such as
+                # its answer to the shell's cursor-position query after each Enter:
+                # it must not end the "start of a line" that ~ needs.
+                out.append(b)
+                self._sequence = _next_sequence_state(self._sequence, b)
+                continue
             if b == self.escape and self._line_start:
                 self._escaping = True
                 self._line_start = False

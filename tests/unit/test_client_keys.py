@@ -74,3 +74,9 @@ def test_exec_options_after_the_name(
     head, words = _split_exec(parser, argv)
     a = parser.parse_args(head)
     assert (a.container, words, a.timeout) == (container, cmd, timeout)
+
+
+def test_terminal_answers_do_not_end_the_line_start() -> None:
+    # busybox ash asks for the cursor position after Enter; the answer comes as input.
+    f = KeyFilter(b"\x10\x11")
+    assert feed_all(f, b"\r", b"\x1b[7;14R", b"~.") == (b"\r\x1b[7;14R", "escape")
