@@ -293,6 +293,14 @@ async def _cp(c: AsyncClient, a: argparse.Namespace) -> int:
         raise _UsageError(str(e)) from None
 
 
+async def _logs(c: AsyncClient, a: argparse.Namespace) -> int:
+    out = sys.stdout.buffer
+    async for chunk in c.logs(a.container, follow=a.follow):
+        out.write(chunk)
+        out.flush()
+    return 0
+
+
 async def _stats(c: AsyncClient, a: argparse.Namespace) -> int:
     s = await c.stats(a.container)
     row = [
@@ -596,6 +604,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = command("cp", _cp, "copy files or directories between here and a container")
     sp.add_argument("src", metavar="SRC", help="a local path, or NAME:PATH")
     sp.add_argument("dst", metavar="DST", help="NAME:PATH, or a local path")
+
+    sp = command("logs", _logs, "show a container's init and role-install output")
+    sp.add_argument("container")
+    sp.add_argument("-f", "--follow", action="store_true", help="keep printing new output")
 
     command("stats", _stats, "show a container's resource usage").add_argument("container")
     command("images", _images, "list the images you can create containers from")

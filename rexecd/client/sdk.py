@@ -850,6 +850,19 @@ class AsyncClient:
             timeout=self._long(limit + _SERVER_DEADLINE_SLACK),
         )
 
+    async def logs(self, container: str, follow: bool = False) -> AsyncIterator[bytes]:
+        """The container's log (its init's output, role installs) as byte chunks; with
+        ``follow``, new output keeps coming while the container runs."""
+        params = {"follow": "true"} if follow else {}
+        async with self._open(
+            "GET", _cpath(container, "/logs"), params=params, timeout=self._long()
+        ) as resp:
+            try:
+                async for chunk in resp.content.iter_any():
+                    yield chunk
+            except (aiohttp.ClientError, TimeoutError) as e:
+                raise TransportError(self._describe(e)) from e
+
     async def stats(self, container: str) -> Stats:
         return await self._call(Stats, "GET", _cpath(container, "/stats"))
 

@@ -39,6 +39,7 @@ from rexecd.runtime.storage import Storage, Volume
 from rexecd.runtime.users import resolve_user
 from rexecd.service import quotas
 from rexecd.service.auth import Principal
+from rexecd.service.containerlogs import ContainerLogs
 from rexecd.service.events import EventBus
 from rexecd.service.exits import ProcessExits
 from rexecd.service.initguard import InitGuard
@@ -168,6 +169,8 @@ class ManagerCore:
         self._guarding = False
         # Exec and terminal processes are awaited on the loop, never in a worker thread.
         self.exits = ProcessExits(runtime)
+        self.logs = ContainerLogs(cfg.state_dir, cfg.run_dir, cfg.logs.max_bytes)
+        self._log_ids: dict[str, str] = {}
         self.terminals = TerminalRegistry(
             cfg.terminal.scrollback_bytes, float(cfg.terminal.idle_timeout_s)
         )
@@ -352,7 +355,14 @@ class ManagerCore:
 
             # After _prepare: the volume the io throttle names is mounted by now.
             limits = await asyncio.to_thread(self._limits, rec, rec.resources)
-            pid = await asyncio.to_thread(self.runtime.start, spec, limits, on_ready=on_ready)
+            stdio = await asyncio.to_thread(self.logs.open_capture, rec.id)
+            try:
+                pid = await asyncio.to_thread(
+                    self.runtime.start, spec, limits, on_ready=on_ready, stdio=stdio
+                )
+            finally:
+                for fd in set(stdio):
+                    os.close(fd)
             start = procinfo.start_time(pid)
             if report is not None:
                 await report("configuring", "configuring the environment", 85, container_id=rec.id)
@@ -370,6 +380,7 @@ class ManagerCore:
             )
         except BaseException:
             await asyncio.to_thread(self._undo_launch, rec, attached)
+            self.logs.unwatch(rec.id)  # the FIFO made for an init that never ran
             raise
         self._watch(rec)
         self._publish("started", rec)
@@ -490,6 +501,8 @@ class ManagerCore:
             return
         watch = _InitWatch(rec.pid, pidfd, loop.create_future())
         self._inits[rec.db_id] = watch
+        self._log_ids[rec.db_id] = rec.id
+        self.logs.watch(rec.id)
         loop.add_reader(pidfd, self._init_exited, rec.db_id, watch)
         self.init_guard.watch(rec.db_id, rec.pid, pidfd, rec.name, rec.user_id)
         if not self._guarding:
@@ -527,6 +540,9 @@ class ManagerCore:
     def _unwatch(self, db_id: str) -> None:
         loop = asyncio.get_running_loop()
         self.init_guard.forget(db_id)  # before its pidfd closes
+        cid = self._log_ids.pop(db_id, None)
+        if cid is not None:
+            self.logs.unwatch(cid)
         watch = self._inits.pop(db_id, None)
         if watch is not None:
             loop.remove_reader(watch.pidfd)

@@ -158,6 +158,15 @@ class InsideOps(ManagerCore):
             child.pid, False, in_w, [(STDOUT, out_r), (STDERR, err_r)], self.exits, timeout=timeout
         )
 
+    async def open_logs(self, p: Principal, ref: str, follow: bool) -> AsyncIterator[bytes]:
+        rec = await self._find(p, ref)
+
+        async def alive() -> bool:
+            now = await in_store_thread(self.store.get_container, rec.db_id)
+            return now is not None and now.status in ("creating", "configuring", "running")
+
+        return self.logs.follow(rec.id, follow, alive)
+
     async def _gone_while_entering(self, rec: ContainerRecord) -> None:
         """Raise NotFound/Conflict if ``rec`` was deleted or stopped under a request."""
         async with self._lock(rec.db_id):  # a stop under way finishes first

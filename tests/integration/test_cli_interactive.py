@@ -20,7 +20,7 @@ import pytest
 from tests.deadlines import scaled
 
 from .daemon import ROOT, Daemon
-from .daemon_fixtures import poll, running_daemon, unique
+from .daemon_fixtures import db_rows, poll, running_daemon, unique
 from .test_terminal_support import create_running, exec_sh
 
 REXEC = [sys.executable, "-m", "rexecd.client.cli"]
@@ -315,3 +315,57 @@ def test_cp_missing_source_says_so(env: Env, tmp_path: Path) -> None:
     r = env.rexec("cp", f"{env.box}:/no/such/thing", str(tmp_path))
     assert r.returncode != 0
     assert b"/no/such" in r.stderr
+
+
+# ------------------------------------------------------------------ logs
+
+
+def _init_stdout(env: Env, name: str, fd: int = 1) -> Path:
+    """The init's stdout as the host sees it: writing there is the init printing."""
+    ((pid,),) = db_rows(env.d, "SELECT pid FROM containers WHERE name = ?", name)
+    return Path(f"/proc/{pid}/fd/{fd}")
+
+
+def test_logs_show_and_follow_init_output(env: Env, tmp_path: Path) -> None:
+    first, second = unique("first"), unique("second")
+    _init_stdout(env, env.box).write_text(first + "\n")
+    poll(lambda: first.encode() in env.rexec("logs", env.box).stdout, what="the first line")
+    out = tmp_path / "follow.out"
+    with open(out, "wb") as sink:
+        follower = subprocess.Popen(
+            [*REXEC, "logs", "-f", env.box], stdout=sink, env=env.environ, cwd=ROOT
+        )
+    try:
+        poll(lambda: first.encode() in out.read_bytes(), what="the follower's backlog")
+        _init_stdout(env, env.box, 2).write_text(second + "\n")
+        poll(lambda: second.encode() in out.read_bytes(), what="the followed line")
+        assert follower.poll() is None  # still following while the container runs
+    finally:
+        follower.kill()
+        follower.wait()
+
+
+def test_log_keeps_a_bounded_tail_and_the_daemon_answers(env: Env) -> None:
+    ((cid,),) = db_rows(env.d, "SELECT id FROM containers WHERE name = ?", env.box)
+    log_file = env.d.state / "logs" / f"{cid}.log"
+    last = unique("last")
+    with open(_init_stdout(env, env.box), "w") as f:
+        for i in range(40_000):  # about 3 MiB
+            f.write(f"{i:08d} {'x' * 64}\n")
+        f.write(last + "\n")
+    poll(lambda: last.encode() in env.rexec("logs", env.box).stdout, what="the tail")
+    assert log_file.stat().st_size <= 1024 * 1024
+    assert env.rexec("ls").returncode == 0
+
+
+def test_logs_are_the_owners_and_go_with_the_container(env: Env) -> None:
+    other = Env(env.d, env.d.token(unique("other")), env.box)
+    r = other.rexec("logs", env.box)
+    assert r.returncode == 1 and b"not found" in r.stderr
+    name = unique("gone")
+    c = create_running(env.d, env.token, name)
+    _init_stdout(env, name).write_text("bye\n")
+    log_file = env.d.state / "logs" / f"{c['id']}.log"
+    poll(log_file.exists, what="the log file")
+    assert env.rexec("rm", name).returncode == 0
+    poll(lambda: not log_file.exists(), what="the log removed with its container")
