@@ -29,7 +29,7 @@ from rexecd.models import (
     StreamProgress,
     utcnow,
 )
-from rexecd.runtime import procinfo
+from rexecd.runtime import lxcfs, procinfo
 from rexecd.runtime.cgroups import CgroupLimits, IoLimit
 from rexecd.runtime.container import KILL_WAIT_S, ContainerDirs, ImageView, Runtime
 from rexecd.runtime.containerfs import Entry, mode_string
@@ -171,6 +171,8 @@ class ManagerCore:
         self.exits = ProcessExits(runtime)
         self.logs = ContainerLogs(cfg.state_dir, cfg.run_dir, cfg.logs.max_bytes)
         self._log_ids: dict[str, str] = {}
+        # Whether lxcfs was found at the last start (None: not looked yet); logged on change.
+        self._lxcfs_seen: bool | None = None
         self.terminals = TerminalRegistry(
             cfg.terminal.scrollback_bytes, float(cfg.terminal.idle_timeout_s)
         )
@@ -301,7 +303,7 @@ class ManagerCore:
             self.store.upsert_volume(rec.user_id, rec.name, str(vol.image), vol.size_mb)
             dirs = replace(self.runtime.dirs(rec.id), upper=vol.upper, work=vol.work)
             self.runtime.create_dirs(dirs)
-            return dirs, [BindMount(source=str(vol.home), target=HOME)]
+            return dirs, [BindMount(source=str(vol.home), target=HOME), *self._lxcfs_binds()]
         dirs = self.runtime.dirs(rec.id)
         self.runtime.create_dirs(dirs)
         home = self._volume_dir(rec)
@@ -309,7 +311,28 @@ class ManagerCore:
             home.mkdir(parents=True, mode=0o755)
             os.chown(home, ident.uid, ident.gid)
         self.store.upsert_volume(rec.user_id, rec.name, str(home), rec.resources.disk_mb)
-        return dirs, [BindMount(source=str(home), target=HOME)]
+        return dirs, [BindMount(source=str(home), target=HOME), *self._lxcfs_binds()]
+
+    def _lxcfs_binds(self) -> list[BindMount]:
+        """lxcfs's /proc files for a starting container, when lxcfs runs (looked up at
+        each start: it may be started or stopped while the daemon runs)."""
+        if self.cfg.lxcfs.mode == "off":
+            return []
+        binds = lxcfs.proc_binds(self.cfg.lxcfs.dir)
+        found = bool(binds)
+        if found != self._lxcfs_seen:
+            self._lxcfs_seen = found
+            if found:
+                log.info(
+                    "lxcfs at %s: containers see their own limits in /proc", self.cfg.lxcfs.dir
+                )
+            else:
+                log.warning(
+                    "lxcfs is not mounted at %s: containers see the host's memory and cpus "
+                    "in free and top (install and start the lxcfs package, or set lxcfs.mode: off)",
+                    self.cfg.lxcfs.dir,
+                )
+        return binds
 
     async def _launch(
         self, rec: ContainerRecord, image: ImageRecord, report: _Reporter | None = None
