@@ -153,10 +153,19 @@ class ContainerResources(_Response):
     network_mbps: int
 
 
-class ContainerOut(_OmitNone):
-    """The container object as API.md lists it; ``error_message`` and ``async`` only when set."""
+class ClampedSize(_Response):
+    """A size the request asked for that the caller's tier (or the minimum) changed."""
 
-    _omit_when_none: ClassVar[frozenset[str]] = frozenset({"error_message", "async"})
+    field: str
+    requested: int
+    granted: int
+
+
+class ContainerOut(_OmitNone):
+    """The container object as API.md lists it; ``error_message``, ``async`` and
+    ``clamped`` (on create and update answers) only when set."""
+
+    _omit_when_none: ClassVar[frozenset[str]] = frozenset({"error_message", "async", "clamped"})
 
     id: str
     db_id: str
@@ -173,6 +182,7 @@ class ContainerOut(_OmitNone):
     resources: ContainerResources
     error_message: str | None = None
     async_: bool | None = Field(default=None, alias="async")
+    clamped: list[ClampedSize] | None = None
 
 
 class ContainerList(_Response):
@@ -208,6 +218,23 @@ class SettingsResult(_Response):
     message: str
     restarted: bool
     container: ContainerOut
+
+
+def clamped_sizes(
+    requested: ContainerCreate | SettingsPatch, granted: ContainerResources
+) -> list[ClampedSize] | None:
+    """The sizes asked for (a 0 or null is "not given") that came out different."""
+    pairs = (
+        ("memory_mb", requested.memory_mb, granted.memory_mb),
+        ("cpu_shares", requested.cpu_shares, granted.cpu_shares),
+        ("disk_mb", requested.disk_mb, granted.disk_mb),
+    )
+    out = [
+        ClampedSize(field=f, requested=want, granted=got)
+        for f, want, got in pairs
+        if want is not None and want > 0 and want != got
+    ]
+    return out or None
 
 
 # --- exec ------------------------------------------------------------------------------

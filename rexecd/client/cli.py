@@ -166,10 +166,29 @@ async def _create(c: AsyncClient, a: argparse.Namespace) -> int:
         wait_timeout=a.wait_timeout,
     )
     _show(_wants_json(a), container, _containers_table([container]))
+    _warn_clamped(container)
     if container.status == "error":
         _err(f"rexec: container {container.name} failed: {container.error_message or 'error'}\n")
         return 1
     return 0
+
+
+_SIZE_UNITS = {
+    "memory_mb": ("memory", "MB"),
+    "cpu_shares": ("cpu", "millicores"),
+    "disk_mb": ("disk", "MB"),
+}
+
+
+def _warn_clamped(c: ContainerOut) -> None:
+    """One warning line per size the daemon changed from what was asked (on stderr,
+    so it shows with --json too)."""
+    for cl in c.clamped or ():
+        what, unit = _SIZE_UNITS.get(cl.field, (cl.field, ""))
+        why = "the tier's limit" if cl.granted < cl.requested else "the minimum"
+        _err(
+            f"rexec: warning: {what} {cl.requested} {unit} was set to {cl.granted} {unit} ({why})\n"
+        )
 
 
 async def _action(c: AsyncClient, a: argparse.Namespace) -> int:
@@ -199,6 +218,7 @@ async def _update(c: AsyncClient, a: argparse.Namespace) -> int:
     if result.restarted:
         text += "(the container was restarted to apply the change)\n"
     _show(_wants_json(a), result, text)
+    _warn_clamped(result.container)
     return 0
 
 
@@ -665,6 +685,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_MAKE_TOKEN = "make one on the daemon's host with: rexecd token create --user NAME"
+
+
 def describe_error(e: ApiError, token_given: bool = True) -> str:
     """One line for an API error: ``container not found (404)`` plus what helps next."""
     text = str(e)
@@ -672,7 +695,9 @@ def describe_error(e: ApiError, token_given: bool = True) -> str:
     if e.status == 429 and e.retry_after is not None:
         text += f", retry after {e.retry_after:g}s"
     elif e.status == 401 and not token_given:
-        text += "; set REXEC_TOKEN or pass --token"
+        text += f"; set REXEC_TOKEN or pass --token ({_MAKE_TOKEN})"
+    elif e.status == 401:
+        text += f"; the token is invalid, expired or revoked ({_MAKE_TOKEN})"
     elif e.code == "exec_timeout":
         text += "; give a longer --timeout (at most 300 s), or use -i for no deadline"
     elif "limit" in body and "current" in body:
@@ -681,6 +706,7 @@ def describe_error(e: ApiError, token_given: bool = True) -> str:
             text += f" on tier {body['tier']}"
     elif isinstance(body.get("supported_images"), list):
         text += ": supported: " + ", ".join(str(i) for i in body["supported_images"])
+        text += "; rexec images lists them, an admin adds one with rexec import-image FILE"
     elif isinstance(body.get("details"), list) and body["details"]:
         first = body["details"][0]
         if isinstance(first, dict) and "msg" in first:
@@ -754,15 +780,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return asyncio.run(_run(client, a.func, a))
     except ApiError as e:
-        _err(f"rexec: {describe_error(e, token_given=client.token is not None)}\n")
+        text = describe_error(e, token_given=client.token is not None)
+        _fail(a, text, {"status": e.status, "code": e.code, "body": e.body})
     except (TransportError, ProtocolError, TimeoutError) as e:
-        _err(f"rexec: {e}\n")
+        _fail(a, str(e) or "timed out", {"code": "transport_error"})
     except _UsageError as e:
-        _err(f"rexec: {e}\n")
+        _fail(a, str(e), {"code": "usage_error"})
         return 2
     except KeyboardInterrupt:
         return 130
     return 1
+
+
+def _fail(a: argparse.Namespace, text: str, extra: dict[str, Any]) -> None:
+    """The error on stderr: one line, or with --json one JSON object (stdout stays for
+    what a command prints)."""
+    if _wants_json(a):
+        _err(json.dumps({"error": text, **extra}) + "\n")
+    else:
+        _err(f"rexec: {text}\n")
 
 
 if __name__ == "__main__":

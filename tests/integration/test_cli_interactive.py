@@ -6,6 +6,7 @@ ways, and ``logs``."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import stat
@@ -369,3 +370,22 @@ def test_logs_are_the_owners_and_go_with_the_container(env: Env) -> None:
     poll(log_file.exists, what="the log file")
     assert env.rexec("rm", name).returncode == 0
     poll(lambda: not log_file.exists(), what="the log removed with its container")
+
+
+# ------------------------------------------------------------------ output
+
+
+def test_clamped_size_is_said(env: Env) -> None:
+    name = unique("big")
+    r = env.rexec("--json", "create", "busybox", "--name", name, "--memory", "999999")
+    try:
+        assert r.returncode == 0, r.stderr
+        body = json.loads(r.stdout)
+        (clamp,) = body["clamped"]
+        assert clamp["field"] == "memory_mb" and clamp["requested"] == 999999
+        assert clamp["granted"] == body["resources"]["memory_mb"] < 999999
+        warning = r.stderr.decode()
+        assert warning.startswith("rexec: warning: memory 999999 MB was set to ")
+        assert "the tier's limit" in warning
+    finally:
+        env.rexec("rm", name, "--volumes")
