@@ -3,27 +3,31 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel
-
-from rexecd.client.sdk import (
+# Only what a start needs: aiohttp, pydantic and the models come in with the command
+# that uses them (rexec ls needs neither; see bench/cli_latency.py).
+from rexecd.client.base import (
+    DEFAULT_DETACH_KEYS,
     DEFAULT_HOST,
     ApiError,
-    AsyncClient,
     ProtocolError,
     TransportError,
+    get_json,
 )
-from rexecd.client.terminal import DEFAULT_DETACH_KEYS
-from rexecd.models import ContainerOut, Event, ExecResult, PortForwardOut, VolumeOut
 
-Handler = Callable[[AsyncClient, argparse.Namespace], Awaitable[int]]
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from rexecd.client.sdk import AsyncClient
+    from rexecd.models import ContainerOut, Event, ExecResult, PortForwardOut, VolumeOut
+
+Handler = Callable[["AsyncClient", argparse.Namespace], Awaitable[int]]
 
 
 # --- output ----------------------------------------------------------------------------
@@ -39,7 +43,7 @@ def _err(text: str) -> None:
 
 
 def _json_of(value: BaseModel | list[BaseModel] | dict[str, Any]) -> Any:
-    if isinstance(value, BaseModel):
+    if hasattr(value, "model_dump"):
         return value.model_dump(mode="json", by_alias=True)
     if isinstance(value, list):
         return [v.model_dump(mode="json", by_alias=True) for v in value]
@@ -101,22 +105,33 @@ def _percent(part: int, whole: int) -> str:
 CONTAINER_COLUMNS = ("NAME", "ID", "IMAGE", "STATUS", "CPU", "MEMORY", "DISK", "IP", "CREATED")
 
 
-def _container_row(c: ContainerOut) -> list[str]:
-    r = c.resources
+def _container_row(c: ContainerOut | Mapping[str, Any]) -> list[str]:
+    d = c if isinstance(c, Mapping) else c.model_dump(mode="json", by_alias=True)
+    r = d["resources"]
     return [
-        c.name,
-        c.id[:12],
-        c.image,
-        c.status,
-        f"{r.cpu_shares}m",
-        f"{r.memory_mb}M",
-        f"{r.disk_mb}M",
-        c.ip_address or "-",
-        _age(c.created_at),
+        d["name"],
+        d["id"][:12],
+        d["image"],
+        d["status"],
+        f"{r['cpu_shares']}m",
+        f"{r['memory_mb']}M",
+        f"{r['disk_mb']}M",
+        d.get("ip_address") or "-",
+        _age(_datetime(d.get("created_at"))),
     ]
 
 
-def _containers_table(containers: Sequence[ContainerOut]) -> str:
+def _datetime(value: object) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
+def _containers_table(containers: Sequence[ContainerOut | Mapping[str, Any]]) -> str:
     return table(CONTAINER_COLUMNS, [_container_row(c) for c in containers])
 
 
@@ -130,6 +145,21 @@ def _wants_json(a: argparse.Namespace) -> bool:
 async def _ls(c: AsyncClient, a: argparse.Namespace) -> int:
     result = await c.list_containers()
     _show(_wants_json(a), result, _containers_table(result.containers))
+    return 0
+
+
+def _ls_now(a: argparse.Namespace) -> int:
+    """``rexec ls`` without the event loop, aiohttp or pydantic: one GET, one table."""
+    host = getattr(a, "host", None) or os.environ.get("REXEC_HOST") or DEFAULT_HOST
+    token = getattr(a, "token", None)
+    token = (token if token is not None else os.environ.get("REXEC_TOKEN")) or None
+    body = get_json(host, token, "/api/containers")
+    if not isinstance(body, dict) or not isinstance(body.get("containers"), list):
+        raise ProtocolError("unexpected answer to GET /api/containers")
+    if _wants_json(a):
+        _out(json.dumps(body, indent=2) + "\n")
+    else:
+        _out(_containers_table(body["containers"]))
     return 0
 
 
@@ -685,7 +715,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_MAKE_TOKEN = "make one on the daemon's host with: rexecd token create --user NAME"
+_MAKE_TOKEN = "make a token on the daemon's host with: rexecd token create --user NAME"
 
 
 def describe_error(e: ApiError, token_given: bool = True) -> str:
@@ -697,7 +727,7 @@ def describe_error(e: ApiError, token_given: bool = True) -> str:
     elif e.status == 401 and not token_given:
         text += f"; set REXEC_TOKEN or pass --token ({_MAKE_TOKEN})"
     elif e.status == 401:
-        text += f"; the token is invalid, expired or revoked ({_MAKE_TOKEN})"
+        text += f"; {_MAKE_TOKEN}"
     elif e.code == "exec_timeout":
         text += "; give a longer --timeout (at most 300 s), or use -i for no deadline"
     elif "limit" in body and "current" in body:
@@ -773,14 +803,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = parser.parse_args(head)
     if command_words:
         a.cmd = command_words
+    token_given = (getattr(a, "token", None) or os.environ.get("REXEC_TOKEN")) is not None
     try:
-        client = AsyncClient(getattr(a, "host", None), getattr(a, "token", None))
-    except ValueError as e:
-        parser.error(str(e))
-    try:
+        host = getattr(a, "host", None) or os.environ.get("REXEC_HOST") or DEFAULT_HOST
+        if a.func is _ls and not host.startswith("https:"):
+            try:
+                return _ls_now(a)
+            except ValueError as e:  # a bad REXEC_HOST
+                parser.error(str(e))
+        import asyncio
+
+        from rexecd.client.sdk import AsyncClient
+
+        try:
+            client = AsyncClient(getattr(a, "host", None), getattr(a, "token", None))
+        except ValueError as e:
+            parser.error(str(e))
+        token_given = client.token is not None
         return asyncio.run(_run(client, a.func, a))
     except ApiError as e:
-        text = describe_error(e, token_given=client.token is not None)
+        text = describe_error(e, token_given=token_given)
         _fail(a, text, {"status": e.status, "code": e.code, "body": e.body})
     except (TransportError, ProtocolError, TimeoutError) as e:
         _fail(a, str(e) or "timed out", {"code": "transport_error"})

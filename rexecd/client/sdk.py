@@ -16,6 +16,14 @@ import aiohttp
 from pydantic import BaseModel, ValidationError
 
 from rexecd import __version__
+from rexecd.client.base import (
+    DEFAULT_HOST,
+    ApiError,
+    ProtocolError,
+    RexecClientError,
+    TransportError,
+    parse_host,
+)
 from rexecd.models import (
     EXEC_DEFAULT_TIMEOUT_S,
     EXEC_MAX_TIMEOUT_S,
@@ -46,7 +54,19 @@ from rexecd.models import (
     VolumeList,
 )
 
-DEFAULT_HOST: Final = "unix:/run/rexecd/rexecd.sock"
+__all__ = [
+    "DEFAULT_HOST",
+    "ApiError",
+    "AsyncClient",
+    "EventStream",
+    "ExecStream",
+    "ProtocolError",
+    "RexecClientError",
+    "TerminalSession",
+    "TransportError",
+    "parse_host",
+]
+
 WS_PROTOCOL: Final = "rexec.v1"
 WS_TOKEN_PROTOCOL_PREFIX: Final = "rexec.token."
 # States a freshly created container settles in; polling stops at the first of them.
@@ -67,38 +87,6 @@ M = TypeVar("M", bound=BaseModel)
 
 
 # --- errors ----------------------------------------------------------------------------
-
-
-class RexecClientError(Exception):
-    """Base of every error the client raises."""
-
-
-class ApiError(RexecClientError):
-    """The daemon answered with an error status; ``body`` is its JSON error object."""
-
-    def __init__(
-        self, status: int, body: Mapping[str, Any], *, retry_after: float | None = None
-    ) -> None:
-        self.status = status
-        self.body: dict[str, Any] = dict(body)
-        error = self.body.get("error")
-        self.message = error if isinstance(error, str) and error else f"HTTP {status}"
-        self.retry_after = retry_after
-        super().__init__(f"{self.message} ({status})")
-
-    @property
-    def code(self) -> str | None:
-        """The daemon's stable error code (``container_not_found``, ...), when it sent one."""
-        code = self.body.get("code")
-        return code if isinstance(code, str) else None
-
-
-class TransportError(RexecClientError):
-    """The daemon could not be reached, or the connection broke or timed out."""
-
-
-class ProtocolError(RexecClientError):
-    """The daemon answered with something that is not the documented shape."""
 
 
 def _number(value: object) -> float | None:
@@ -165,28 +153,6 @@ def _parse(model: type[M], data: Any, what: str) -> M:
         return model.model_validate(data, extra="ignore")
     except ValidationError as e:
         raise ProtocolError(f"unexpected answer to {what}: {e}") from e
-
-
-def parse_host(host: str) -> tuple[str, str | None]:
-    """Split a ``REXEC_HOST`` value into the base URL and the unix socket path (or None).
-
-    Accepted: ``unix:/path``, ``unix:///path``, a bare ``/path``, ``http(s)://HOST:PORT[/prefix]``
-    and the daemon's own ``tcp:HOST:PORT`` listen syntax.
-    """
-    if host.startswith("unix:"):
-        path = host[len("unix:") :]
-        if path.startswith("//"):
-            path = path[2:]
-        if not path:
-            raise ValueError("REXEC_HOST unix: needs a socket path")
-        return "http://localhost", path
-    if host.startswith("/"):
-        return "http://localhost", host
-    if host.startswith("tcp:"):
-        host = "http://" + host[len("tcp:") :]
-    if host.startswith(("http://", "https://")):
-        return host.rstrip("/"), None
-    raise ValueError(f"REXEC_HOST must be unix:PATH or http://HOST:PORT, not {host!r}")
 
 
 def _seconds(value: float) -> str:

@@ -20,8 +20,6 @@ from rexecd.client.sdk import TerminalSession
 from rexecd.models import TerminalFrame
 
 _READ_SIZE = 65536
-#: podman's and docker's default detach sequence: Ctrl-P then Ctrl-Q.
-DEFAULT_DETACH_KEYS = "ctrl-p,ctrl-q"
 #: What ``attach`` returns after ``~.``: ssh's status for a connection it dropped.
 ESCAPE_STATUS = 255
 

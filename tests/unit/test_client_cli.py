@@ -345,7 +345,7 @@ def test_missing_token_hint(
     assert code == 1
     assert err == (
         "rexec: Authorization token required (401); set REXEC_TOKEN or pass --token "
-        "(make one on the daemon's host with: rexecd token create --user NAME)\n"
+        "(make a token on the daemon's host with: rexecd token create --user NAME)\n"
     )
 
 
