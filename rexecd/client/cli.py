@@ -795,15 +795,51 @@ def _split_exec(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[list[
     return argv, []
 
 
+def _plain_ls(words: list[str]) -> argparse.Namespace | None:
+    """``words`` as the namespace of a plain ``rexec ls [--json] [--host H] [--token T]``,
+    or None for anything else: building the whole parser costs more than the listing."""
+    a = argparse.Namespace(func=_ls, command="ls")
+    seen_ls = False
+    i = 0
+    while i < len(words):
+        word = words[i]
+        key, eq, value = word.partition("=")
+        if word == "ls" and not seen_ls:
+            seen_ls = True
+        elif word == "--json":
+            a.json = True
+        elif key in ("--host", "--token") and eq:
+            setattr(a, key[2:], value)
+        elif word in ("--host", "--token") and i + 1 < len(words):
+            setattr(a, word[2:], words[i + 1])
+            i += 1
+        else:
+            return None
+        i += 1
+    return a if seen_ls else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``rexec``; returns the exit status (0, 1 on errors, the command's for exec)."""
-    parser = build_parser()
     words = list(sys.argv[1:] if argv is None else argv)
+    quick = _plain_ls(words)
+    if quick is not None:
+        try:
+            return _ls_now(quick)
+        except ApiError as e:
+            _fail(quick, describe_error(e, token_given=_token_given(quick)), _api_extra(e))
+            return 1
+        except (TransportError, ProtocolError) as e:
+            _fail(quick, str(e), {"code": "transport_error"})
+            return 1
+        except ValueError:
+            pass  # a bad or an https REXEC_HOST: the full path says so, or serves it
+    parser = build_parser()
     head, command_words = _split_exec(parser, words)
     a = parser.parse_args(head)
     if command_words:
         a.cmd = command_words
-    token_given = (getattr(a, "token", None) or os.environ.get("REXEC_TOKEN")) is not None
+    token_given = _token_given(a)
     try:
         host = getattr(a, "host", None) or os.environ.get("REXEC_HOST") or DEFAULT_HOST
         if a.func is _ls and not host.startswith("https:"):
@@ -823,7 +859,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(_run(client, a.func, a))
     except ApiError as e:
         text = describe_error(e, token_given=token_given)
-        _fail(a, text, {"status": e.status, "code": e.code, "body": e.body})
+        _fail(a, text, _api_extra(e))
     except (TransportError, ProtocolError, TimeoutError) as e:
         _fail(a, str(e) or "timed out", {"code": "transport_error"})
     except _UsageError as e:
@@ -832,6 +868,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return 1
+
+
+def _token_given(a: argparse.Namespace) -> bool:
+    return (getattr(a, "token", None) or os.environ.get("REXEC_TOKEN")) is not None
+
+
+def _api_extra(e: ApiError) -> dict[str, Any]:
+    return {"status": e.status, "code": e.code, "body": e.body}
 
 
 def _fail(a: argparse.Namespace, text: str, extra: dict[str, Any]) -> None:
