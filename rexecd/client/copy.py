@@ -23,6 +23,7 @@ from pathlib import Path
 
 from rexecd.client.interactive import read_chunks
 from rexecd.client.sdk import ApiError, AsyncClient, ExecStream
+from rexecd.client.terminal import write_all
 
 # Permission bits and the sticky bit; setuid and setgid from a container are dropped.
 _KEPT_MODE = 0o1777
@@ -191,7 +192,7 @@ async def copy_from(c: AsyncClient, src: Endpoint, dst: str) -> int:
             async for kind, value in stream:
                 if kind == "stdout":
                     try:
-                        await asyncio.to_thread(_write_all, w, value)
+                        await asyncio.to_thread(write_all, w, value)
                     except BrokenPipeError:
                         break  # the unpacker refused the archive: its error says why
                 elif kind == "stderr":
@@ -214,12 +215,6 @@ async def copy_from(c: AsyncClient, src: Endpoint, dst: str) -> int:
     if refused is not None:
         raise CopyError(f"refused the archive from the container: {refused}")
     return 0 if code == 0 else 1
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 def check_pair(src: Endpoint, dst: Endpoint) -> None:

@@ -133,10 +133,9 @@ class ContainerLogs:
         """Queue ``data`` for the log; dropped (and counted) if the writer is behind."""
         self._ensure_writer()
         dropped = self._dropped.pop(cid, 0)
-        if dropped:
-            data = f"\n[rexecd: {dropped} bytes of output dropped]\n".encode() + data
+        note = f"\n[rexecd: {dropped} bytes of output dropped]\n".encode() if dropped else b""
         try:
-            self._queue.put_nowait((cid, data))
+            self._queue.put_nowait((cid, note + data))
         except queue.Full:
             self._dropped[cid] = dropped + len(data)
 
