@@ -337,16 +337,25 @@ async def _cp(c: AsyncClient, a: argparse.Namespace) -> int:
     try:
         copy.check_pair(src, dst)
         if dst.container is not None:
-            return await copy.copy_to(c, a.src, dst)
-        return await copy.copy_from(c, src, a.dst)
+            status = await copy.copy_to(c, a.src, dst)
+        else:
+            status = await copy.copy_from(c, src, a.dst)
     except copy.CopyError as e:
         raise _UsageError(str(e)) from None
+    if _wants_json(a):
+        _print_json({"source": a.src, "destination": a.dst, "exit_code": status})
+    return status
 
 
 async def _logs(c: AsyncClient, a: argparse.Namespace) -> int:
     out = sys.stdout.buffer
     async for chunk in c.logs(a.container, follow=a.follow):
-        out.write(chunk)
+        if _wants_json(a):
+            # One object per chunk as it comes (with -f a stream of JSON lines).
+            text = chunk.decode("utf-8", "replace")
+            out.write(json.dumps({"container": a.container, "data": text}).encode() + b"\n")
+        else:
+            out.write(chunk)
         out.flush()
     return 0
 
