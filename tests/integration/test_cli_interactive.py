@@ -389,3 +389,19 @@ def test_clamped_size_is_said(env: Env) -> None:
         assert "the tier's limit" in warning
     finally:
         env.rexec("rm", name, "--volumes")
+
+
+def test_exec_stream_is_the_owners_and_needs_write(env: Env) -> None:
+    other = Env(env.d, env.d.token(unique("other")), env.box)
+    r = other.rexec("exec", "-i", env.box, "--", "true")
+    assert r.returncode == 1 and b"container not found (404)" in r.stderr, r.stderr
+    user, name = unique("ro"), unique("robox")
+    writer = Env(env.d, env.d.token(user), name)
+    create_running(env.d, writer.token, name)
+    try:
+        reader = Env(env.d, env.d.token(user, scopes="read"), name)
+        r = reader.rexec("exec", "-i", name, "--", "true")
+        assert r.returncode == 1 and b"(403)" in r.stderr, r.stderr
+        assert writer.rexec("exec", "-i", name, "--", "true").returncode == 0
+    finally:
+        writer.rexec("rm", name, "--volumes")
