@@ -1,16 +1,17 @@
 """Container logs: ``<state_dir>/logs/<container id>.log``, the output of a container's
 init (its stdout and stderr) and of its role install, bounded to its tail.
 
-The init writes into a FIFO (``<run_dir>/logs/<id>.fifo``) that it holds open for
-reading and writing itself: with a reader always there its writes never raise
-EPIPE, even while the daemon is down (then they block once the FIFO's 64 KiB are
-full, and resume when the daemon is back and reads again). The daemon reads the FIFO
-on the event loop without blocking and hands the bytes to one writer thread of its
-own (never the shared pool), through a bounded queue: output past what the disk
-takes is dropped, with a note, instead of queueing without limit or stalling the
-loop. The writer keeps each file at most ``max_bytes`` by cutting off its head;
-other writers of the same file (role installs) append with O_APPEND, which the
-in-place cut keeps correct.
+The init writes into a pipe that it also holds open for reading (the write end
+reopened read-write through /proc): with a reader always there its writes never
+raise EPIPE, even while the daemon is down (they block once the pipe's 64 KiB are
+full, and go on when a daemon reads again; a restarted daemon reopens the pipe
+through ``/proc/<init>/fd/1``). It is an anonymous pipe, not a named FIFO, so the
+container holds no descriptor of a host file. The daemon reads it on the event loop
+without blocking and hands the bytes to one writer thread of its own (never the
+shared pool), through a bounded queue: output past what the disk takes is dropped,
+with a note, instead of queueing without limit or stalling the loop. The writer keeps
+each file at most ``max_bytes`` by cutting off its head; other writers of the same
+file (role installs) append with O_APPEND, which the in-place cut keeps correct.
 """
 
 from __future__ import annotations
@@ -37,16 +38,17 @@ FOLLOW_POLL_S = 1.0
 
 
 class ContainerLogs:
-    """Every container's log file and capture FIFO; ``watch`` and ``unwatch`` run on
+    """Every container's log file and capture pipe; ``watch`` and ``unwatch`` run on
     the event loop, the rest from any thread."""
 
-    def __init__(self, state_dir: Path, run_dir: Path, max_bytes: int) -> None:
+    def __init__(self, state_dir: Path, max_bytes: int) -> None:
         self.dir = state_dir / "logs"
-        self.fifo_dir = run_dir / "logs"
         self.max_bytes = max_bytes
         self._queue: queue.Queue[tuple[str, bytes | None]] = queue.Queue(QUEUE_CHUNKS)
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
+        # The daemon's read end of a capture pipe, between open_capture and watch.
+        self._opened: dict[str, int] = {}
         self._readers: dict[str, int] = {}
         self._dropped: dict[str, int] = {}
         # Bytes cut off the head of each log, so a follower's offset can move with them.
@@ -57,38 +59,43 @@ class ContainerLogs:
     def path(self, cid: str) -> Path:
         return self.dir / f"{cid}.log"
 
-    def _fifo(self, cid: str) -> Path:
-        return self.fifo_dir / f"{cid}.fifo"
-
     # ------------------------------------------------------------ capture
 
     def open_capture(self, cid: str) -> list[int]:
         """Stdio for a starting init: an empty stdin, and stdout and stderr into the
-        log's FIFO. The caller closes the fds once the init has them."""
+        log's pipe. The caller closes the fds once the init has them."""
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.fifo_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fifo = self._fifo(cid)
-        with contextlib.suppress(FileNotFoundError):
-            fifo.unlink()
-        os.mkfifo(fifo, 0o600)
-        out = os.open(fifo, os.O_RDWR | os.O_CLOEXEC)
+        self.drop_capture(cid)
+        r, w = os.pipe2(os.O_CLOEXEC)
+        try:
+            # Read-write, so the init is a reader of its own pipe too (see above).
+            out = os.open(f"/proc/self/fd/{w}", os.O_RDWR | os.O_CLOEXEC)
+        finally:
+            os.close(w)
         # stdin: a pipe whose writer is gone (EOF), not a host device node.
         stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)
         os.close(stdin_w)
+        self._opened[cid] = r
         return [stdin_r, out, out]
 
-    def watch(self, cid: str) -> None:
-        """Read the init's FIFO (after a start, or after a daemon restart adopts it)."""
+    def drop_capture(self, cid: str) -> None:
+        """Forget a capture whose init never ran (a failed start)."""
+        fd = self._opened.pop(cid, None)
+        if fd is not None:
+            os.close(fd)
+
+    def watch(self, cid: str, pid: int) -> None:
+        """Read the init's pipe: the one just made, or (after a daemon restart) the one
+        init ``pid`` holds as its stdout."""
         if cid in self._readers:
             return
         self._loop = asyncio.get_running_loop()
-        try:
-            fd = os.open(self._fifo(cid), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
-            return  # started before logs were captured: nothing to read
-        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
-            os.close(fd)
-            return
+        fd = self._opened.pop(cid, None)
+        if fd is None:
+            fd = _reopen_pipe(f"/proc/{pid}/fd/1")
+            if fd is None:
+                return  # started before logs were captured: nothing to read
+        os.set_blocking(fd, False)
         self._readers[cid] = fd
         self._loop.add_reader(fd, self._readable, cid, fd)
 
@@ -106,15 +113,14 @@ class ContainerLogs:
         self.append(cid, data)
 
     def unwatch(self, cid: str) -> None:
-        """The init exited: take what is left in the FIFO, then stop reading it."""
+        """The init exited: take what is left in the pipe, then stop reading it."""
         fd = self._readers.get(cid)
         if fd is not None:
             with contextlib.suppress(OSError):
                 while data := os.read(fd, READ_CHUNK):
                     self.append(cid, data)
             self._close_reader(cid)
-        with contextlib.suppress(OSError):
-            self._fifo(cid).unlink()
+        self.drop_capture(cid)
 
     def _close_reader(self, cid: str) -> None:
         fd = self._readers.pop(cid, None)
@@ -221,6 +227,23 @@ class ContainerLogs:
                 waiters.discard(ev)
                 if not waiters:
                     del self._waiters[cid]
+
+
+def _reopen_pipe(path: str) -> int | None:
+    """A read end of the pipe at ``path`` (a /proc fd link), or None when it is not a
+    pipe: looked at through O_PATH first, so nothing else is ever opened for reading."""
+    try:
+        probe = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISFIFO(os.fstat(probe).st_mode):
+            return None
+        return os.open(f"/proc/self/fd/{probe}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    finally:
+        os.close(probe)
 
 
 def _read_from(path: Path, offset: int, limit: int = 1 << 20) -> bytes:

@@ -169,7 +169,7 @@ class ManagerCore:
         self._guarding = False
         # Exec and terminal processes are awaited on the loop, never in a worker thread.
         self.exits = ProcessExits(runtime)
-        self.logs = ContainerLogs(cfg.state_dir, cfg.run_dir, cfg.logs.max_bytes)
+        self.logs = ContainerLogs(cfg.state_dir, cfg.logs.max_bytes)
         self._log_ids: dict[str, str] = {}
         # Whether lxcfs was found at the last start (None: not looked yet); logged on change.
         self._lxcfs_seen: bool | None = None
@@ -403,7 +403,7 @@ class ManagerCore:
             )
         except BaseException:
             await asyncio.to_thread(self._undo_launch, rec, attached)
-            self.logs.unwatch(rec.id)  # the FIFO made for an init that never ran
+            self.logs.drop_capture(rec.id)  # the pipe made for an init that never ran
             raise
         self._watch(rec)
         self._publish("started", rec)
@@ -525,7 +525,7 @@ class ManagerCore:
         watch = _InitWatch(rec.pid, pidfd, loop.create_future())
         self._inits[rec.db_id] = watch
         self._log_ids[rec.db_id] = rec.id
-        self.logs.watch(rec.id)
+        self.logs.watch(rec.id, rec.pid)
         loop.add_reader(pidfd, self._init_exited, rec.db_id, watch)
         self.init_guard.watch(rec.db_id, rec.pid, pidfd, rec.name, rec.user_id)
         if not self._guarding:

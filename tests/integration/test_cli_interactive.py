@@ -405,3 +405,27 @@ def test_exec_stream_is_the_owners_and_needs_write(env: Env) -> None:
         assert writer.rexec("exec", "-i", name, "--", "true").returncode == 0
     finally:
         writer.rexec("rm", name, "--volumes")
+
+
+def test_logs_survive_a_daemon_crash(tmp_path_factory: pytest.TempPathFactory) -> None:
+    with running_daemon(tmp_path_factory) as d:
+        env = Env(d, d.token(unique("crash"), tier="pro"), unique("box"))
+        create_running(d, env.token, env.box)
+        before, while_down, after = unique("before"), unique("down"), unique("after")
+        _init_stdout(env, env.box).write_text(before + "\n")
+        poll(lambda: before.encode() in env.rexec("logs", env.box).stdout, what="before")
+        d.stop(kill=True)
+        # The init keeps writing while no daemon reads (its own read end keeps EPIPE away).
+        _init_stdout(env, env.box).write_text(while_down + "\n")
+        d.start()
+        _init_stdout(env, env.box).write_text(after + "\n")
+
+        def log_with_after() -> bytes | None:
+            out = env.rexec("logs", env.box).stdout
+            return out if after.encode() in out else None
+
+        out = poll(log_with_after, what="after the restart")
+        assert (
+            out.index(before.encode()) < out.index(while_down.encode()) < out.index(after.encode())
+        )
+        assert env.rexec("exec", env.box, "--", "true").returncode == 0

@@ -30,11 +30,12 @@ async def _until(check: object, what: str) -> None:
 
 
 async def test_capture_is_bounded_followed_and_removed(tmp_path: Path) -> None:
-    logs = ContainerLogs(tmp_path / "state", tmp_path / "run", max_bytes=4096)
+    logs = ContainerLogs(tmp_path / "state", max_bytes=4096)
     stdin, out, err = logs.open_capture("c1")
     assert out == err
+    assert os.readlink(f"/proc/self/fd/{out}").startswith("pipe:")  # no host file
     assert os.read(stdin, 10) == b""  # stdin is at EOF, not a host device
-    logs.watch("c1")
+    logs.watch("c1", os.getpid())
     try:
         for i in range(200):
             os.write(out, b"%04d %s\n" % (i, b"x" * 40))
@@ -61,15 +62,33 @@ async def test_capture_is_bounded_followed_and_removed(tmp_path: Path) -> None:
         for fd in {stdin, out}:
             os.close(fd)
         logs.unwatch("c1")
-    assert not (tmp_path / "run" / "logs" / "c1.fifo").exists()
+    assert logs._readers == {} and logs._opened == {}
     logs.remove("c1")
     await _until(lambda: not logs.path("c1").exists(), "log removed")
 
 
 def test_output_past_the_queue_is_dropped_not_queued(tmp_path: Path) -> None:
-    logs = ContainerLogs(tmp_path / "state", tmp_path / "run", max_bytes=1 << 20)
+    logs = ContainerLogs(tmp_path / "state", max_bytes=1 << 20)
     logs._thread = object()  # type: ignore[assignment]  # a writer that never drains
     for _ in range(containerlogs.QUEUE_CHUNKS + 5):
         logs.append("c1", b"y" * 100)
     assert logs._queue.qsize() == containerlogs.QUEUE_CHUNKS
     assert logs._dropped["c1"] == 500
+
+
+def test_a_restarted_daemon_reopens_the_pipe_only(tmp_path: Path) -> None:
+    r, w = os.pipe()
+    try:
+        os.write(w, b"kept")
+        fd = containerlogs._reopen_pipe(f"/proc/self/fd/{w}")
+        assert fd is not None
+        try:
+            assert os.read(fd, 10) == b"kept"
+        finally:
+            os.close(fd)
+        (tmp_path / "file").write_text("x")
+        with open(tmp_path / "file") as f:
+            assert containerlogs._reopen_pipe(f"/proc/self/fd/{f.fileno()}") is None
+    finally:
+        os.close(r)
+        os.close(w)
