@@ -222,7 +222,7 @@ def main() -> None:
         },
     )
     try:
-        d.import_image(ROOT / "images" / "busybox.tar")
+        d.import_image(ROOT / "build" / "test-images" / "busybox.tar")
         hog_token = d.token("hog")
         other_token = d.token("other")
         d.start()

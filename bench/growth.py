@@ -182,7 +182,7 @@ def main() -> None:
     base = Path(tempfile.mkdtemp(prefix="rexecd-bench-growth-", dir="/var/tmp"))
     d = Daemon(base, overrides=overrides)
     try:
-        d.import_image(ROOT / "images" / "busybox.tar")
+        d.import_image(ROOT / "build" / "test-images" / "busybox.tar")
         token = d.token("bench", tier=args.tier)
         d.start()
         deadline = time.monotonic() + args.max_seconds

@@ -559,6 +559,19 @@ class ExecConfig(_Section):
     output_cap_bytes: PositiveInt = 1048576
 
 
+class LogsConfig(_Section):
+    # Each container's log (<state_dir>/logs/<id>.log) keeps at most this many bytes:
+    # its tail. Output past what the writer can take at once is dropped, not queued.
+    max_bytes: PositiveInt = 1048576
+
+
+class LxcfsConfig(_Section):
+    # lxcfs's /proc files bound into containers (free, top, uptime see the limits):
+    # "auto" uses them when lxcfs is mounted at ``dir``, "off" never does.
+    mode: Literal["auto", "off"] = "auto"
+    dir: Path = Path("/var/lib/lxcfs")
+
+
 class AuthConfig(_Section):
     # API.md: ``?token=`` on a WebSocket upgrade is a legacy fallback the config must
     # switch on; a URL is copied into proxy logs and browser histories.
@@ -592,6 +605,8 @@ class Config(_Section):
     packages: PackagesConfig = Field(default_factory=PackagesConfig)
     terminal: TerminalConfig = Field(default_factory=TerminalConfig)
     exec: ExecConfig = Field(default_factory=ExecConfig)
+    logs: LogsConfig = Field(default_factory=LogsConfig)
+    lxcfs: LxcfsConfig = Field(default_factory=LxcfsConfig)
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
     stop_timeout_s: NonNegativeInt = 10
     auth: AuthConfig = Field(default_factory=AuthConfig)

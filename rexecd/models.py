@@ -153,10 +153,19 @@ class ContainerResources(_Response):
     network_mbps: int
 
 
-class ContainerOut(_OmitNone):
-    """The container object as API.md lists it; ``error_message`` and ``async`` only when set."""
+class ClampedSize(_Response):
+    """A size the request asked for that the caller's tier (or the minimum) changed."""
 
-    _omit_when_none: ClassVar[frozenset[str]] = frozenset({"error_message", "async"})
+    field: str
+    requested: int
+    granted: int
+
+
+class ContainerOut(_OmitNone):
+    """The container object as API.md lists it; ``error_message``, ``async`` and
+    ``clamped`` (on create and update answers) only when set."""
+
+    _omit_when_none: ClassVar[frozenset[str]] = frozenset({"error_message", "async", "clamped"})
 
     id: str
     db_id: str
@@ -173,6 +182,7 @@ class ContainerOut(_OmitNone):
     resources: ContainerResources
     error_message: str | None = None
     async_: bool | None = Field(default=None, alias="async")
+    clamped: list[ClampedSize] | None = None
 
 
 class ContainerList(_Response):
@@ -208,6 +218,23 @@ class SettingsResult(_Response):
     message: str
     restarted: bool
     container: ContainerOut
+
+
+def clamped_sizes(
+    requested: ContainerCreate | SettingsPatch, granted: ContainerResources
+) -> list[ClampedSize] | None:
+    """The sizes asked for (a 0 or null is "not given") that came out different."""
+    pairs = (
+        ("memory_mb", requested.memory_mb, granted.memory_mb),
+        ("cpu_shares", requested.cpu_shares, granted.cpu_shares),
+        ("disk_mb", requested.disk_mb, granted.disk_mb),
+    )
+    out = [
+        ClampedSize(field=f, requested=want, granted=got)
+        for f, want, got in pairs
+        if want is not None and want > 0 and want != got
+    ]
+    return out or None
 
 
 # --- exec ------------------------------------------------------------------------------
@@ -280,6 +307,45 @@ class ExecRequest(_Request):
             return list(self.cmd)
         assert self.command is not None
         return ["/bin/sh", "-c", self.command]
+
+
+class ExecStreamStart(ExecRequest):
+    """The first frame of the exec stream ``/api/containers/{id}/exec/stream``: what to
+    run, as for ``POST /exec``, plus ``tty`` (a PTY of ``cols`` x ``rows``).
+
+    ``timeout_seconds`` 0 (the default) means no deadline: the process lives as long
+    as the socket does; a larger value is capped like a one-shot exec's.
+    """
+
+    type: Literal["start"] = "start"
+    tty: bool = False
+    cols: int = Field(default=80, ge=1, le=65535)
+    rows: int = Field(default=24, ge=1, le=65535)
+    timeout_seconds: int = Field(default=0, ge=0)
+
+    @field_validator("timeout_seconds", mode="before")
+    @classmethod
+    def _timeout(cls, v: Any) -> Any:
+        if v is None:
+            return 0
+        if isinstance(v, int) and not isinstance(v, bool) and v > EXEC_MAX_TIMEOUT_S:
+            return EXEC_MAX_TIMEOUT_S
+        return v
+
+
+class ExecStreamFrame(BaseModel):
+    """A JSON (text) frame of the exec stream, either way; output and stdin travel as
+    binary frames (see the README's protocol note)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["started", "exit", "error", "eof", "resize", "signal", "ping", "pong"]
+    exit_code: int | None = None
+    error: str | None = None
+    code: str | None = None
+    cols: int | None = Field(default=None, ge=0, le=65535)
+    rows: int | None = Field(default=None, ge=0, le=65535)
+    signal: str | int | None = None
 
 
 class ExecResult(_Response):
@@ -645,6 +711,8 @@ class TerminalFrame(BaseModel):
     # struct winsize holds unsigned shorts.
     cols: int | None = Field(default=None, ge=0, le=65535)
     rows: int | None = Field(default=None, ge=0, le=65535)
+    # On the frame that ends a session because the shell exited: its exit status.
+    exit_code: int | None = None
 
     def to_wire(self) -> str:
         return self.model_dump_json(exclude_none=True)

@@ -17,6 +17,7 @@ from rexecd.models import (
     SettingsPatch,
     SettingsResult,
     Stats,
+    clamped_sizes,
 )
 
 # Longer than any sensible grace period, short enough that a typo does not hold a
@@ -49,7 +50,8 @@ async def create_container(request: web.Request) -> web.Response:
     body = await read_model(request, ContainerCreate)
     c = await request.app[SERVICE].create_container(principal(request), body)
     # 202: the record exists, the container is still being built in the background.
-    return respond(c.model_copy(update={"async_": True}), status=202)
+    clamped = clamped_sizes(body, c.resources)
+    return respond(c.model_copy(update={"async_": True, "clamped": clamped}), status=202)
 
 
 async def get_container(request: web.Request) -> web.Response:
@@ -85,6 +87,7 @@ async def update_settings(request: web.Request) -> web.Response:
     c, restarted = await request.app[SERVICE].update_settings(
         principal(request), ref(request), patch
     )
+    c = c.model_copy(update={"clamped": clamped_sizes(patch, c.resources)})
     return respond(SettingsResult(message="settings updated", restarted=restarted, container=c))
 
 

@@ -47,10 +47,14 @@ class WsClient:
         if text:
             await self.send({"type": "output", "data": text})
 
-    async def end(self, kind: str, message: str) -> None:
+    async def end(self, kind: str, message: str, exit_code: int | None = None) -> None:
         frame_type = "container_status" if kind == "container_status" else "error"
+        frame: dict[str, Any] = {"type": frame_type, "data": message, "code": SessionEnded.code}
+        if exit_code is not None:
+            # Additive: a client that knows the field exits with the shell's status.
+            frame["exit_code"] = exit_code
         with contextlib.suppress(Exception):
-            await self.send({"type": frame_type, "data": message, "code": SessionEnded.code})
+            await self.send(frame)
         await self.ws.close(message=message.encode()[:120])
 
     def abort(self) -> None:

@@ -3,26 +3,31 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
+import os
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel
-
-from rexecd.client.sdk import (
+# Only what a start needs: aiohttp, pydantic and the models come in with the command
+# that uses them (rexec ls needs neither; see bench/cli_latency.py).
+from rexecd.client.base import (
+    DEFAULT_DETACH_KEYS,
     DEFAULT_HOST,
     ApiError,
-    AsyncClient,
     ProtocolError,
     TransportError,
+    get_json,
 )
-from rexecd.client.terminal import attach
-from rexecd.models import ContainerOut, Event, ExecResult, PortForwardOut, VolumeOut
 
-Handler = Callable[[AsyncClient, argparse.Namespace], Awaitable[int]]
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from rexecd.client.sdk import AsyncClient
+    from rexecd.models import ContainerOut, Event, ExecResult, PortForwardOut, VolumeOut
+
+Handler = Callable[["AsyncClient", argparse.Namespace], Awaitable[int]]
 
 
 # --- output ----------------------------------------------------------------------------
@@ -38,7 +43,7 @@ def _err(text: str) -> None:
 
 
 def _json_of(value: BaseModel | list[BaseModel] | dict[str, Any]) -> Any:
-    if isinstance(value, BaseModel):
+    if hasattr(value, "model_dump"):
         return value.model_dump(mode="json", by_alias=True)
     if isinstance(value, list):
         return [v.model_dump(mode="json", by_alias=True) for v in value]
@@ -100,22 +105,33 @@ def _percent(part: int, whole: int) -> str:
 CONTAINER_COLUMNS = ("NAME", "ID", "IMAGE", "STATUS", "CPU", "MEMORY", "DISK", "IP", "CREATED")
 
 
-def _container_row(c: ContainerOut) -> list[str]:
-    r = c.resources
+def _container_row(c: ContainerOut | Mapping[str, Any]) -> list[str]:
+    d = c if isinstance(c, Mapping) else c.model_dump(mode="json", by_alias=True)
+    r = d["resources"]
     return [
-        c.name,
-        c.id[:12],
-        c.image,
-        c.status,
-        f"{r.cpu_shares}m",
-        f"{r.memory_mb}M",
-        f"{r.disk_mb}M",
-        c.ip_address or "-",
-        _age(c.created_at),
+        d["name"],
+        d["id"][:12],
+        d["image"],
+        d["status"],
+        f"{r['cpu_shares']}m",
+        f"{r['memory_mb']}M",
+        f"{r['disk_mb']}M",
+        d.get("ip_address") or "-",
+        _age(_datetime(d.get("created_at"))),
     ]
 
 
-def _containers_table(containers: Sequence[ContainerOut]) -> str:
+def _datetime(value: object) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
+def _containers_table(containers: Sequence[ContainerOut | Mapping[str, Any]]) -> str:
     return table(CONTAINER_COLUMNS, [_container_row(c) for c in containers])
 
 
@@ -129,6 +145,21 @@ def _wants_json(a: argparse.Namespace) -> bool:
 async def _ls(c: AsyncClient, a: argparse.Namespace) -> int:
     result = await c.list_containers()
     _show(_wants_json(a), result, _containers_table(result.containers))
+    return 0
+
+
+def _ls_now(a: argparse.Namespace) -> int:
+    """``rexec ls`` without the event loop, aiohttp or pydantic: one GET, one table."""
+    host = getattr(a, "host", None) or os.environ.get("REXEC_HOST") or DEFAULT_HOST
+    token = getattr(a, "token", None)
+    token = (token if token is not None else os.environ.get("REXEC_TOKEN")) or None
+    body = get_json(host, token, "/api/containers")
+    if not isinstance(body, dict) or not isinstance(body.get("containers"), list):
+        raise ProtocolError("unexpected answer to GET /api/containers")
+    if _wants_json(a):
+        _out(json.dumps(body, indent=2) + "\n")
+    else:
+        _out(_containers_table(body["containers"]))
     return 0
 
 
@@ -195,10 +226,29 @@ async def _create_with_progress(c: AsyncClient, a: argparse.Namespace) -> int:
 
 def _created(a: argparse.Namespace, container: ContainerOut) -> int:
     _show(_wants_json(a), container, _containers_table([container]))
+    _warn_clamped(container)
     if container.status == "error":
         _err(f"rexec: container {container.name} failed: {container.error_message or 'error'}\n")
         return 1
     return 0
+
+
+_SIZE_UNITS = {
+    "memory_mb": ("memory", "MB"),
+    "cpu_shares": ("cpu", "millicores"),
+    "disk_mb": ("disk", "MB"),
+}
+
+
+def _warn_clamped(c: ContainerOut) -> None:
+    """One warning line per size the daemon changed from what was asked (on stderr,
+    so it shows with --json too)."""
+    for cl in c.clamped or ():
+        what, unit = _SIZE_UNITS.get(cl.field, (cl.field, ""))
+        why = "the tier's limit" if cl.granted < cl.requested else "the minimum"
+        _err(
+            f"rexec: warning: {what} {cl.requested} {unit} was set to {cl.granted} {unit} ({why})\n"
+        )
 
 
 async def _action(c: AsyncClient, a: argparse.Namespace) -> int:
@@ -228,6 +278,7 @@ async def _update(c: AsyncClient, a: argparse.Namespace) -> int:
     if result.restarted:
         text += "(the container was restarted to apply the change)\n"
     _show(_wants_json(a), result, text)
+    _warn_clamped(result.container)
     return 0
 
 
@@ -242,6 +293,8 @@ async def _exec(c: AsyncClient, a: argparse.Namespace) -> int:
         argv = argv[1:]
     if not argv:
         raise _UsageError("exec needs a command after the container name (rexec exec NAME -- CMD)")
+    if a.interactive or a.tty:
+        return await _exec_stream(c, a, argv)
     try:
         result = await c.exec(
             a.container,
@@ -252,13 +305,34 @@ async def _exec(c: AsyncClient, a: argparse.Namespace) -> int:
             timeout_seconds=a.timeout,
         )
     except ApiError as e:
-        if e.status == 504:
-            # Show what the command printed before the deadline, then the error.
+        if e.status == 504 and "stdout" in e.body:
+            # Show what the command printed before the deadline, then one line on it.
             _out(str(e.body.get("stdout") or ""))
-            _err(str(e.body.get("stderr") or ""))
+            sys.stdout.flush()
+            _err(str(e.body.get("stderr") or "").removesuffix("command timed out\n"))
+            raise ApiError(504, {"error": "command timed out", "code": "exec_timeout"}) from None
         raise
     _print_exec(result, _wants_json(a))
     return _exit_status(result.exit_code)
+
+
+async def _exec_stream(c: AsyncClient, a: argparse.Namespace, argv: list[str]) -> int:
+    from rexecd.client.interactive import run_stream
+    from rexecd.client.terminal import terminal_size
+
+    size = terminal_size(1) or terminal_size(0) if a.tty else None
+    stream = c.exec_stream(
+        a.container,
+        argv,
+        tty=a.tty,
+        size=size,
+        workdir=a.workdir,
+        env=[f"{k}={v}" for k, v in a.env],
+        user=a.user,
+        timeout_seconds=a.timeout,
+    )
+    async with stream:
+        return await run_stream(stream, interactive=a.interactive, tty=a.tty)
 
 
 def _print_exec(result: ExecResult, wants_json: bool) -> None:
@@ -273,8 +347,47 @@ def _print_exec(result: ExecResult, wants_json: bool) -> None:
 
 
 async def _connect(c: AsyncClient, a: argparse.Namespace) -> int:
+    from rexecd.client.terminal import attach, parse_detach_keys
+
+    try:
+        detach = parse_detach_keys(a.detach_keys)
+    except ValueError as e:
+        raise _UsageError(str(e)) from None
+    escape = None if a.escape_char == "none" else a.escape_char.encode()
+    if escape is not None and len(escape) != 1:
+        raise _UsageError("--escape-char takes one character, or 'none'")
     async with c.terminal(a.container, session=a.session, new_session=a.new_session) as term:
-        return await attach(term)
+        return await attach(term, detach_keys=detach, escape_char=escape)
+
+
+async def _cp(c: AsyncClient, a: argparse.Namespace) -> int:
+    from rexecd.client import copy
+
+    src, dst = copy.parse_endpoint(a.src), copy.parse_endpoint(a.dst)
+    try:
+        copy.check_pair(src, dst)
+        if dst.container is not None:
+            status = await copy.copy_to(c, a.src, dst)
+        else:
+            status = await copy.copy_from(c, src, a.dst)
+    except copy.CopyError as e:
+        raise _UsageError(str(e)) from None
+    if _wants_json(a):
+        _print_json({"source": a.src, "destination": a.dst, "exit_code": status})
+    return status
+
+
+async def _logs(c: AsyncClient, a: argparse.Namespace) -> int:
+    out = sys.stdout.buffer
+    async for chunk in c.logs(a.container, follow=a.follow):
+        if _wants_json(a):
+            # One object per chunk as it comes (with -f a stream of JSON lines).
+            text = chunk.decode("utf-8", "replace")
+            out.write(json.dumps({"container": a.container, "data": text}).encode() + b"\n")
+        else:
+            out.write(chunk)
+        out.flush()
+    return 0
 
 
 async def _stats(c: AsyncClient, a: argparse.Namespace) -> int:
@@ -548,13 +661,46 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-w", "--workdir")
     sp.add_argument("-u", "--user")
     sp.add_argument("-e", "--env", action="append", default=[], type=_key_value, metavar="K=V")
-    sp.add_argument("--timeout", type=int, metavar="S", help="deadline (default 60, max 300)")
-    sp.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD...")
+    sp.add_argument(
+        "--timeout",
+        type=int,
+        metavar="S",
+        help="deadline (default 60, max 300; none with -i/-t unless given)",
+    )
+    sp.add_argument(
+        "-i", "--interactive", action="store_true", help="stream stdin into the command"
+    )
+    sp.add_argument("-t", "--tty", action="store_true", help="run the command on a PTY")
+    # The command is cut off the line by _split_exec before argparse sees it.
+    sp.add_argument("cmd", nargs="*", metavar="-- CMD")
+    p.set_defaults(exec_parser=sp)
 
     sp = command("connect", _connect, "open an interactive terminal in a container")
     sp.add_argument("container")
     sp.add_argument("--session", metavar="ID", help="session to open or take over")
     sp.add_argument("--new-session", action="store_true", help="always start a fresh shell")
+    sp.add_argument(
+        "--detach-keys",
+        metavar="KEYS",
+        default=os.environ.get("REXEC_DETACH_KEYS", DEFAULT_DETACH_KEYS),
+        help="keys that detach and leave the session running "
+        f"(default $REXEC_DETACH_KEYS or {DEFAULT_DETACH_KEYS}; '' disables)",
+    )
+    sp.add_argument(
+        "-e",
+        "--escape-char",
+        metavar="CHAR",
+        default="~",
+        help="ssh-style escape at the start of a line: CHAR. disconnects (default ~; 'none')",
+    )
+
+    sp = command("cp", _cp, "copy files or directories between here and a container")
+    sp.add_argument("src", metavar="SRC", help="a local path, or NAME:PATH")
+    sp.add_argument("dst", metavar="DST", help="NAME:PATH, or a local path")
+
+    sp = command("logs", _logs, "show a container's init and role-install output")
+    sp.add_argument("container")
+    sp.add_argument("-f", "--follow", action="store_true", help="keep printing new output")
 
     command("stats", _stats, "show a container's resource usage").add_argument("container")
     command("images", _images, "list the images you can create containers from")
@@ -612,6 +758,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_MAKE_TOKEN = "make a token on the daemon's host with: rexecd token create --user NAME"
+
+
 def describe_error(e: ApiError, token_given: bool = True) -> str:
     """One line for an API error: ``container not found (404)`` plus what helps next."""
     text = str(e)
@@ -619,13 +768,18 @@ def describe_error(e: ApiError, token_given: bool = True) -> str:
     if e.status == 429 and e.retry_after is not None:
         text += f", retry after {e.retry_after:g}s"
     elif e.status == 401 and not token_given:
-        text += "; set REXEC_TOKEN or pass --token"
+        text += f"; set REXEC_TOKEN or pass --token ({_MAKE_TOKEN})"
+    elif e.status == 401:
+        text += f"; {_MAKE_TOKEN}"
+    elif e.code == "exec_timeout":
+        text += "; give a longer --timeout (at most 300 s), or use -i for no deadline"
     elif "limit" in body and "current" in body:
         text += f": {body['current']} of {body['limit']}"
         if "tier" in body:
             text += f" on tier {body['tier']}"
     elif isinstance(body.get("supported_images"), list):
         text += ": supported: " + ", ".join(str(i) for i in body["supported_images"])
+        text += "; rexec images lists them, an admin adds one with rexec import-image FILE"
     elif isinstance(body.get("details"), list) and body["details"]:
         first = body["details"][0]
         if isinstance(first, dict) and "msg" in first:
@@ -639,26 +793,141 @@ async def _run(client: AsyncClient, handler: Handler, a: argparse.Namespace) -> 
         return await handler(client, a)
 
 
+def _takes_value(parser: argparse.ArgumentParser, arg: str) -> bool | None:
+    """Whether option ``arg`` consumes the next word; None when it is not an option."""
+    if arg.startswith("--") and "=" in arg:
+        return False
+    action = parser._option_string_actions.get(arg)
+    if action is not None:
+        return action.nargs != 0
+    if arg.startswith("-") and not arg.startswith("--") and len(arg) > 2:
+        # Bundled short flags (-it), or a short option with its value attached (-uroot).
+        first = parser._option_string_actions.get(arg[:2])
+        return False if first is not None else None
+    return None
+
+
+def _split_exec(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[list[str], list[str]]:
+    """``argv`` cut into what argparse parses and the command of ``rexec exec``.
+
+    Options may come before and after the container name; the command starts at
+    ``--`` or at the first word that is not an option (as with podman), so
+    ``exec box --timeout 120 -- cmd`` and ``exec box ls -l`` both mean what they say.
+    """
+    exec_parser: argparse.ArgumentParser = parser.get_default("exec_parser")
+    i = 0
+    seen: str | None = None
+    current = parser
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            return (argv[:i], argv[i + 1 :]) if seen == "container" else (argv, [])
+        takes = _takes_value(current, arg)
+        if takes is not None:
+            i += 2 if takes else 1
+            continue
+        if seen is None:
+            if arg != "exec":
+                return argv, []
+            seen, current = "exec", exec_parser
+        elif seen == "exec":
+            seen = "container"
+        else:
+            return argv[:i], argv[i:]
+        i += 1
+    return argv, []
+
+
+def _plain_ls(words: list[str]) -> argparse.Namespace | None:
+    """``words`` as the namespace of a plain ``rexec ls [--json] [--host H] [--token T]``,
+    or None for anything else: building the whole parser costs more than the listing."""
+    a = argparse.Namespace(func=_ls, command="ls")
+    seen_ls = False
+    i = 0
+    while i < len(words):
+        word = words[i]
+        key, eq, value = word.partition("=")
+        if word == "ls" and not seen_ls:
+            seen_ls = True
+        elif word == "--json":
+            a.json = True
+        elif key in ("--host", "--token") and eq:
+            setattr(a, key[2:], value)
+        elif word in ("--host", "--token") and i + 1 < len(words):
+            setattr(a, word[2:], words[i + 1])
+            i += 1
+        else:
+            return None
+        i += 1
+    return a if seen_ls else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``rexec``; returns the exit status (0, 1 on errors, the command's for exec)."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    quick = _plain_ls(words)
+    if quick is not None:
+        try:
+            return _ls_now(quick)
+        except ApiError as e:
+            _fail(quick, describe_error(e, token_given=_token_given(quick)), _api_extra(e))
+            return 1
+        except (TransportError, ProtocolError) as e:
+            _fail(quick, str(e), {"code": "transport_error"})
+            return 1
+        except ValueError:
+            pass  # a bad or an https REXEC_HOST: the full path says so, or serves it
     parser = build_parser()
-    a = parser.parse_args(argv)
+    head, command_words = _split_exec(parser, words)
+    a = parser.parse_args(head)
+    if command_words:
+        a.cmd = command_words
+    token_given = _token_given(a)
     try:
-        client = AsyncClient(getattr(a, "host", None), getattr(a, "token", None))
-    except ValueError as e:
-        parser.error(str(e))
-    try:
+        host = getattr(a, "host", None) or os.environ.get("REXEC_HOST") or DEFAULT_HOST
+        if a.func is _ls and not host.startswith("https:"):
+            try:
+                return _ls_now(a)
+            except ValueError as e:  # a bad REXEC_HOST
+                parser.error(str(e))
+        import asyncio
+
+        from rexecd.client.sdk import AsyncClient
+
+        try:
+            client = AsyncClient(getattr(a, "host", None), getattr(a, "token", None))
+        except ValueError as e:
+            parser.error(str(e))
+        token_given = client.token is not None
         return asyncio.run(_run(client, a.func, a))
     except ApiError as e:
-        _err(f"rexec: {describe_error(e, token_given=client.token is not None)}\n")
+        text = describe_error(e, token_given=token_given)
+        _fail(a, text, _api_extra(e))
     except (TransportError, ProtocolError, TimeoutError) as e:
-        _err(f"rexec: {e}\n")
+        _fail(a, str(e) or "timed out", {"code": "transport_error"})
     except _UsageError as e:
-        _err(f"rexec: {e}\n")
+        _fail(a, str(e), {"code": "usage_error"})
         return 2
     except KeyboardInterrupt:
         return 130
     return 1
+
+
+def _token_given(a: argparse.Namespace) -> bool:
+    return (getattr(a, "token", None) or os.environ.get("REXEC_TOKEN")) is not None
+
+
+def _api_extra(e: ApiError) -> dict[str, Any]:
+    return {"status": e.status, "code": e.code, "body": e.body}
+
+
+def _fail(a: argparse.Namespace, text: str, extra: dict[str, Any]) -> None:
+    """The error on stderr: one line, or with --json one JSON object (stdout stays for
+    what a command prints)."""
+    if _wants_json(a):
+        _err(json.dumps({"error": text, **extra}) + "\n")
+    else:
+        _err(f"rexec: {text}\n")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,14 @@ import aiohttp
 from pydantic import BaseModel, ValidationError
 
 from rexecd import __version__
+from rexecd.client.base import (
+    DEFAULT_HOST,
+    ApiError,
+    ProtocolError,
+    RexecClientError,
+    TransportError,
+    parse_host,
+)
 from rexecd.models import (
     EXEC_DEFAULT_TIMEOUT_S,
     EXEC_MAX_TIMEOUT_S,
@@ -46,7 +54,19 @@ from rexecd.models import (
     VolumeList,
 )
 
-DEFAULT_HOST: Final = "unix:/run/rexecd/rexecd.sock"
+__all__ = [
+    "DEFAULT_HOST",
+    "ApiError",
+    "AsyncClient",
+    "EventStream",
+    "ExecStream",
+    "ProtocolError",
+    "RexecClientError",
+    "TerminalSession",
+    "TransportError",
+    "parse_host",
+]
+
 WS_PROTOCOL: Final = "rexec.v1"
 WS_TOKEN_PROTOCOL_PREFIX: Final = "rexec.token."
 # States a freshly created container settles in; polling stops at the first of them.
@@ -60,42 +80,13 @@ _SERVER_DEADLINE_SLACK: Final = 30.0
 # A restart is a stop (10 s grace by default) plus a start.
 _RESTART_TIMEOUT: Final = 120.0
 
+# The HTTP status an error frame of the exec stream stands for, by its code.
+_STREAM_ERROR_STATUS: Final = {"exec_timeout": 504, "internal_error": 500, "container_stopped": 409}
+
 M = TypeVar("M", bound=BaseModel)
 
 
 # --- errors ----------------------------------------------------------------------------
-
-
-class RexecClientError(Exception):
-    """Base of every error the client raises."""
-
-
-class ApiError(RexecClientError):
-    """The daemon answered with an error status; ``body`` is its JSON error object."""
-
-    def __init__(
-        self, status: int, body: Mapping[str, Any], *, retry_after: float | None = None
-    ) -> None:
-        self.status = status
-        self.body: dict[str, Any] = dict(body)
-        error = self.body.get("error")
-        self.message = error if isinstance(error, str) and error else f"HTTP {status}"
-        self.retry_after = retry_after
-        super().__init__(f"{self.message} ({status})")
-
-    @property
-    def code(self) -> str | None:
-        """The daemon's stable error code (``container_not_found``, ...), when it sent one."""
-        code = self.body.get("code")
-        return code if isinstance(code, str) else None
-
-
-class TransportError(RexecClientError):
-    """The daemon could not be reached, or the connection broke or timed out."""
-
-
-class ProtocolError(RexecClientError):
-    """The daemon answered with something that is not the documented shape."""
 
 
 def _number(value: object) -> float | None:
@@ -121,6 +112,9 @@ def _error_from(
         parsed = None
     if isinstance(parsed, dict) and isinstance(parsed.get("error"), str):
         body = parsed
+    elif isinstance(parsed, dict) and "error" not in parsed:
+        # A JSON answer of its own shape (an exec's 504 carries the partial output).
+        body = {**parsed, "error": reason or f"HTTP {status}"}
     else:
         # A proxy in front of the daemon may answer with text or HTML; keep it readable.
         text = " ".join(raw.decode("utf-8", "replace").split())
@@ -159,28 +153,6 @@ def _parse(model: type[M], data: Any, what: str) -> M:
         return model.model_validate(data, extra="ignore")
     except ValidationError as e:
         raise ProtocolError(f"unexpected answer to {what}: {e}") from e
-
-
-def parse_host(host: str) -> tuple[str, str | None]:
-    """Split a ``REXEC_HOST`` value into the base URL and the unix socket path (or None).
-
-    Accepted: ``unix:/path``, ``unix:///path``, a bare ``/path``, ``http(s)://HOST:PORT[/prefix]``
-    and the daemon's own ``tcp:HOST:PORT`` listen syntax.
-    """
-    if host.startswith("unix:"):
-        path = host[len("unix:") :]
-        if path.startswith("//"):
-            path = path[2:]
-        if not path:
-            raise ValueError("REXEC_HOST unix: needs a socket path")
-        return "http://localhost", path
-    if host.startswith("/"):
-        return "http://localhost", host
-    if host.startswith("tcp:"):
-        host = "http://" + host[len("tcp:") :]
-    if host.startswith(("http://", "https://")):
-        return host.rstrip("/"), None
-    raise ValueError(f"REXEC_HOST must be unix:PATH or http://HOST:PORT, not {host!r}")
 
 
 def _seconds(value: float) -> str:
@@ -361,6 +333,83 @@ class TerminalSession(_SocketStream):
         if frame is None:
             raise StopAsyncIteration
         return frame
+
+
+class ExecStream(_SocketStream):
+    """One interactive exec over ``/api/containers/{id}/exec/stream``.
+
+    ``receive()`` yields ``("stdout"|"stderr", bytes)`` for output and finally
+    ``("exit", code)``, or ``("error", ApiError)`` when the daemon ended it with an
+    error (a timeout is one, status 504); then None once the socket is closed.
+    """
+
+    def __init__(self, client: AsyncClient, container: str, start: dict[str, Any]) -> None:
+        self._client = client
+        self.container = container
+        self._start = {"type": "start", **start}
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+
+    async def connect(self) -> Self:
+        if self._ws is None:
+            path = _cpath(self.container, "/exec/stream")
+            self._ws = await self._client._ws_connect(path)
+            await self._ws.send_str(json.dumps(self._start))
+        return self
+
+    def _socket(self) -> aiohttp.ClientWebSocketResponse:
+        if self._ws is None:
+            raise RuntimeError("exec stream is not connected")
+        return self._ws
+
+    async def _send(self, frame: dict[str, Any]) -> None:
+        await self._socket().send_str(json.dumps(frame))
+
+    async def send_stdin(self, data: bytes) -> None:
+        if data:
+            await self._socket().send_bytes(data)
+
+    async def close_stdin(self) -> None:
+        """End of input (Ctrl-D on a PTY)."""
+        await self._send({"type": "eof"})
+
+    async def resize(self, cols: int, rows: int) -> None:
+        await self._send({"type": "resize", "cols": cols, "rows": rows})
+
+    async def signal(self, name: str | int) -> None:
+        """Send a signal (``"INT"``, ``"TERM"``, ``15``...) to the command's process group."""
+        await self._send({"type": "signal", "signal": name})
+
+    async def receive(self) -> tuple[str, Any] | None:
+        ws = self._socket()
+        while True:
+            msg = await ws.receive()
+            if msg.type is aiohttp.WSMsgType.BINARY:
+                data: bytes = msg.data
+                if data:
+                    return ("stderr" if data[0] == 2 else "stdout"), data[1:]
+                continue
+            if msg.type is aiohttp.WSMsgType.TEXT:
+                try:
+                    frame = json.loads(msg.data)
+                except ValueError:
+                    continue
+                if not isinstance(frame, dict):
+                    continue
+                if frame.get("type") == "exit" and isinstance(frame.get("exit_code"), int):
+                    return "exit", frame["exit_code"]
+                if frame.get("type") == "error":
+                    status = _STREAM_ERROR_STATUS.get(str(frame.get("code")), 400)
+                    return "error", _error_from(status, None, msg.data.encode(), {})
+                continue
+            if msg.type is aiohttp.WSMsgType.PING:
+                continue
+            return None
+
+    async def __anext__(self) -> tuple[str, Any]:
+        item = await self.receive()
+        if item is None:
+            raise StopAsyncIteration
+        return item
 
 
 class _SseParser:
@@ -767,6 +816,19 @@ class AsyncClient:
             timeout=self._long(limit + _SERVER_DEADLINE_SLACK),
         )
 
+    async def logs(self, container: str, follow: bool = False) -> AsyncIterator[bytes]:
+        """The container's log (its init's output, role installs) as byte chunks; with
+        ``follow``, new output keeps coming while the container runs."""
+        params = {"follow": "true"} if follow else {}
+        async with self._open(
+            "GET", _cpath(container, "/logs"), params=params, timeout=self._long()
+        ) as resp:
+            try:
+                async for chunk in resp.content.iter_any():
+                    yield chunk
+            except (aiohttp.ClientError, TimeoutError) as e:
+                raise TransportError(self._describe(e)) from e
+
     async def stats(self, container: str) -> Stats:
         return await self._call(Stats, "GET", _cpath(container, "/stats"))
 
@@ -929,6 +991,30 @@ class AsyncClient:
     def events(self) -> EventStream:
         """The live container events; the first one is a ``list`` of every container."""
         return EventStream(self)
+
+    def exec_stream(
+        self,
+        container: str,
+        command: str | Sequence[str],
+        *,
+        tty: bool = False,
+        size: tuple[int, int] | None = None,
+        workdir: str | None = None,
+        env: Sequence[str] | None = None,
+        user: str | None = None,
+        timeout_seconds: int | None = None,
+    ) -> ExecStream:
+        """An interactive exec (not yet connected: use ``async with``); ``size`` is
+        ``(cols, rows)`` of the PTY with ``tty``. No deadline unless one is given."""
+        start: dict[str, Any]
+        start = {"command": command} if isinstance(command, str) else {"cmd": list(command)}
+        start["tty"] = tty
+        if size is not None:
+            start["cols"], start["rows"] = size
+        start.update(_drop_none(workdir=workdir, user=user, timeout_seconds=timeout_seconds))
+        if env:
+            start["env"] = list(env)
+        return ExecStream(self, container, start)
 
     def terminal(
         self, container: str, session: str | None = None, new_session: bool = False

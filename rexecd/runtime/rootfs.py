@@ -189,9 +189,17 @@ def mask_paths(rootfd: int, masked: list[str], readonly: list[str]) -> None:
 
 
 def bind_mounts(rootfd: int, mounts: list[BindMount]) -> None:
-    """Bind host directories (volumes) into the root at targets resolved inside it."""
+    """Bind host directories (volumes) into the root at targets resolved inside it,
+    and host files (lxcfs's) over files of the container's fresh /proc."""
     for m in mounts:
-        with _opened(open_dir_in_root(rootfd, m.target, create=True)) as fd:
+        if m.target.startswith("/proc/"):
+            # Over a file the kernel's proc made: it must exist, and no symlink counts.
+            target = n.openat2(
+                rootfd, m.target.lstrip("/"), os.O_PATH, resolve=_IN_ROOT | n.RESOLVE_NO_SYMLINKS
+            )
+        else:
+            target = open_dir_in_root(rootfd, m.target, create=True)
+        with _opened(target) as fd:
             n.mount(m.source, _fdpath(fd), None, n.MS_BIND | n.MS_REC)
             if m.readonly:
                 n.mount(None, _fdpath(fd), None, n.MS_BIND | n.MS_REMOUNT | n.MS_RDONLY)

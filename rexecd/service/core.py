@@ -29,7 +29,7 @@ from rexecd.models import (
     StreamProgress,
     utcnow,
 )
-from rexecd.runtime import procinfo
+from rexecd.runtime import lxcfs, procinfo
 from rexecd.runtime.cgroups import CgroupLimits, IoLimit
 from rexecd.runtime.container import KILL_WAIT_S, ContainerDirs, ImageView, Runtime
 from rexecd.runtime.containerfs import Entry, mode_string
@@ -41,6 +41,7 @@ from rexecd.runtime.storage import Storage, Volume
 from rexecd.runtime.users import resolve_user
 from rexecd.service import catalog, quotas
 from rexecd.service.auth import Principal
+from rexecd.service.containerlogs import ContainerLogs
 from rexecd.service.events import EventBus
 from rexecd.service.exits import ProcessExits
 from rexecd.service.initguard import InitGuard
@@ -185,6 +186,10 @@ class ManagerCore:
         self._guarding = False
         # Exec and terminal processes are awaited on the loop, never in a worker thread.
         self.exits = ProcessExits(runtime)
+        self.logs = ContainerLogs(cfg.state_dir, cfg.logs.max_bytes)
+        self._log_ids: dict[str, str] = {}
+        # Whether lxcfs was found at the last start (None: not looked yet); logged on change.
+        self._lxcfs_seen: bool | None = None
         self.terminals = TerminalRegistry(
             cfg.terminal.scrollback_bytes, float(cfg.terminal.idle_timeout_s)
         )
@@ -344,7 +349,7 @@ class ManagerCore:
             self.store.upsert_volume(rec.user_id, rec.name, str(vol.image), vol.size_mb)
             dirs = replace(self.runtime.dirs(rec.id), upper=vol.upper, work=vol.work)
             self.runtime.create_dirs(dirs)
-            return dirs, [BindMount(source=str(vol.home), target=HOME)]
+            return dirs, [BindMount(source=str(vol.home), target=HOME), *self._lxcfs_binds()]
         dirs = self.runtime.dirs(rec.id)
         self.runtime.create_dirs(dirs)
         home = self._volume_dir(rec)
@@ -352,7 +357,28 @@ class ManagerCore:
             home.mkdir(parents=True, mode=0o755)
             os.chown(home, ident.uid, ident.gid)
         self.store.upsert_volume(rec.user_id, rec.name, str(home), rec.resources.disk_mb)
-        return dirs, [BindMount(source=str(home), target=HOME)]
+        return dirs, [BindMount(source=str(home), target=HOME), *self._lxcfs_binds()]
+
+    def _lxcfs_binds(self) -> list[BindMount]:
+        """lxcfs's /proc files for a starting container, when lxcfs runs (looked up at
+        each start: it may be started or stopped while the daemon runs)."""
+        if self.cfg.lxcfs.mode == "off":
+            return []
+        binds = lxcfs.proc_binds(self.cfg.lxcfs.dir)
+        found = bool(binds)
+        if found != self._lxcfs_seen:
+            self._lxcfs_seen = found
+            if found:
+                log.info(
+                    "lxcfs at %s: containers see their own limits in /proc", self.cfg.lxcfs.dir
+                )
+            else:
+                log.warning(
+                    "lxcfs is not mounted at %s: containers see the host's memory and cpus "
+                    "in free and top (install and start the lxcfs package, or set lxcfs.mode: off)",
+                    self.cfg.lxcfs.dir,
+                )
+        return binds
 
     async def _launch(
         self, rec: ContainerRecord, image: ImageRecord, report: _Reporter | None = None
@@ -362,13 +388,20 @@ class ManagerCore:
         view = await asyncio.to_thread(self._view, image)
         st = _Started()
         try:
-            spec = await self._start_init(
-                rec,
-                view,
-                st,
-                env=[f"{k}={v}" for k, v in rec.environment.items()] + ["TERM=xterm-256color"],
-                report=report,
-            )
+            # The init's stdout and stderr: the container's log (rexec logs).
+            stdio = await asyncio.to_thread(self.logs.open_capture, rec.id)
+            try:
+                spec = await self._start_init(
+                    rec,
+                    view,
+                    st,
+                    env=[f"{k}={v}" for k, v in rec.environment.items()] + ["TERM=xterm-256color"],
+                    stdio=stdio,
+                    report=report,
+                )
+            finally:
+                for fd in set(stdio):
+                    os.close(fd)
             if report is not None:
                 await report("configuring", "configuring the environment", 85, container_id=rec.id)
             now = utcnow()
@@ -392,6 +425,7 @@ class ManagerCore:
             )
         except BaseException:
             await asyncio.to_thread(self._undo_launch, rec, st.attached)
+            self.logs.drop_capture(rec.id)  # the pipe made for an init that never ran
             raise
         self._watch(rec)
         self._publish("started", rec)
@@ -597,6 +631,8 @@ class ManagerCore:
             return
         watch = _InitWatch(rec.pid, pidfd, loop.create_future())
         self._inits[rec.db_id] = watch
+        self._log_ids[rec.db_id] = rec.id
+        self.logs.watch(rec.id, rec.pid)
         loop.add_reader(pidfd, self._init_exited, rec.db_id, watch)
         self.init_guard.watch(rec.db_id, rec.pid, pidfd, rec.name, rec.user_id)
         if not self._guarding:
@@ -634,6 +670,9 @@ class ManagerCore:
     def _unwatch(self, db_id: str) -> None:
         loop = asyncio.get_running_loop()
         self.init_guard.forget(db_id)  # before its pidfd closes
+        cid = self._log_ids.pop(db_id, None)
+        if cid is not None:
+            self.logs.unwatch(cid)
         watch = self._inits.pop(db_id, None)
         if watch is not None:
             loop.remove_reader(watch.pidfd)

@@ -56,6 +56,25 @@ class _Sink:
         self.budget[0] -= keep
 
 
+def setup_failure(exc: ChildSetupError, process: ProcessSpec) -> tuple[int, str]:
+    """A failed start as a shell reports it: ``(127 or 126, message)`` for a program
+    that cannot be run; InvalidRequest for a bad workdir; else ``exc`` again."""
+    if exc.step == "exec" and exc.errno in (errno.ENOENT, errno.EACCES, errno.ENOEXEC):
+        code = 127 if exc.errno == errno.ENOENT else 126
+        return code, f"exec {process.args[0]}: {os.strerror(exc.errno or 0)}\n"
+    if exc.step == "chdir" and exc.errno in (
+        errno.ENOENT,
+        errno.ENOTDIR,
+        errno.EACCES,
+        errno.ELOOP,  # a magic link (/proc/self/fd/N), refused
+    ):
+        # The caller's workdir, not a server fault.
+        raise InvalidRequest(
+            f"workdir {process.cwd}: {os.strerror(exc.errno or 0)}", workdir=process.cwd
+        ) from None
+    raise exc
+
+
 async def run_exec(
     runtime: Runtime,
     exits: ProcessExits,
@@ -88,28 +107,15 @@ async def run_exec(
                 runtime.exec, cid, pid, process, [stdin_r, out_w, err_w], seccomp=seccomp
             )
         except ChildSetupError as exc:
-            if exc.step == "exec" and exc.errno in (errno.ENOENT, errno.EACCES, errno.ENOEXEC):
-                code = 127 if exc.errno == errno.ENOENT else 126
-                msg = f"exec {process.args[0]}: {os.strerror(exc.errno or 0)}\n"
-                return 200, ExecResult(
-                    stdout="",
-                    stderr=msg,
-                    output=msg,
-                    exit_code=code,
-                    duration_ms=_ms(started),
-                    truncated=False,
-                )
-            if exc.step == "chdir" and exc.errno in (
-                errno.ENOENT,
-                errno.ENOTDIR,
-                errno.EACCES,
-                errno.ELOOP,  # a magic link (/proc/self/fd/N), refused
-            ):
-                # The caller's workdir, not a server fault.
-                raise InvalidRequest(
-                    f"workdir {process.cwd}: {os.strerror(exc.errno or 0)}", workdir=process.cwd
-                ) from None
-            raise
+            code, msg = setup_failure(exc, process)
+            return 200, ExecResult(
+                stdout="",
+                stderr=msg,
+                output=msg,
+                exit_code=code,
+                duration_ms=_ms(started),
+                truncated=False,
+            )
         finally:
             for fd in (out_w, err_w, stdin_r):
                 os.close(fd)

@@ -22,6 +22,7 @@ from rexecd.errors import (
 from rexecd.models import (
     ContainerRecord,
     ExecRequest,
+    ExecStreamStart,
     FileInfo,
     FileList,
     Stats,
@@ -43,7 +44,8 @@ from rexecd.service.core import (
     MiB,
     _file_info,
 )
-from rexecd.service.execution import run_exec
+from rexecd.service.execstream import STDERR, STDOUT, StreamProcess, failed_stream
+from rexecd.service.execution import run_exec, setup_failure
 from rexecd.service.interface import FileDownload, TerminalProcess
 from rexecd.service.storethread import in_store_thread
 from rexecd.service.terminals import TerminalSession
@@ -76,19 +78,25 @@ class InsideOps(ManagerCore):
         ident = resolve_user(user, [Path(f"/proc/{rec.pid}/root")])
         return ident.uid, ident.gid, ident.additional_gids
 
-    async def exec(self, p: Principal, ref: str, req: ExecRequest) -> tuple[int, dict[str, object]]:
-        rec = await self._running(p, ref)
-        assert rec.pid is not None
+    async def _exec_spec(self, rec: ContainerRecord, req: ExecRequest, tty: bool) -> ProcessSpec:
         uid, gid, groups = await asyncio.to_thread(self._ids, rec, req.user)
         env = list(rec.spec.get("env", [])) + list(req.env)
-        proc = ProcessSpec(
+        if tty and not any(e.startswith("TERM=") for e in req.env):
+            env.append("TERM=xterm-256color")
+        return ProcessSpec(
             args=req.argv(),
             env=merge_env([], env),
             cwd=req.workdir or HOME,
             uid=uid,
             gid=gid,
             additional_gids=groups,
+            tty=tty,
         )
+
+    async def exec(self, p: Principal, ref: str, req: ExecRequest) -> tuple[int, dict[str, object]]:
+        rec = await self._running(p, ref)
+        assert rec.pid is not None
+        proc = await self._exec_spec(rec, req, tty=False)
         await self._touch(rec)
         try:
             code, result = await run_exec(
@@ -107,6 +115,65 @@ class InsideOps(ManagerCore):
             await self._gone_while_entering(rec)
             raise
         return code, result.model_dump(mode="json")
+
+    async def open_exec_stream(self, p: Principal, ref: str, req: ExecStreamStart) -> StreamProcess:
+        """Start ``req`` with its stdio (or a PTY) handed back to the caller to stream;
+        a program that cannot be started is a process that printed why and exited
+        126/127, as with the one-shot exec."""
+        rec = await self._running(p, ref)
+        assert rec.pid is not None
+        proc = await self._exec_spec(rec, req, tty=req.tty)
+        await self._touch(rec)
+        timeout = float(min(req.timeout_seconds, self.cfg.exec.max_timeout_s)) or None
+        if req.tty:
+            mine: list[int] = []
+            theirs: list[int] = []
+        else:
+            # The child's ends block (a program may not expect otherwise); ours are
+            # made non-blocking by the stream.
+            in_r, in_w = os.pipe2(os.O_CLOEXEC)
+            out_r, out_w = os.pipe2(os.O_CLOEXEC)
+            err_r, err_w = os.pipe2(os.O_CLOEXEC)
+            mine, theirs = [in_w, out_r, err_r], [in_r, out_w, err_w]
+        try:
+            try:
+                child, master = await asyncio.to_thread(
+                    self.runtime.exec, rec.id, rec.pid, proc, theirs or None
+                )
+            finally:
+                for fd in theirs:
+                    os.close(fd)
+        except ChildSetupError as exc:
+            for fd in mine:
+                os.close(fd)
+            try:
+                code, msg = setup_failure(exc, proc)
+            except ChildSetupError:
+                await self._gone_while_entering(rec)
+                raise
+            return failed_stream(self.exits, code, msg)
+        except BaseException:
+            for fd in mine:
+                os.close(fd)
+            raise
+        if master is not None:
+            set_size(master, req.cols, req.rows)
+            return StreamProcess(
+                child.pid, True, master, [(STDOUT, master)], self.exits, timeout=timeout
+            )
+        in_w, out_r, err_r = mine
+        return StreamProcess(
+            child.pid, False, in_w, [(STDOUT, out_r), (STDERR, err_r)], self.exits, timeout=timeout
+        )
+
+    async def open_logs(self, p: Principal, ref: str, follow: bool) -> AsyncIterator[bytes]:
+        rec = await self._find(p, ref)
+
+        async def alive() -> bool:
+            now = await in_store_thread(self.store.get_container, rec.db_id)
+            return now is not None and now.status in ("creating", "configuring", "running")
+
+        return self.logs.follow(rec.id, follow, alive)
 
     async def _gone_while_entering(self, rec: ContainerRecord) -> None:
         """Raise NotFound/Conflict if ``rec`` was deleted or stopped under a request."""

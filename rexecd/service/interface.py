@@ -17,6 +17,7 @@ from rexecd.models import (
     ContainerOut,
     Event,
     ExecRequest,
+    ExecStreamStart,
     FileInfo,
     FileList,
     Health,
@@ -35,6 +36,7 @@ from rexecd.models import (
     VolumeList,
 )
 from rexecd.service.auth import Principal
+from rexecd.service.execstream import StreamProcess
 
 if TYPE_CHECKING:  # terminals imports this module
     from rexecd.service.terminals import TerminalClient
@@ -117,6 +119,15 @@ class ContainerService(Protocol):
 
     async def exec(self, p: Principal, ref: str, req: ExecRequest) -> tuple[int, dict[str, object]]:
         """Run a command to completion: ``(200, ExecResult)`` or ``(504, partial result)``."""
+        ...
+
+    async def open_exec_stream(self, p: Principal, ref: str, req: ExecStreamStart) -> StreamProcess:
+        """Start a process whose stdio (or PTY) the caller streams; see ``execstream``."""
+        ...
+
+    async def open_logs(self, p: Principal, ref: str, follow: bool) -> AsyncIterator[bytes]:
+        """The container's log (init output, role installs) as chunks; with ``follow``
+        the iterator goes on with new output while the container runs."""
         ...
 
     async def stats(self, p: Principal, ref: str) -> Stats: ...

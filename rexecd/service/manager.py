@@ -277,6 +277,7 @@ class ContainerManager(InsideOps, DaemonLife, ImageOps, RoleBuilds):
             self.storage.wipe_root(vol)
             self.storage.release(vol)
         self.store.delete_container(rec.db_id)
+        self.logs.remove(rec.id)
         if not volumes:
             # Kept now: within the tier's cap, or the least recently used kept go.
             removed = self.volumes.keep(rec.user_id, tier, rec.name, rec.resources.disk_mb)

@@ -56,8 +56,9 @@ class TerminalClient(Protocol):
 
     async def send_output(self, data: bytes) -> None: ...
 
-    async def end(self, kind: str, message: str) -> None:
-        """Tell the client why the session is over and close it."""
+    async def end(self, kind: str, message: str, exit_code: int | None = None) -> None:
+        """Tell the client why the session is over (``exit_code``: the shell's status,
+        when its exit ended the session) and close it."""
         ...
 
     def abort(self) -> None:
@@ -100,6 +101,8 @@ class TerminalSession:
     pidfd: int = -1
     exited_at: float | None = None
     wake: Callable[[], None] | None = None
+    # The shell's exit status once it has been reaped.
+    exit_code: int | None = None
 
     def start(self) -> None:
         os.set_blocking(self.proc.master, False)
@@ -179,6 +182,7 @@ class TerminalSession:
                             self.client = None
                             self._arm_idle()
             status = await self.proc.wait()
+            self.exit_code = status
             if self.end_reason is None:
                 self.end_reason = ("exit", f"shell exited with status {status}")
         except asyncio.CancelledError:
@@ -199,7 +203,7 @@ class TerminalSession:
         if client is not None:
             kind, message = self.end_reason or ("error", "session ended")
             with contextlib.suppress(Exception):
-                await client.end(kind, message)
+                await client.end(kind, message, self.exit_code if kind == "exit" else None)
         with contextlib.suppress(OSError):
             os.close(self.proc.master)
         self.on_end(self)

@@ -220,7 +220,10 @@ def test_exec_prints_and_propagates_exit_code(
     code, out, err = run(capsys, "exec", "web", "--", "sleep", "100")
     assert code == 1
     assert out == "partial\n"
-    assert err == "rexec: command timed out (504)\n"
+    assert err == (
+        "rexec: command timed out (504); give a longer --timeout (at most 300 s), "
+        "or use -i for no deadline\n"
+    )
 
     code, _, err = run(capsys, "exec", "web")
     assert code == 2 and "needs a command" in err
@@ -318,7 +321,10 @@ def test_api_errors(daemon: FakeDaemon, capsys: pytest.CaptureFixture[str]) -> N
     assert err == "rexec: container limit reached (403): 5 of 5 on tier free\n"
 
     code, _, err = run(capsys, "create", "bogus")
-    assert err == "rexec: unsupported image type (400): supported: ubuntu, alpine\n"
+    assert err == (
+        "rexec: unsupported image type (400): supported: ubuntu, alpine; rexec images lists "
+        "them, an admin adds one with rexec import-image FILE\n"
+    )
 
     daemon.override = Override(
         400,
@@ -337,7 +343,10 @@ def test_missing_token_hint(
     monkeypatch.delenv("REXEC_TOKEN")
     code, _, err = run(capsys, "ls")
     assert code == 1
-    assert err == ("rexec: Authorization token required (401); set REXEC_TOKEN or pass --token\n")
+    assert err == (
+        "rexec: Authorization token required (401); set REXEC_TOKEN or pass --token "
+        "(make a token on the daemon's host with: rexecd token create --user NAME)\n"
+    )
 
 
 def test_unreachable_daemon(
@@ -361,6 +370,13 @@ def test_connect_refused_before_raw_mode(
 ) -> None:
     code, _, err = run(capsys, "connect", "ghost")
     assert (code, err) == (1, "rexec: container not found (404)\n")
+
+
+def test_json_errors(daemon: FakeDaemon, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "--json", "connect", "ghost")
+    assert (code, out) == (1, "")
+    body = json.loads(err)
+    assert body["status"] == 404 and body["error"] == "container not found (404)"
 
 
 def test_describe_error_plain() -> None:
