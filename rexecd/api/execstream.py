@@ -24,7 +24,7 @@ from rexecd.api.endpoint import Endpoint
 from rexecd.api.keys import SERVICE, track_websocket
 from rexecd.api.ratelimit import in_flight
 from rexecd.api.wire import decode_json, parse_model
-from rexecd.errors import Conflict, ExecTimeout, InvalidJson, InvalidRequest, RexecError
+from rexecd.errors import ContainerNotRunning, ExecTimeout, InvalidJson, InvalidRequest, RexecError
 from rexecd.models import ExecStreamFrame, ExecStreamStart
 from rexecd.service.execstream import StreamProcess, parse_signal
 
@@ -108,7 +108,7 @@ async def exec_stream(request: web.Request) -> web.StreamResponse:
     # Before the upgrade, so a wrong name or a stopped container is a plain JSON answer.
     c = await service.get_container(p, ref(request))
     if c.status != "running":
-        raise Conflict("container is not running", status=c.status, code="container_stopped")
+        raise ContainerNotRunning("container is not running", status=c.status)
     await ws.prepare(request)
     track_websocket(request, ws)
     sock = _Socket(ws)

@@ -310,7 +310,9 @@ async def _exec(c: AsyncClient, a: argparse.Namespace) -> int:
             _out(str(e.body.get("stdout") or ""))
             sys.stdout.flush()
             _err(str(e.body.get("stderr") or "").removesuffix("command timed out\n"))
-            raise ApiError(504, {"error": "command timed out", "code": "exec_timeout"}) from None
+            # The daemon's own error, without the output already shown.
+            shown = ("stdout", "stderr", "output")
+            raise ApiError(504, {k: v for k, v in e.body.items() if k not in shown}) from None
         raise
     _print_exec(result, _wants_json(a))
     return _exit_status(result.exit_code)
