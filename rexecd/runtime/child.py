@@ -263,10 +263,29 @@ def _env_dict(env: list[str]) -> dict[str, str]:
 
 def _open_pty(sock: socket.socket, cols: int = 80, rows: int = 24) -> None:
     """Allocate a PTY from the container's devpts (we are in its mount namespace), hand
-    the master to the caller, and make the slave our controlling terminal and stdio."""
-    master, slave = os.openpty()
+    the master to the caller, and make the slave our controlling terminal and stdio.
+
+    /dev/ptmx is the tenant's to replace (a FIFO, a file, a symlink elsewhere): the
+    master is opened as /dev/pts/ptmx, the multiplexer of the container's own devpts
+    instance, through no symlink and without blocking, and must be that: a 5:2
+    character device on devpts. The slave comes from the master (TIOCGPTPEER), never
+    by a name in the container's tree.
+    """
+    devpts_magic, tiocsptlck, tiocgptpeer, tiocgptn = 0x1CD1, 0x40045431, 0x5441, 0x80045430
+    flags = os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC
+    resolve = n.RESOLVE_NO_SYMLINKS | n.RESOLVE_NO_MAGICLINKS
+    master = n.openat2(_AT_FDCWD, "/dev/pts/ptmx", flags | os.O_NONBLOCK, resolve=resolve)
+    st = os.fstat(master)
+    if not (stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(5, 2)) or (
+        n.fstatfs_type(master, "/dev/pts/ptmx") != devpts_magic
+    ):
+        raise OSError(ENODEV, "/dev/pts/ptmx is not the container's devpts multiplexer")
+    os.set_blocking(master, True)
+    fcntl.ioctl(master, tiocsptlck, struct.pack("i", 0))  # unlockpt
+    slave = fcntl.ioctl(master, tiocgptpeer, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    number = struct.unpack("I", fcntl.ioctl(master, tiocgptn, b"\0" * 4))[0]
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-    sync.send(sock, sync.PtyMaster(pts=os.ttyname(slave)), [master])
+    sync.send(sock, sync.PtyMaster(pts=f"/dev/pts/{number}"), [master])
     os.close(master)
     fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
     for fd in (0, 1, 2):

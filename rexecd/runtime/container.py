@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 SPAWNER_REPORT_S = 10.0
 # How long a SIGKILLed init may take to go (uninterruptible sleep) before a stop gives up.
 KILL_WAIT_S = 10.0
+# How long an exec's child may take from fork to its PTY master and to execve. Its
+# set-up takes milliseconds; what it waits on inside the container (a frozen cgroup,
+# say) must not hold a daemon thread for good.
+EXEC_HANDSHAKE_S = 30.0
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -277,11 +281,11 @@ class Runtime:
         master: int | None = None
         try:
             if process.tty:
-                _msg, fds = child.expect(sync.PtyMaster)
+                _msg, fds = child.expect(sync.PtyMaster, timeout=EXEC_HANDSHAKE_S)
                 if not fds:
                     raise ChildSetupError("open pty", "no PTY master received")
                 master = fds[0]
-            child.wait_exec()
+            child.wait_exec(timeout=EXEC_HANDSHAKE_S)
         except BaseException:
             if master is not None:
                 os.close(master)

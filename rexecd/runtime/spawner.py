@@ -188,9 +188,12 @@ class Child:
     pid: int
     sock: socket.socket
 
-    def expect(self, kind: type[sync.Message]) -> tuple[sync.Message, list[int]]:
-        """Wait for message ``kind``; a ChildError becomes ChildSetupError naming its step."""
-        msg, fds = sync.recv(self.sock)
+    def expect(
+        self, kind: type[sync.Message], timeout: float | None = None
+    ) -> tuple[sync.Message, list[int]]:
+        """Wait for message ``kind``; a ChildError becomes ChildSetupError naming its step.
+        With ``timeout``, a child silent for that long is a ChildSetupError too."""
+        msg, fds = self._recv(timeout, f"a {kind.__name__}")
         if isinstance(msg, sync.ChildError):
             raise ChildSetupError(msg.step, msg.message, msg.errno)
         if msg is None:
@@ -199,15 +202,28 @@ class Child:
             raise ChildSetupError("sync", f"unexpected message {msg.type!r}")
         return msg, fds
 
-    def wait_exec(self) -> None:
+    def wait_exec(self, timeout: float | None = None) -> None:
         """Return once the child has exec'd (its end closed), or raise its error."""
-        msg, fds = sync.recv(self.sock)
+        msg, fds = self._recv(timeout, "its exec")
         for fd in fds:
             os.close(fd)
         if isinstance(msg, sync.ChildError):
             raise ChildSetupError(msg.step, msg.message, msg.errno)
         if msg is not None:
             raise ChildSetupError("sync", f"unexpected message {msg.type!r}")
+
+    def _recv(self, timeout: float | None, what: str) -> tuple[sync.Message | None, list[int]]:
+        # A child stuck in a container (frozen, or blocked on something the tenant made)
+        # must not hold the daemon's thread for good.
+        self.sock.settimeout(timeout)
+        try:
+            return sync.recv(self.sock)
+        except TimeoutError:
+            raise ChildSetupError(
+                "sync", f"no answer from the child in {timeout:g}s ({what})"
+            ) from None
+        finally:
+            self.sock.settimeout(None)
 
     def raise_reported(self, cause: BaseException) -> None:
         """``cause`` (a failed step of ours between Ready and Go) is often only a symptom

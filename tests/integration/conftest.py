@@ -69,3 +69,17 @@ def cgroup_parent() -> Iterator[str]:
     for child in drv.list():
         drv.open(child).destroy()
     drv.remove_parent()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _sweep_dead_test_daemons() -> None:
+    """Before the first test: remove what test daemons of killed runs left behind (their
+    daemon, bridge, nft tables, veths, cgroups, mounts, loop devices and run dir). Only
+    daemons whose owning process is dead are touched; see ``daemon.sweep_dead_owners``."""
+    if os.geteuid() != 0:
+        return
+    from tests.integration.daemon import sweep_dead_owners
+
+    swept = sweep_dead_owners()
+    if swept:
+        print(f"\nswept {len(swept)} test daemon(s) of dead runs: {', '.join(swept)}")

@@ -72,6 +72,9 @@ class Daemon:
         self.config = self.base / "rexecd.yaml"
         self.config.write_text(yaml.safe_dump(cfg))
         self.log = self.base / "daemon.log"
+        # Before any kernel object exists: a run killed from here on is swept later.
+        self.owner = OwnerRecord.mine(self)
+        self.owner.save()
 
     @property
     def url(self) -> str:
@@ -108,6 +111,8 @@ class Daemon:
             cwd=ROOT,
         )
         log.close()
+        self.owner.daemon = _identity(self.proc.pid)
+        self.owner.save()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -140,6 +145,117 @@ class Daemon:
     def close(self) -> None:
         """Stop the daemon and remove every container and kernel object it made."""
         self.stop()
+        self.owner.remove_objects()
+        self.owner.forget()
+
+
+# ------------------------------------------------------------------ the leak sweep
+#
+# close() runs from finally blocks: a pytest killed with SIGKILL (or a timeout's kill)
+# never runs it, and its daemon, bridge, nft tables, veths, cgroups, loop devices and
+# mounts stay. Each Daemon therefore records, before it makes anything, who owns it
+# (the pytest or bench process, by pid and start time) and the names of its objects;
+# a new session removes the objects of every record whose owner is gone. Records of a
+# live owner (another run in progress) are never touched, nor is anything not named in
+# a record: other daemons' objects, test or not, stay as they are.
+
+OWNERS = Path("/run/rexecd-test-owners")
+
+
+def _start_time(pid: int) -> int | None:
+    """The start time (clock ticks since boot) of ``pid``; None when it does not exist."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # Field 22; the command name (field 2) may hold spaces and parentheses.
+    fields = raw[raw.rindex(b")") + 2 :].split()
+    if fields[0] in (b"Z", b"X"):
+        return None  # exited: a zombie owner will never close anything
+    return int(fields[19])
+
+
+def _identity(pid: int) -> list[int] | None:
+    start = _start_time(pid)
+    return None if start is None else [pid, start]
+
+
+def is_alive(ident: list[int] | None, start_time: Any = _start_time) -> bool:
+    """Whether the process recorded as ``[pid, start time]`` still runs: the same pid
+    with another start time is a new process that reused the number."""
+    if ident is None:
+        return False
+    pid, start = ident
+    return bool(start_time(pid) == start)
+
+
+@dataclass
+class OwnerRecord:
+    """Who owns one test daemon and what it may have made; JSON in ``OWNERS``."""
+
+    tag: str
+    owner: list[int]  # [pid, start time] of the process that made the Daemon
+    base: str
+    run: str
+    bridge: str
+    subnet: str
+    nft_table: str
+    cgroup_parent: str
+    daemon: list[int] | None = None  # [pid, start time] once started
+
+    @classmethod
+    def mine(cls, d: Daemon) -> OwnerRecord:
+        ident = _identity(os.getpid())
+        assert ident is not None
+        return cls(
+            d.tag, ident, str(d.base), str(d.run), d.bridge, d.subnet, d.nft_table, d.cgroup_parent
+        )
+
+    @property
+    def path(self) -> Path:
+        return OWNERS / f"{self.tag}.json"
+
+    def save(self) -> None:
+        OWNERS.mkdir(mode=0o700, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.__dict__))
+        tmp.rename(self.path)
+
+    def forget(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    @classmethod
+    def load(cls, path: Path) -> OwnerRecord | None:
+        try:
+            rec = cls(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+        # The names must be a test daemon's, whatever the file says: the sweep removes
+        # only objects matching these patterns.
+        t = rec.tag
+        ok = (
+            len(t) == 6
+            and all(ch in "0123456789abcdef" for ch in t)
+            and path.name == f"{t}.json"
+            and rec.run == f"/run/rexecd-test-{t}"
+            and rec.bridge == f"rxt{t}"
+            and rec.nft_table == f"rxt_{t}"
+            and rec.cgroup_parent == f"rexecd-test-{t}"
+        )
+        return rec if ok else None
+
+    def is_stale(self, start_time: Any = _start_time) -> bool:
+        """Sweep only a record whose owner is dead (and so can never close it)."""
+        return not is_alive(self.owner, start_time)
+
+    def remove_objects(self) -> None:
+        """Stop the daemon if it still runs, and remove every object of its names."""
+        if self.daemon is not None and is_alive(self.daemon):
+            os.kill(self.daemon[0], signal.SIGKILL)
+            deadline = time.monotonic() + scaled(20)
+            while is_alive(self.daemon) and time.monotonic() < deadline:
+                _reap(self.daemon[0])
+                time.sleep(0.05)
         from rexecd.runtime.cgroups import open_driver
 
         drv = open_driver(self.cgroup_parent)
@@ -151,9 +267,43 @@ class Daemon:
         Network(
             NetworkConfig(bridge=self.bridge, subnet=self.subnet, nft_table=self.nft_table)
         ).teardown_host()
-        _unmount_under(self.run)
-        _unmount_under(self.state)
+        _unmount_under(Path(self.run))
+        _unmount_under(Path(self.base))
+        _detach_loops_under(Path(self.base))
         shutil.rmtree(self.run, ignore_errors=True)
+
+
+def _reap(pid: int) -> None:
+    # Our own child (a daemon this process started) stays a zombie until waited for.
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def sweep_dead_owners() -> list[str]:
+    """Remove the objects of every test daemon whose owning process has died; returns
+    their tags. Needs root; records of live owners are left alone."""
+    swept = []
+    for path in sorted(OWNERS.glob("*.json")) if OWNERS.is_dir() else []:
+        rec = OwnerRecord.load(path)
+        if rec is None or not rec.is_stale():
+            continue
+        rec.remove_objects()
+        rec.forget()
+        swept.append(rec.tag)
+    return swept
+
+
+def _detach_loops_under(path: Path) -> None:
+    prefix = str(path) + "/"
+    for d in Path("/sys/block").glob("loop*"):
+        try:
+            backing = (d / "loop" / "backing_file").read_text().strip()
+        except OSError:
+            continue
+        if backing.startswith(prefix):
+            subprocess.run(["losetup", "-d", f"/dev/{d.name}"], check=False)
 
 
 def _unmount_under(path: Path) -> None:

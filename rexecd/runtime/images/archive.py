@@ -28,6 +28,7 @@ from .manifest import (
     pick_platform,
 )
 from .models import ImageConfig, parse_reference
+from .unpack import TAR_HEADER_ERRORS
 
 # Small JSON documents only: a bigger one is not an image, and must not fill memory.
 _JSON_LIMIT = 16 << 20
@@ -63,7 +64,11 @@ class OuterArchive:
     def __init__(self, tar: tarfile.TarFile) -> None:
         self._tar = tar
         self._members: dict[str, tarfile.TarInfo] = {}
-        for m in tar.getmembers():
+        try:
+            members = tar.getmembers()
+        except (tarfile.TarError, *TAR_HEADER_ERRORS) as e:
+            raise ImageError(f"corrupt archive: {e}") from None
+        for m in members:
             # Later members win, as when a tar is extracted.
             self._members[_norm(m.name)] = m
 
@@ -77,6 +82,9 @@ class OuterArchive:
             m = self._members.get(key)
             if m is None:
                 raise ImageError(f"archive has no member {name!r}")
+            if m.issparse():
+                # Its map may claim any size from a few bytes (see unpack.py).
+                raise ImageError(f"archive member {name!r} is a sparse file")
             if m.isreg():
                 return m
             if m.issym():
@@ -131,7 +139,7 @@ def open_archive(src: Path | BinaryIO, spool_dir: Path) -> Iterator[OuterArchive
 def _open_tar(f: BinaryIO) -> tarfile.TarFile:
     try:
         return tarfile.open(fileobj=f, mode="r:", encoding="utf-8", errors="surrogateescape")
-    except tarfile.TarError as e:
+    except (tarfile.TarError, *TAR_HEADER_ERRORS) as e:
         raise ImageError(f"not a tar archive: {e}") from None
 
 

@@ -15,6 +15,7 @@ Rules, beyond "nothing is created, changed or linked outside the layer":
 * Symlink targets are stored verbatim: they are only ever resolved inside a container.
 * Hard links must name an entry already unpacked in this layer, through real
   directories; hard links to directories are refused by the kernel.
+* Sparse members are refused: their map may claim any size from a few bytes.
 * Character and block devices are skipped (with one warning per layer): the container
   /dev is a tmpfs with a fixed set of nodes, and a device node in an image must never
   become a way into a host device. A 0/0 character device is created only for
@@ -62,6 +63,8 @@ _XATTR_PREFIX = "SCHILY.xattr."
 # file): larger than this and copying costs more than the calls it saves.
 _TAR_BUFSIZE = 64 * 1024
 _ID_MAX = 2**32 - 2  # (uid_t)-1 means "leave unchanged" to chown: never a real owner
+# What tarfile raises, besides TarError, for malformed numbers in a header it reads.
+TAR_HEADER_ERRORS = (ValueError, OverflowError)
 
 _REASONS = {
     errno.ELOOP: "path goes through a symlink",
@@ -135,7 +138,9 @@ class _Unpacker:
                     self._release()
             current = "(end of layer)"
             self._finish_dirs()
-        except tarfile.TarError as e:
+        except (tarfile.TarError, *TAR_HEADER_ERRORS) as e:
+            # tarfile parses PAX numbers with int()/float() unguarded: a header saying
+            # GNU.sparse.size=v is a ValueError, not a TarError (found by fuzzing).
             raise ImageError(f"{self.label}: corrupt tar at member {current!r}: {e}") from None
         if self.stats.skipped:
             shown = ", ".join(repr(s) for s in self.stats.skipped[:5])
@@ -163,6 +168,10 @@ class _Unpacker:
             raise self._fail(m, str(e)) from None
 
     def _dispatch(self, tar: tarfile.TarFile, m: tarfile.TarInfo) -> None:
+        if m.issparse():
+            # The sparse map is the archive's word: a few bytes may claim a file of
+            # any size, and the holes would be written out as zeros. No image needs it.
+            raise _Refused("sparse files are not supported")
         parts = _components(m.name)
         if not parts:
             if not m.isdir():
