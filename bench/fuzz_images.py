@@ -63,7 +63,7 @@ with atheris.instrument_imports(include=["rexecd.runtime.images", "tarfile", "gz
     from rexecd.runtime.images import ImageStore
     from rexecd.runtime.images.unpack import unpack_layer
 
-from tests.unit.test_images_support import (  # noqa: E402
+from tests.unit.fakes.images import (  # noqa: E402
     compress,
     dev,
     dir_,

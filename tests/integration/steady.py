@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tests.integration.daemon import Daemon
 from tests.integration.daemon_fixtures import ApiClient, spawner_pid, unique
-from tests.integration.test_terminal_support import terminal
+from tests.integration.terminal_client import terminal
 
 # What may differ between the first and the last sample without counting as growth:
 # an fd or thread that aiohttp, sqlite or the executor opens on first use of a path

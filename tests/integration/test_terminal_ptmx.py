@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import pytest
 
 from .daemon import Daemon, api
-from .test_terminal_support import Term, create_running, exec_sh, running_daemon, terminal
+from .terminal_client import Term, create_running, exec_sh, running_daemon, terminal
 
 
 @dataclass

@@ -20,8 +20,7 @@ import pytest
 from rexecd.errors import ImageError
 from rexecd.runtime.images import ImageStore
 from rexecd.runtime.images.unpack import unpack_layer
-
-from .test_images_support import docker_archive, layer, oci_archive, reg
+from tests.unit.fakes.images import docker_archive, layer, oci_archive, reg
 
 TB = 10**12
 

@@ -1,5 +1,6 @@
 """The suite's own rule: shared test code lives in modules not named ``test_*.py``
-(fakes/, conftest, helpers beside their tests), so no test module imports another."""
+(fakes/, conftest, helpers beside their tests), so neither a test module nor a bench
+script imports a test module."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import ast
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parents[1]
+BENCH = TESTS.parent / "bench"
 
 
 def _imported_test_modules(path: Path) -> list[str]:
@@ -30,8 +32,8 @@ def _imported_test_modules(path: Path) -> list[str]:
 
 def test_no_module_imports_a_test_module() -> None:
     offenders = {
-        str(p.relative_to(TESTS)): mods
-        for p in sorted(TESTS.rglob("*.py"))
+        str(p): mods
+        for p in sorted([*TESTS.rglob("*.py"), *BENCH.rglob("*.py")])
         if (mods := _imported_test_modules(p))
     }
     assert offenders == {}
