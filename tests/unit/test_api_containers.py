@@ -12,6 +12,7 @@ import pytest
 
 from rexecd.errors import RuntimeFailure
 from rexecd.models import Event
+from tests.deadlines import scaled
 from tests.unit.fakes.service import harness
 
 
@@ -291,7 +292,7 @@ async def test_events_websocket(tmp_path: Path) -> None:
             await ws.send_str("not json")
             event = Event(type="stopped", container=rec.to_out(), timestamp=rec.created_at)
             await h.service.publish(h.user_id(), event)
-            got = await ws.receive_json(timeout=5)
+            got = await ws.receive_json(timeout=scaled(5))
             assert got["type"] == "stopped" and got["container"]["id"] == rec.id
             assert got["timestamp"] == "2024-05-01T12:00:00Z"
         # The subscription is closed when the client leaves.
@@ -331,8 +332,8 @@ async def test_events_between_subscribe_and_list_are_kept(tmp_path: Path) -> Non
 
         h.service.on_list = change_while_listing
         async with h.client.ws_connect("/api/containers/events", headers=h.headers()) as ws:
-            assert (await ws.receive_json(timeout=5))["type"] == "list"
-            assert (await ws.receive_json(timeout=5))["type"] == "updated"
+            assert (await ws.receive_json(timeout=scaled(5)))["type"] == "list"
+            assert (await ws.receive_json(timeout=scaled(5)))["type"] == "updated"
         for _ in range(50):
             if not h.service.subscribers[h.user_id()]:
                 break

@@ -12,6 +12,7 @@ import pytest
 from rexecd.api.app import ENDPOINTS
 from rexecd.api.wire import MAX_INT_DIGITS, decode_json
 from rexecd.errors import InvalidJson
+from tests.deadlines import scaled
 from tests.unit.fakes.service import Harness, harness
 
 DEEP = 5000
@@ -163,7 +164,7 @@ async def test_events_socket_survives_any_frame(tmp_path: Path) -> None:
             else:
                 await ws.send_str(frame)
         await ws.send_json({"type": "ping"})
-        msg = await ws.receive(timeout=5)
+        msg = await ws.receive(timeout=scaled(5))
         assert msg.type == aiohttp.WSMsgType.TEXT, (msg.type, msg.data, msg.extra)
         assert msg.json() == {"type": "pong"}
         assert not ws.closed

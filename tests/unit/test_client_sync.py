@@ -11,6 +11,7 @@ import pytest
 
 from rexecd.client import ApiError, Client, TransportError
 from rexecd.models import ContainerOut, TerminalFrame
+from tests.deadlines import scaled
 from tests.unit.fakes.daemon import TOKEN, FakeDaemon, ServerThread
 
 
@@ -85,10 +86,12 @@ def test_events_and_terminal(daemon_host: tuple[FakeDaemon, str]) -> None:
 
         with client.terminal("web", session="s2") as term:
             assert term.protocol == "rexec.v1"
-            assert term.receive(timeout=5) == TerminalFrame(type="connected", data="s2")
-            assert term.receive(timeout=5) == TerminalFrame(type="shell_ready")
+            assert term.receive(timeout=scaled(5)) == TerminalFrame(type="connected", data="s2")
+            assert term.receive(timeout=scaled(5)) == TerminalFrame(type="shell_ready")
             term.resize(90, 20)
-            assert term.receive(timeout=5) == TerminalFrame(type="output", data="[resize 90x20]")
+            assert term.receive(timeout=scaled(5)) == TerminalFrame(
+                type="output", data="[resize 90x20]"
+            )
             term.send_input("exit\r")
             assert [f.data for f in term] == ["exit\r", "\r\nbye\r\n"]
             assert term.closed

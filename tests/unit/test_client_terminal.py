@@ -19,6 +19,7 @@ import pytest
 
 from rexecd.client.sdk import AsyncClient
 from rexecd.client.terminal import RawMode, attach
+from tests.deadlines import scaled
 from tests.unit.fakes.daemon import TOKEN, FakeDaemon, ServerThread, serve
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,7 +38,7 @@ def set_size(fd: int, cols: int, rows: int) -> None:
 
 
 def wait_until(check: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + scaled(timeout)
     while not check():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
@@ -133,7 +134,7 @@ def test_connect_forwards_io_resizes_and_restores(rig: tuple[FakeDaemon, str, Pt
         wait_until(lambda: (120, 40) in daemon.resizes(), "the SIGWINCH resize")
 
         os.write(pty.master, b"exit\r")
-        assert proc.wait(15) == 0
+        assert proc.wait(scaled(15)) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -149,7 +150,7 @@ def test_interrupt_restores_the_terminal(rig: tuple[FakeDaemon, str, Pty]) -> No
     try:
         connected(daemon, proc)
         os.kill(proc.pid, signal.SIGINT)
-        assert proc.wait(15) == 130
+        assert proc.wait(scaled(15)) == 130
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -164,7 +165,7 @@ def test_sigterm_restores_the_terminal(rig: tuple[FakeDaemon, str, Pty]) -> None
     try:
         connected(daemon, proc)
         os.kill(proc.pid, signal.SIGTERM)
-        assert proc.wait(15) == 128 + signal.SIGTERM
+        assert proc.wait(scaled(15)) == 128 + signal.SIGTERM
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -179,7 +180,7 @@ def test_server_error_frame_exits_1_and_restores(rig: tuple[FakeDaemon, str, Pty
     try:
         connected(daemon, proc)
         os.write(pty.master, b"fail\r")
-        assert proc.wait(15) == 1
+        assert proc.wait(scaled(15)) == 1
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -192,7 +193,7 @@ def test_refused_connect_never_touches_the_terminal(rig: tuple[FakeDaemon, str, 
     _, host, pty = rig
     before = termios.tcgetattr(pty.slave)
     proc = spawn(pty, host, "connect", "ghost")
-    assert proc.wait(15) == 1
+    assert proc.wait(scaled(15)) == 1
     wait_until(lambda: "rexec: container not found (404)" in pty.text(), "the error message")
     assert termios.tcgetattr(pty.slave) == before
 
