@@ -192,17 +192,22 @@ def bind_mounts(rootfd: int, mounts: list[BindMount]) -> None:
     """Bind host directories (volumes) into the root at targets resolved inside it,
     and host files (lxcfs's) over files of the container's fresh /proc."""
     for m in mounts:
-        if m.target.startswith("/proc/"):
-            # Over a file the kernel's proc made: it must exist, and no symlink counts.
-            target = n.openat2(
-                rootfd, m.target.lstrip("/"), os.O_PATH, resolve=_IN_ROOT | n.RESOLVE_NO_SYMLINKS
-            )
-        else:
-            target = open_dir_in_root(rootfd, m.target, create=True)
-        with _opened(target) as fd:
+        with _opened(_bind_target(rootfd, m)) as fd:
             n.mount(m.source, _fdpath(fd), None, n.MS_BIND | n.MS_REC)
-            if m.readonly:
+        if m.readonly:
+            # Re-resolve: the fd above names the dentry under the new mount, and a
+            # remount through it would change the mount beneath (the container's root).
+            with _opened(_bind_target(rootfd, m)) as fd:
                 n.mount(None, _fdpath(fd), None, n.MS_BIND | n.MS_REMOUNT | n.MS_RDONLY)
+
+
+def _bind_target(rootfd: int, m: BindMount) -> int:
+    if m.target.startswith("/proc/"):
+        # Over a file the kernel's proc made: it must exist, and no symlink counts.
+        return n.openat2(
+            rootfd, m.target.lstrip("/"), os.O_PATH, resolve=_IN_ROOT | n.RESOLVE_NO_SYMLINKS
+        )
+    return open_dir_in_root(rootfd, m.target, create=True)
 
 
 def pivot(target: str) -> None:

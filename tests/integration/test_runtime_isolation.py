@@ -205,6 +205,22 @@ def test_init_reaps_orphans(runtime: Runtime, busybox_layer: Path) -> None:
     assert "zombies=0" in res.out
 
 
+def test_readonly_bind_mount_is_read_only_and_root_stays_writable(
+    runtime: Runtime, tmp_path: Path, busybox_layer: Path
+) -> None:
+    vol = tmp_path / "ro"
+    vol.mkdir()
+    (vol / "data").write_text("kept")
+    res = run(
+        runtime,
+        image(busybox_layer),
+        "echo x > /mnt/ro/data; echo vol=$?; echo y > /root-write; echo root=$?; cat /mnt/ro/data",
+        mounts=[BindMount(source=str(vol), target="/mnt/ro", readonly=True)],
+    )
+    assert "vol=1" in res.out and "root=0" in res.out, res.out
+    assert res.out.rstrip().endswith("kept") and (vol / "data").read_text() == "kept"
+
+
 def test_bind_mount_target_symlink_stays_inside(
     runtime: Runtime, tmp_path: Path, busybox_layer: Path
 ) -> None:
