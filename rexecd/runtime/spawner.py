@@ -27,7 +27,7 @@ from importlib import resources
 
 from rexecd import _native as n
 from rexecd.errors import ChildSetupError, RuntimeUnavailable
-from rexecd.runtime import capabilities, sync
+from rexecd.runtime import capabilities, sync, userns
 from rexecd.runtime.spec import ContainerSpec, ExecSpec
 
 log = logging.getLogger(__name__)
@@ -126,9 +126,18 @@ class _Server:
 
         body: ContainerSpec | ExecSpec
         pidfd = -1
+        nsfds: userns.UsernsFds | None = None
         if req.op == "run":
             body = ContainerSpec.from_dict(req.body)
-            n.unshare(n.CLONE_NEWPID)
+            if body.userns is not None:
+                # Before the pid namespace: the holder must not become its init.
+                nsfds = userns.make_namespaces(body.userns)
+            try:
+                n.unshare(n.CLONE_NEWPID)
+            except OSError:
+                if nsfds is not None:
+                    nsfds.close()
+                raise
         elif req.op == "exec":
             body = ExecSpec.from_dict(req.body)
             # Opened here: the child is born inside the container's pid namespace,
@@ -143,13 +152,16 @@ class _Server:
             n.setns(self.own_pidns, n.CLONE_NEWPID)
             raise
         finally:
-            if pidfd >= 0 and os.getpid() == self.pid:
-                os.close(pidfd)
+            if os.getpid() == self.pid:
+                if pidfd >= 0:
+                    os.close(pidfd)
+                if nsfds is not None:
+                    nsfds.close()
         if pid == 0:
             try:
                 self.ctrl.close()
                 if isinstance(body, ContainerSpec):
-                    child.container_init(body, sock, stdio, self.init_fd)
+                    child.container_init(body, sock, stdio, self.init_fd, nsfds)
                 else:
                     child.exec_in_container(body, sock, stdio, pidfd, self.init_fd)
             finally:

@@ -29,12 +29,12 @@ from rexecd.models import (
     StreamProgress,
     utcnow,
 )
-from rexecd.runtime import procinfo
+from rexecd.runtime import procinfo, userns
 from rexecd.runtime.cgroups import CgroupLimits, IoLimit
 from rexecd.runtime.container import KILL_WAIT_S, ContainerDirs, ImageView, Runtime
 from rexecd.runtime.containerfs import Entry, mode_string
 from rexecd.runtime.images import ImageRecord, ImageStore
-from rexecd.runtime.spec import BindMount
+from rexecd.runtime.spec import BindMount, UsernsSpec
 from rexecd.runtime.storage import Storage, Volume
 from rexecd.runtime.users import resolve_user
 from rexecd.service import quotas
@@ -284,29 +284,43 @@ class ManagerCore:
         return self.storage.volume(rec.user_id, rec.name) if self.storage is not None else None
 
     def _prepare(
-        self, rec: ContainerRecord, view: ImageView
+        self, rec: ContainerRecord, view: ImageView, rng: UsernsSpec | None
     ) -> tuple[ContainerDirs, list[BindMount]]:
         """Storage, dirs and /home/user: everything on disk before the spawn.
 
         With a storage method the writable layer and /home/user live on the
-        container's own quota'd volume (mounted here, released when it stops)."""
+        container's own quota'd volume (mounted here, released when it stops). With a
+        user namespace (``rng``) both belong to the container's id range: a tree last
+        written in another range (or without one) is moved into it once, here."""
         ident = resolve_user(view.user, view.layers)
+        owner = (userns.host_id(rng, ident.uid), userns.host_id(rng, ident.gid))
         if self.storage is not None:
-            vol = self.storage.ensure(
-                rec.user_id, rec.name, rec.resources.disk_mb, (ident.uid, ident.gid)
-            )
+            vol = self.storage.ensure(rec.user_id, rec.name, rec.resources.disk_mb, owner)
             self.store.upsert_volume(rec.user_id, rec.name, str(vol.image), vol.size_mb)
             dirs = replace(self.runtime.dirs(rec.id), upper=vol.upper, work=vol.work)
-            self.runtime.create_dirs(dirs)
-            return dirs, [BindMount(source=str(vol.home), target=HOME)]
-        dirs = self.runtime.dirs(rec.id)
-        self.runtime.create_dirs(dirs)
-        home = self._volume_dir(rec)
-        if not home.exists():
-            home.mkdir(parents=True, mode=0o755)
-            os.chown(home, ident.uid, ident.gid)
-        self.store.upsert_volume(rec.user_id, rec.name, str(home), rec.resources.disk_mb)
+            home = vol.home
+        else:
+            dirs = self.runtime.dirs(rec.id)
+            home = self._volume_dir(rec)
+            if not home.exists():
+                home.mkdir(parents=True, mode=0o755)
+                os.chown(home, *owner)
+            self.store.upsert_volume(rec.user_id, rec.name, str(home), rec.resources.disk_mb)
+        if rng is not None:
+            self._into_range(rng, dirs.upper, home)
+        self.runtime.create_dirs(dirs, rng)
         return dirs, [BindMount(source=str(home), target=HOME)]
+
+    def _into_range(self, rng: UsernsSpec, *trees: Path) -> None:
+        """Shift each tree whose top is not owned by an id of ``rng`` into it."""
+        for tree in trees:
+            try:
+                st = os.lstat(tree)
+            except FileNotFoundError:
+                continue
+            if not rng.base <= st.st_uid < rng.base + rng.size:
+                moved = userns.shift_tree(tree, rng, self.cfg.userns.base)
+                log.info("moved %d files of %s into ids %d+%d", moved, tree, rng.base, rng.size)
 
     async def _launch(
         self, rec: ContainerRecord, image: ImageRecord, report: _Reporter | None = None
@@ -316,8 +330,12 @@ class ManagerCore:
         view = await asyncio.to_thread(self._view, image)
         ip: str | None = None
         attached = False
+        rng: UsernsSpec | None = None
         try:
-            dirs, mounts = await asyncio.to_thread(self._prepare, rec, view)
+            if (ranges := self.runtime.userns) is not None:
+                slot = await asyncio.to_thread(self.store.allocate_userns, rec.db_id, ranges.count)
+                rng = ranges.range(slot)
+            dirs, mounts = await asyncio.to_thread(self._prepare, rec, view, rng)
             if self.network is not None and rec.network_mode == "default":
                 ip = str(
                     await asyncio.to_thread(
@@ -331,6 +349,11 @@ class ManagerCore:
                     ip,
                     [str(d) for d in self.cfg.network.dns],
                 )
+                if rng is not None:
+                    # Written by the daemon as host root: the container's root owns them.
+                    await asyncio.to_thread(
+                        userns.shift_tree, dirs.upper / "etc", rng, self.cfg.userns.base
+                    )
             profile = (await asyncio.to_thread(self._owner_tier, rec)).seccomp
             spec = self.runtime.build_spec(
                 rec.id,
@@ -340,6 +363,7 @@ class ManagerCore:
                 env=[f"{k}={v}" for k, v in rec.environment.items()] + ["TERM=xterm-256color"],
                 mounts=mounts,
                 seccomp=profile,
+                userns=rng,
             )
             if report is not None:
                 await report("starting", "starting the container", 60, container_id=rec.id)
@@ -375,10 +399,12 @@ class ManagerCore:
                     "gid": spec.process.gid,
                     "env": spec.process.env,
                     "seccomp": profile,
+                    # Host ids of the container's user namespace (files API owners).
+                    **({"userns_base": rng.base} if rng is not None else {}),
                 },
             )
         except BaseException:
-            await asyncio.to_thread(self._undo_launch, rec, attached)
+            await asyncio.to_thread(self._undo_launch, rec, attached, rng is not None)
             raise
         self._watch(rec)
         self._publish("started", rec)
@@ -423,11 +449,15 @@ class ManagerCore:
         # Major 0 is an anonymous device (tmpfs, overlay): no block queue to throttle.
         return (os.major(dev), os.minor(dev)) if os.major(dev) != 0 else None
 
-    def _undo_launch(self, rec: ContainerRecord, attached: bool) -> None:
+    def _undo_launch(self, rec: ContainerRecord, attached: bool, leased: bool = False) -> None:
         if attached and self.network is not None:
             with contextlib.suppress(Exception):
                 self.network.detach(rec.id)
         self.store.release_ips(rec.db_id)
+        if leased and rec.started_at is None:
+            # A container that never ran has no files in its range yet; one that ran
+            # keeps the range its files are owned by.
+            self.store.release_userns(rec.db_id)
         self.runtime.release(rec.id)
         self._release_volume(rec)
 
