@@ -14,3 +14,5 @@ import termios
 def set_size(master: int, cols: int, rows: int) -> None:
     """TIOCSWINSZ on the master: the kernel sends SIGWINCH to the foreground process group."""
     fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
