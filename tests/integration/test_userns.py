@@ -13,6 +13,10 @@ from typing import Any
 import aiohttp
 import pytest
 
+from rexecd.runtime.cgroups import open_driver
+from rexecd.runtime.container import Runtime
+from rexecd.runtime.spawner import Spawner
+from rexecd.runtime.userns import IdRanges
 from tests.integration.daemon import Daemon
 from tests.integration.daemon_fixtures import (
     ApiClient,
@@ -22,6 +26,10 @@ from tests.integration.daemon_fixtures import (
     unique,
     write_proc_symlink_image,
 )
+from tests.integration.probe import exec_out, image, parse, probe_bin, probe_lower, running
+from tests.integration.test_runtime_isolation import RangedRuntime, run
+
+__all__ = ["probe_bin", "probe_lower"]  # fixtures
 
 BASE, SIZE = 3_000_000, 65536
 
@@ -184,3 +192,44 @@ async def test_a_failed_create_leaves_no_lease(
         ok = unique("ok")
         refs.append(ok)
         await asyncio.wait_for(c.create_running(ok), 120)
+
+
+# ------------------------------------------------------------------ the runtime alone
+
+
+@pytest.fixture
+def ranged(tmp_path: Path, spawner: Spawner, cgroup_parent: str) -> Runtime:
+    ranges = IdRanges(base=BASE, size=SIZE, count=64)
+    return RangedRuntime(
+        tmp_path / "state", tmp_path / "run", open_driver(cgroup_parent), spawner, userns=ranges
+    )
+
+
+def test_runtime_container_exec_and_terminal_are_mapped_and_filtered(
+    ranged: Runtime, busybox_layer: Path, probe_lower: Path
+) -> None:
+    img = image(busybox_layer, probe_lower)
+    res = run(
+        ranged,
+        img,
+        "cat /proc/self/uid_map; grep -E '^(Seccomp|NoNewPrivs):' /proc/self/status;"
+        ' probe keyctl unshare-user; unshare -U true; echo "-U: $?"',
+    )
+    inside, outside, count = uid_map(res.out.splitlines()[0])
+    assert inside == 0 and outside >= BASE and count == SIZE, res.out
+    assert "Seccomp:\t2" in res.out and "NoNewPrivs:\t1" in res.out, res.out
+    got = parse(res.out)
+    assert got["keyctl"] == "EPERM" and got["unshare-user"] == "EPERM", res.out
+    assert "-U: 1" in res.out
+    with running(ranged, img) as (cid, pid):
+        want = (0, BASE + (int(cid[:8], 16) % 64) * SIZE, SIZE)
+        for tty in (False, True):
+            status, out = exec_out(
+                ranged, cid, pid, ["sh", "-c", "cat /proc/self/uid_map; id"], tty=tty
+            )
+            assert status == 0, out
+            lines = out.replace("\r", "").splitlines()
+            assert uid_map(lines[0]) == want and "uid=0(root) gid=0(root)" in lines[1], (tty, out)
+        # The terminal's PTY belongs to the container's root.
+        status, out = exec_out(ranged, cid, pid, ["sh", "-c", "stat -c %u $(tty)"], tty=True)
+        assert status == 0 and out.split()[-1] == "0", out
