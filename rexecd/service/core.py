@@ -307,18 +307,22 @@ class ManagerCore:
                 os.chown(home, *owner)
             self.store.upsert_volume(rec.user_id, rec.name, str(home), rec.resources.disk_mb)
         if rng is not None:
-            self._into_range(rng, dirs.upper, home)
+            # ensure() gave home's top its owner already; the upper dir (fresh and host
+            # root's after a wipe, the range's after a run) tells whose the volume is.
+            marker = dirs.upper if self.storage is not None else home
+            self._into_range(rng, marker, dirs.upper, home)
         self.runtime.create_dirs(dirs, rng)
         return dirs, [BindMount(source=str(home), target=HOME)]
 
-    def _into_range(self, rng: UsernsSpec, *trees: Path) -> None:
-        """Shift each tree whose top is not owned by an id of ``rng`` into it."""
+    def _into_range(self, rng: UsernsSpec, marker: Path, *trees: Path) -> None:
+        """Shift ``trees`` into ``rng`` unless ``marker``'s owner is in it already."""
+        try:
+            if rng.base <= os.lstat(marker).st_uid < rng.base + rng.size:
+                return
+        except FileNotFoundError:
+            pass
         for tree in trees:
-            try:
-                st = os.lstat(tree)
-            except FileNotFoundError:
-                continue
-            if not rng.base <= st.st_uid < rng.base + rng.size:
+            if os.path.lexists(tree):
                 moved = userns.shift_tree(tree, rng, self.cfg.userns.base)
                 log.info("moved %d files of %s into ids %d+%d", moved, tree, rng.base, rng.size)
 

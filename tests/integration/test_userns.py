@@ -194,6 +194,31 @@ async def test_a_failed_create_leaves_no_lease(
         await asyncio.wait_for(c.create_running(ok), 120)
 
 
+async def test_a_kept_home_moves_into_the_new_range(daemon: Daemon) -> None:
+    """/home/user outlives its container: recreated under another range, its files keep
+    their owners as seen inside."""
+    async with ApiClient(daemon, daemon.token(unique("u"))) as c, cleaning(c) as refs:
+        name, filler = unique("home"), unique("fill")
+        refs += [name, filler]
+        await c.create_running(name)
+        await c.sh(
+            name, "echo r > /home/user/r; echo u > /home/user/u; chown 1000:1000 /home/user/u"
+        )
+        first = uid_map(await c.sh(name, "cat /proc/self/uid_map"))[1]
+        await c.create_running(filler)  # holds the next slot
+        await c.remove(name, volumes=False)  # kept: /home/user stays
+        # Another container takes the freed slot, so the name comes back in a new one.
+        other = unique("other")
+        refs.append(other)
+        await c.create_running(other)
+        await c.create_running(name)
+        again = uid_map(await c.sh(name, "cat /proc/self/uid_map"))[1]
+        assert again != first
+        owners = await c.sh(name, "stat -c %u:%g /home/user /home/user/r /home/user/u")
+        assert owners.split() == ["0:0", "0:0", "1000:1000"], owners
+        assert (await c.sh(name, "cat /home/user/r /home/user/u")).split() == ["r", "u"]
+
+
 # ------------------------------------------------------------------ the runtime alone
 
 
