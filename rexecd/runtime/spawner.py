@@ -58,6 +58,8 @@ class _Server:
         capabilities.last_cap()  # cached for every child
         self.own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         self.pid = os.getpid()
+        # User namespace holders (see userns.make_namespaces) not reaped yet.
+        self.holders: set[int] = set()
         self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
@@ -95,6 +97,9 @@ class _Server:
                 return
             if pid == 0:
                 return
+            if pid in self.holders:
+                self.holders.discard(pid)  # a user namespace holder: nobody's business
+                continue
             sync.send(self.ctrl, sync.Exited(pid=pid, status=sync.exit_status(status)))
 
     def handle(self, req: sync.Request, fds: list[int]) -> None:
@@ -131,7 +136,8 @@ class _Server:
             body = ContainerSpec.from_dict(req.body)
             if body.userns is not None:
                 # Before the pid namespace: the holder must not become its init.
-                nsfds = userns.make_namespaces(body.userns)
+                nsfds, holder = userns.make_namespaces(body.userns, reap=False)
+                self.holders.add(holder)
             try:
                 n.unshare(n.CLONE_NEWPID)
             except OSError:

@@ -74,10 +74,13 @@ def _write_map(pid: int, name: str, rng: UsernsSpec) -> None:
         os.close(fd)
 
 
-def make_namespaces(rng: UsernsSpec) -> UsernsFds:
-    """A user namespace mapping 0..size-1 to ``rng``, with net/uts/ipc namespaces it owns.
+def make_namespaces(rng: UsernsSpec, reap: bool = True) -> tuple[UsernsFds, int]:
+    """A user namespace mapping 0..size-1 to ``rng``, with net/uts/ipc namespaces it owns,
+    and the pid of the holder that made them, which exits at once by itself.
 
-    Forks: call only from a single-threaded process (the spawner, the probe).
+    Forks: call only from a single-threaded process (the spawner, the probe). With
+    ``reap`` False the caller reaps the holder later (the spawner's SIGCHLD loop), so
+    a container start does not wait for its exit.
     """
     r, w = os.pipe2(os.O_CLOEXEC)
     hold_r, hold_w = os.pipe2(os.O_CLOEXEC)
@@ -108,11 +111,12 @@ def make_namespaces(rng: UsernsSpec) -> UsernsFds:
             for fd in fds:
                 os.close(fd)
             raise
-        return UsernsFds(*fds)
+        return UsernsFds(*fds), pid
     finally:
         os.close(r)
         os.close(hold_w)
-        os.waitpid(pid, 0)
+        if reap:
+            os.waitpid(pid, 0)
 
 
 def join(userns_fd: int) -> None:
@@ -218,7 +222,7 @@ def probe(where: Path) -> str | None:
         (t / "lower" / "f").write_bytes(b"")
         step = "unshare(CLONE_NEWUSER)"
         try:
-            fds = make_namespaces(UsernsSpec(base=0x7FFF0000, size=1))
+            fds, _ = make_namespaces(UsernsSpec(base=0x7FFF0000, size=1))
         except OSError as exc:
             return f"{step}: {exc}"
         try:
