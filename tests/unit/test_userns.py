@@ -122,3 +122,21 @@ def test_config_section() -> None:
         Config.model_validate({"userns": {"base": 0}})
     with pytest.raises(ValidationError):
         Config.model_validate({"userns": {"base": 1 << 31, "size": 1 << 20, "count": 4096}})
+
+
+def test_project_quota_is_safe_with_userns_or_the_default_filter_everywhere() -> None:
+    from rexecd.daemon import _project_quota_safe
+
+    cfg = Config()
+    assert _project_quota_safe(cfg, userns_on=False)  # every tier: default profile
+    tiers = cfg.tiers.model_dump()
+    tiers["pro"]["seccomp"] = "unconfined"
+    loose = Config.model_validate({"tiers": tiers})
+    assert not _project_quota_safe(loose, userns_on=False)
+    assert _project_quota_safe(loose, userns_on=True)
+
+
+def test_userns_off_needs_no_probe() -> None:
+    from rexecd.daemon import _userns
+
+    assert _userns(Config.model_validate({"userns": {"enabled": "off"}})) is None
