@@ -258,3 +258,49 @@ def test_runtime_container_exec_and_terminal_are_mapped_and_filtered(
         # The terminal's PTY belongs to the container's root.
         status, out = exec_out(ranged, cid, pid, ["sh", "-c", "stat -c %u $(tty)"], tty=True)
         assert status == 0 and out.split()[-1] == "0", out
+
+
+# ------------------------------------------------------------------ the fallback
+
+
+@pytest.fixture
+def ramfs_state(tmp_path: Path) -> Iterator[Path]:
+    """A state dir on ramfs, which cannot be idmapped (tmpfs can, since Linux 6.3)."""
+    from rexecd import _native as n
+
+    where = tmp_path / "ramfs"
+    where.mkdir()
+    try:
+        n.mount("none", str(where), "ramfs", 0, "mode=0700")
+    except OSError as exc:
+        pytest.skip(f"cannot mount ramfs: {exc}")
+    try:
+        (where / "state" / "tmp").mkdir(parents=True)
+        yield where / "state"
+    finally:
+        n.umount2(str(where), n.MNT_DETACH)
+
+
+def test_auto_falls_back_with_the_failed_call_and_on_refuses(
+    ramfs_state: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from rexecd.config import Config
+    from rexecd.daemon import _userns
+    from rexecd.errors import RuntimeFailure
+
+    def cfg(enabled: str) -> Config:
+        return Config.model_validate(
+            {"state_dir": str(ramfs_state), "userns": {"enabled": enabled}}
+        )
+
+    with caplog.at_level("WARNING", logger="rexecd.daemon"):
+        assert _userns(cfg("auto")) is None
+    assert "mount_setattr(MOUNT_ATTR_IDMAP): errno 22" in caplog.text, caplog.text
+    with pytest.raises(RuntimeFailure, match=r"userns\.enabled is on, but mount_setattr"):
+        _userns(cfg("on"))
+    # The control: on the test's own file system the same probe says yes.
+    disk = ramfs_state.parent.parent / "disk"
+    (disk / "tmp").mkdir(parents=True)
+    on_disk = Config.model_validate({"state_dir": str(disk), "userns": {"enabled": "auto"}})
+    ranges = _userns(on_disk)
+    assert ranges is not None and ranges.base == on_disk.userns.base
