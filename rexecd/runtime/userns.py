@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rexecd import _native as n
+from rexecd.errors import InvalidRequest
 from rexecd.runtime.spec import UsernsSpec
 
 # Namespaces the holder creates and the container joins: owned by the new user namespace.
@@ -157,7 +158,10 @@ def host_id(rng: UsernsSpec | None, inner: int) -> int:
     if rng is None:
         return inner
     if not 0 <= inner < rng.size:
-        raise ValueError(f"id {inner} is outside the container's {rng.size} ids")
+        raise InvalidRequest(
+            f"id {inner} (the image's user) is outside the container's {rng.size} ids "
+            "(userns.size)"
+        )
     return rng.base + inner
 
 

@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from rexecd.config import Config
-from rexecd.errors import RuntimeUnavailable
+from rexecd.errors import InvalidRequest, RuntimeUnavailable
 from rexecd.runtime import userns
 from rexecd.runtime.spec import (
     ContainerSpec,
@@ -88,7 +88,7 @@ def test_ranges_are_disjoint_and_ids_map_back() -> None:
         ranges.range(3)
     assert userns.host_id(r2, 1000) == r2.base + 1000
     assert userns.host_id(None, 1000) == 1000
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidRequest):
         userns.host_id(r2, 65536)
     # A host id of any aligned range, or below the base, is the same id inside.
     assert userns.inner_id(r2, r0.base + 33, 1_000_000) == 33
