@@ -4,11 +4,15 @@ long-lived process (as the daemon does it: spawn, exec, reap, clean up, cgroup
 included) side by side with `crun run` and `runc run` on the same busybox rootfs.
 
 Run as root: .venv/bin/python bench/start_latency.py [--runs 100] [--seccomp-cost]
+[--userns-cost]
 Results: a table on stdout and bench/results/start_latency.json.
 
 rexecd runs with its default seccomp profile, as the daemon does. --seccomp-cost also
 runs it unconfined, alternating the two profiles run by run in the same spawner so
-that drift on the machine weighs on both alike.
+that drift on the machine weighs on both alike. --userns-cost adds the default profile
+in a user namespace of the container's own (idmapped layers, as ``userns.enabled:
+auto`` does where the kernel can) and unconfined without one, interleaved the same way:
+the cost of both defences against neither.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from rexecd.runtime.cgroups import CgroupLimits, open_driver  # noqa: E402
 from rexecd.runtime.container import Runtime  # noqa: E402
 from rexecd.runtime.images import ImageStore  # noqa: E402
 from rexecd.runtime.spawner import Spawner  # noqa: E402
+from rexecd.runtime.userns import IdRanges  # noqa: E402
 from rexecd.service.oneshot import image_view  # noqa: E402
 
 
@@ -46,28 +51,35 @@ def summary(samples: list[float]) -> dict[str, float]:
     }
 
 
+# A variant: (seccomp profile, in a user namespace of its own).
+Variant = tuple[str, bool]
+RANGES = IdRanges(base=1_000_000, size=65536, count=64)
+
+
 def bench_rexecd(
-    state: Path, run_dir: Path, runs: int, ephemeral: bool, profiles: list[str]
-) -> dict[str, list[float]]:
-    """``runs`` starts per seccomp profile, the profiles taking turns run by run."""
+    state: Path, run_dir: Path, runs: int, ephemeral: bool, variants: list[Variant]
+) -> dict[Variant, list[float]]:
+    """``runs`` starts per variant, the variants taking turns run by run."""
     store = ImageStore(state / "images")
     view = image_view(store, store.get("busybox:latest"))
     parent = f"rexecd-bench-{uuid.uuid4().hex[:6]}"
     drv = open_driver(parent)
     sp = Spawner()
-    rt = Runtime(state, run_dir, drv, sp)
-    times: dict[str, list[float]] = {p: [] for p in profiles}
-    for p in profiles:
+    rt = Runtime(state, run_dir, drv, sp, userns=RANGES)
+    times: dict[Variant, list[float]] = {v: [] for v in variants}
+    for p, _ in variants:
         rt.seccomp.compiled(p)  # compiled once, as at daemon start-up
     try:
         for i in range(runs + 5):
-            for profile in profiles:
+            for profile, own_userns in variants:
                 t0 = time.perf_counter()
                 cid = uuid.uuid4().hex * 2
                 dirs = rt.dirs(cid, ephemeral=ephemeral)
-                rt.create_dirs(dirs)
+                # As the daemon does: a leased range (the lease is a database row).
+                rng = RANGES.range(i % RANGES.count) if own_userns else None
+                rt.create_dirs(dirs, rng)
                 spec = rt.build_spec(
-                    cid, "bench", view, dirs, args=["/bin/true"], seccomp=profile
+                    cid, "bench", view, dirs, args=["/bin/true"], seccomp=profile, userns=rng
                 )
                 pid = rt.start(spec, CgroupLimits(memory_bytes=256 << 20, cpu_millicores=1000))
                 status = sp.wait(pid, timeout=10)
@@ -76,7 +88,7 @@ def bench_rexecd(
                 if status != 0:
                     raise SystemExit(f"rexecd run {i} ({profile}) exited {status}")
                 if i >= 5:  # warm-up runs are not counted
-                    times[profile].append(dt)
+                    times[(profile, own_userns)].append(dt)
     finally:
         sp.close()
         drv.remove_parent()
@@ -176,8 +188,18 @@ def main() -> None:
         action="store_true",
         help="also run rexecd unconfined, interleaved with the default seccomp profile",
     )
+    ap.add_argument(
+        "--userns-cost",
+        action="store_true",
+        help="also run rexecd with the default profile in a user namespace, and unconfined "
+        "without one, interleaved",
+    )
     args = ap.parse_args()
-    profiles = ["default", "unconfined"] if args.seccomp_cost else ["default"]
+    variants: list[Variant] = [("default", False)]
+    if args.seccomp_cost or args.userns_cost:
+        variants.append(("unconfined", False))
+    if args.userns_cost:
+        variants.append(("default", True))
     if os.geteuid() != 0:
         raise SystemExit("run as root")
     with tempfile.TemporaryDirectory(prefix="rexecd-bench-", dir="/var/tmp") as tmp:
@@ -190,9 +212,10 @@ def main() -> None:
             results: dict[str, object] = {}
             places = ((True, "upper on tmpfs, like --rm"), (False, "upper on the state disk"))
             for ephemeral, where in places:
-                by_profile = bench_rexecd(state, run_dir, args.runs, ephemeral, profiles)
-                for profile, times in by_profile.items():
+                by_variant = bench_rexecd(state, run_dir, args.runs, ephemeral, variants)
+                for (profile, own_userns), times in by_variant.items():
                     label = "" if profile == "default" else f", seccomp {profile}"
+                    label += ", own userns" if own_userns else ""
                     results[f"rexecd ({where}{label})"] = times
             for tool in ("crun", "runc"):
                 results[f"{tool} run"] = bench_peer(tool, rootfs, work, args.runs)

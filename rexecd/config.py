@@ -250,6 +250,25 @@ class StorageConfig(_Section):
     method: Literal["auto", "loop", "project"] = "loop"
 
 
+class UsernsConfig(_Section):
+    # auto: each container in a user namespace of its own where the kernel can idmap
+    # overlay layers (probed at start-up; the log says which and why), else as off.
+    # on: the same, and start-up fails where it cannot. off: container root is host root.
+    enabled: Literal["auto", "on", "off"] = "auto"
+    # Host ids base + k*size .. base + (k+1)*size - 1 are the k-th container's, leased
+    # in the state database until the container is deleted.
+    base: int = Field(default=1_000_000, ge=65536)
+    size: int = Field(default=65536, ge=1024, le=1 << 24)
+    # How many ranges (containers) there may be at once.
+    count: PositiveInt = 4096
+
+    @model_validator(mode="after")
+    def _fits(self) -> UsernsConfig:
+        if self.base + self.size * self.count > 1 << 32:
+            raise ValueError("userns: base + size * count must stay below 2**32")
+        return self
+
+
 class TierLimits(_Section):
     # Every field is required: a half-written tier in a config file is an error,
     # never silently completed from another tier's numbers.
@@ -591,6 +610,7 @@ class Config(_Section):
     network: NetworkConfig = Field(default_factory=NetworkConfig)
     cgroup: CgroupConfig = Field(default_factory=CgroupConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
+    userns: UsernsConfig = Field(default_factory=UsernsConfig)
     tiers: TiersConfig = Field(default_factory=TiersConfig)
     minimums: MinimumsConfig = Field(default_factory=MinimumsConfig)
     defaults: DefaultsConfig = Field(default_factory=DefaultsConfig)

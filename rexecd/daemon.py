@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import stat
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,13 +21,14 @@ from aiohttp import web
 from rexecd import __version__
 from rexecd.api.guard import ConnectionGuard, GuardedSite, GuardLimits
 from rexecd.config import TIER_NAMES, Config, ConfigError, TcpListen, UnixListen
-from rexecd.errors import RuntimeUnavailable
+from rexecd.errors import RuntimeFailure, RuntimeUnavailable
 from rexecd.runtime.cgroups import choose_driver
 from rexecd.runtime.container import Runtime
 from rexecd.runtime.images import ImageStore
 from rexecd.runtime.seccomp import SeccompFilters
 from rexecd.runtime.spawner import Spawner
 from rexecd.runtime.storage import choose_storage
+from rexecd.runtime.userns import IdRanges
 from rexecd.service.events import EventBus
 from rexecd.service.manager import ContainerManager
 from rexecd.service.ratelimit import RateLimiter
@@ -56,6 +58,40 @@ def _network(cfg: Config) -> tuple[object | None, object | None]:
         gateway_udp_ports=tuple(cfg.network.gateway_udp_ports),
     )
     return Network(net), PortForwarder(net)
+
+
+def _userns(cfg: Config) -> IdRanges | None:
+    """The id ranges containers' user namespaces get, or None (container root is host
+    root): ``userns.enabled`` off, or auto where the kernel cannot idmap overlay layers
+    on the state dir's file system (probed once, in a process of its own since the
+    probe forks and mounts; the log says what failed)."""
+    u = cfg.userns
+    if u.enabled == "off":
+        log.info("user namespaces: off (userns.enabled)")
+        return None
+    probe = subprocess.run(
+        [sys.executable, "-m", "rexecd.runtime.userns", str(cfg.state_dir / "tmp")],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    answer = probe.stdout.strip() or probe.stderr.strip()[-500:] or f"exit {probe.returncode}"
+    if probe.returncode == 0 and answer == "ok":
+        log.info("user namespaces: on (container root is host ids %d + k*%d)", u.base, u.size)
+        return IdRanges(u.base, u.size, u.count)
+    if u.enabled == "on":
+        raise RuntimeFailure("user namespaces", f"userns.enabled is on, but {answer}")
+    log.warning("user namespaces: off, the kernel cannot run them here: %s", answer)
+    return None
+
+
+def _project_quota_safe(cfg: Config, userns_on: bool) -> bool:
+    """Whether no container can move its files out of their quota project: in a user
+    namespace the kernel refuses any change of project id, and the default seccomp
+    profile refuses FS_IOC_FSSETXATTR itself."""
+    return userns_on or all(cfg.tiers.get(t).seccomp == "default" for t in TIER_NAMES)
 
 
 def _seccomp(cfg: Config) -> SeccompFilters:
@@ -224,12 +260,18 @@ async def _run(cfg: Config, ready: asyncio.Event | None, listeners: list[Listene
     (cfg.state_dir / "tmp").mkdir(mode=0o700, exist_ok=True)
     # First: a storage method that cannot work here stops start-up before anything
     # (the spawner process, the database) exists that would need undoing.
-    storage = choose_storage(cfg.state_dir, cfg.run_dir, cfg.storage.method)
+    ranges = _userns(cfg)
+    storage = choose_storage(
+        cfg.state_dir,
+        cfg.run_dir,
+        cfg.storage.method,
+        project_safe=_project_quota_safe(cfg, ranges is not None),
+    )
     seccomp = _seccomp(cfg)
     store = Store(cfg.state_dir)
     spawner = Spawner()
     cgroups = choose_driver(cfg.cgroup.parent, cfg.cgroup.root)
-    runtime = Runtime(cfg.state_dir, cfg.run_dir, cgroups.driver, spawner, seccomp)
+    runtime = Runtime(cfg.state_dir, cfg.run_dir, cgroups.driver, spawner, seccomp, ranges)
     images = ImageStore(cfg.state_dir / "images")
     network, forwarder = _network(cfg)
     manager = ContainerManager(

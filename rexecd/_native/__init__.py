@@ -288,3 +288,29 @@ def inotify_watch(path: str, mask: int) -> int:
         os.close(fd)
         raise
     return fd
+
+
+# open_tree(2) and mount_setattr(2) flags (linux/mount.h); Linux >= 5.2 and 5.12.
+OPEN_TREE_CLONE = 1
+OPEN_TREE_CLOEXEC = 0o2000000
+AT_RECURSIVE = 0x8000
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+MOUNT_ATTR_IDMAP = 0x00100000
+# ioctl on a namespace fd (linux/nsfs.h): an fd of the user namespace that owns it.
+NS_GET_USERNS = 0xB701
+
+
+def open_tree_clone(path: str, recursive: bool = False) -> int:
+    """open_tree(OPEN_TREE_CLONE): a detached copy of the mount at ``path`` (close-on-exec),
+    which ``mount_setattr_idmap`` can change before anything uses it. Needs CAP_SYS_ADMIN."""
+    flags = OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | (AT_RECURSIVE if recursive else 0)
+    return _check(lib.rx_open_tree(-100, _b(path), flags), "open_tree", path)
+
+
+def mount_setattr_idmap(fd: int, userns_fd: int, attr_set: int = 0, path: str = "") -> None:
+    """mount_setattr(2) of the detached mount ``fd``: idmap it through the user namespace
+    ``userns_fd`` (ids on disk are read as ids inside that namespace), plus ``attr_set``.
+    Raises OSError naming ``path`` (EINVAL when the file system cannot be idmapped)."""
+    _check(lib.rx_mount_setattr_idmap(fd, userns_fd, attr_set), "mount_setattr idmap", path)

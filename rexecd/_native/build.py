@@ -29,6 +29,8 @@ ffibuilder.cdef(
     int rx_quotactl_fd(int fd, unsigned int cmd, unsigned int id, void *addr);
     long rx_join_session_keyring(const char *name);
     int rx_fstatfs_type(int fd, long long *type);
+    int rx_open_tree(int dirfd, const char *path, unsigned int flags);
+    int rx_mount_setattr_idmap(int fd, int userns_fd, unsigned long long attr_set);
 
     static const unsigned int SCMP_ACT_ALLOW;
     static const unsigned int SCMP_ACT_KILL_PROCESS;
@@ -131,6 +133,30 @@ ffibuilder.set_source(
             return -1;
         *type = (long long)st.f_type;
         return 0;
+    }
+
+    int rx_open_tree(int dirfd, const char *path, unsigned int flags) {
+    #ifdef SYS_open_tree
+        return (int)syscall(SYS_open_tree, dirfd, path, flags);
+    #else
+        errno = ENOSYS;
+        return -1;
+    #endif
+    }
+    /* mount_setattr(fd, "", AT_EMPTY_PATH, {attr_set | MOUNT_ATTR_IDMAP, userns_fd}):
+       headers may predate struct mount_attr (Linux 5.12), so it is spelt out here. */
+    int rx_mount_setattr_idmap(int fd, int userns_fd, unsigned long long attr_set) {
+    #ifdef SYS_mount_setattr
+        struct { uint64_t attr_set, attr_clr, propagation, userns_fd; } attr;
+        memset(&attr, 0, sizeof attr);
+        attr.attr_set = attr_set | 0x00100000ULL; /* MOUNT_ATTR_IDMAP */
+        attr.userns_fd = (uint64_t)userns_fd;
+        return (int)syscall(SYS_mount_setattr, fd, "", 0x1000 /* AT_EMPTY_PATH */,
+                            &attr, sizeof attr);
+    #else
+        errno = ENOSYS;
+        return -1;
+    #endif
     }
 
     /* libseccomp answers -errno instead of setting errno: put it where Python looks. */

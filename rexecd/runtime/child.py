@@ -29,7 +29,7 @@ from typing import NoReturn
 import prctl
 
 from rexecd import _native as n
-from rexecd.runtime import capabilities, rootfs, sync
+from rexecd.runtime import capabilities, rootfs, sync, userns
 from rexecd.runtime.spec import ContainerSpec, ExecSpec, ProcessSpec
 
 NEW_CONTAINER_NS = (
@@ -111,9 +111,22 @@ def _join_cgroup(paths: list[str]) -> None:
             os.close(fd)
 
 
-def enter(body: ContainerSpec | ExecSpec, stdio: list[int], step: _Step, pidfd: int = -1) -> None:
+def enter(
+    body: ContainerSpec | ExecSpec,
+    stdio: list[int],
+    step: _Step,
+    pidfd: int = -1,
+    nsfds: userns.UsernsFds | None = None,
+) -> None:
     """First steps of every child: the spawner has already placed it in the right pid
-    namespace (pid 1 of a fresh one for a container, the container's for an exec)."""
+    namespace (pid 1 of a fresh one for a container, the container's for an exec).
+
+    With a user namespace (``nsfds`` from the spawner for a new container), the child
+    joins the net/uts/ipc namespaces that user namespace owns, but unshares the mount
+    and cgroup namespaces as host root: they stay owned by the initial user namespace,
+    so nothing inside can ever mount or unmount there. An exec joins the container's
+    user namespace last of all, here, as the kernel ids it then takes (the range's
+    root) are the ones its PTY and files must have."""
     step.name = "signals"
     _reset_signals()
     step.name = "prctl dumpable"
@@ -127,13 +140,26 @@ def enter(body: ContainerSpec | ExecSpec, stdio: list[int], step: _Step, pidfd: 
     step.name = "cgroup join"
     _join_cgroup(body.cgroup_procs)
     if isinstance(body, ContainerSpec):
+        flags = NEW_CONTAINER_NS & ~n.CLONE_NEWPID
+        if nsfds is not None:
+            step.name = "join user-owned namespaces"
+            for fd, kind in (
+                (nsfds.net, n.CLONE_NEWNET),
+                (nsfds.uts, n.CLONE_NEWUTS),
+                (nsfds.ipc, n.CLONE_NEWIPC),
+            ):
+                n.setns(fd, kind)
+            flags &= ~userns.OWNED_NS
         step.name = "unshare namespaces"
-        n.unshare(NEW_CONTAINER_NS & ~n.CLONE_NEWPID)
+        n.unshare(flags)
     else:
         # ``pidfd`` was opened by the spawner, which already joined the pid namespace.
         step.name = "join container namespaces"
         try:
             n.setns(pidfd, NEW_CONTAINER_NS & ~n.CLONE_NEWPID)
+            if body.join_userns:
+                step.name = "join user namespace"
+                userns.join(pidfd)
         finally:
             os.close(pidfd)
 
@@ -208,12 +234,16 @@ def _find_program(name: str, env: dict[str, str]) -> str:
 
 
 def container_init(
-    spec: ContainerSpec, sock: socket.socket, stdio: list[int], init_fd: int
+    spec: ContainerSpec,
+    sock: socket.socket,
+    stdio: list[int],
+    init_fd: int,
+    nsfds: userns.UsernsFds | None = None,
 ) -> NoReturn:
     """A new container's pid 1, from fork until it execs rexec-init."""
     step = _Step()
     try:
-        enter(spec, stdio, step)
+        enter(spec, stdio, step, nsfds=nsfds)
         os.umask(0)
         step.name = "setsid"
         os.setsid()
@@ -224,9 +254,9 @@ def container_init(
         last = capabilities.last_cap()
         sync.send(sock, sync.Ready())
         step.name = "mount rootfs"
-        rootfd = rootfs.mount_root(spec)
+        rootfd = rootfs.mount_root(spec, nsfds.user if nsfds is not None else -1)
         step.name = "mount /dev"
-        rootfs.mount_dev(rootfd)
+        rootfs.mount_dev(rootfd, spec.userns.base if spec.userns is not None else 0)
         step.name = "mount /proc and /sys"
         rootfs.mount_proc_sys(rootfd)
         step.name = "mask paths"
@@ -245,6 +275,10 @@ def container_init(
                 os.close(fd)
             if not isinstance(msg, sync.Go):
                 os._exit(125)  # the caller gave up: nothing to report to
+        if nsfds is not None:
+            step.name = "join user namespace"
+            userns.join(nsfds.user)
+            nsfds.close()
         _finish_process(spec.process, step, spec.process.capabilities, last)
         step.name = "exec init"
         os.execve(init_fd, ["rexec-init", *spec.process.args], _env_dict(spec.process.env))

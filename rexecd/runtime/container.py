@@ -26,7 +26,15 @@ from rexecd.runtime.cgroups import Cgroup, CgroupDriver, CgroupLimits
 from rexecd.runtime.seccomp import DEFAULT as DEFAULT_SECCOMP
 from rexecd.runtime.seccomp import SeccompFilters
 from rexecd.runtime.spawner import Child, Spawner
-from rexecd.runtime.spec import BindMount, ContainerSpec, ExecSpec, ProcessSpec, RootfsSpec
+from rexecd.runtime.spec import (
+    BindMount,
+    ContainerSpec,
+    ExecSpec,
+    ProcessSpec,
+    RootfsSpec,
+    UsernsSpec,
+)
+from rexecd.runtime.userns import IdRanges
 from rexecd.runtime.users import resolve_user
 
 log = logging.getLogger(__name__)
@@ -86,8 +94,12 @@ class Runtime:
         cgroups: CgroupDriver | None,
         spawner: Spawner,
         seccomp: SeccompFilters | None = None,
+        userns: IdRanges | None = None,
     ) -> None:
         self.state_dir = state_dir
+        # Host id ranges for containers' own user namespaces; None: containers run
+        # in the daemon's (container root is host root).
+        self.userns = userns
         self.run_dir = run_dir
         self.cgroups = cgroups
         # Seccomp profiles by name, each compiled once for every container and exec.
@@ -143,12 +155,14 @@ class Runtime:
         mounts: list[BindMount] | None = None,
         tty: bool = False,
         seccomp: str = DEFAULT_SECCOMP,
+        userns: UsernsSpec | None = None,
     ) -> ContainerSpec:
         """A spec honouring the image config (Env, Entrypoint, Cmd, WorkingDir, User).
 
         ``args=None`` makes an idle container (init alone); a list (even empty) runs the
         image's entrypoint with those arguments, or with the image's Cmd when empty.
-        ``seccomp`` names the profile (``default``, ``unconfined`` or a file's path).
+        ``seccomp`` names the profile (``default``, ``unconfined`` or a file's path);
+        ``userns`` the host id range of the container's own user namespace, if any.
         """
         if args is None:
             argv: list[str] = []  # idle: the container is entered through exec/terminals
@@ -179,13 +193,21 @@ class Runtime:
                 seccomp=self.seccomp.programs(seccomp),
             ),
             mounts=list(mounts or []),
+            userns=userns,
         )
 
-    def create_dirs(self, dirs: ContainerDirs) -> None:
+    def create_dirs(self, dirs: ContainerDirs, userns: UsernsSpec | None = None) -> None:
+        """The container's directories; with ``userns`` the upper and work dirs belong to
+        its root (the base of the range), the overlay root's owner as seen inside."""
         dirs.base.mkdir(mode=0o700, parents=True, exist_ok=True)
         dirs.upper.mkdir(mode=0o755, exist_ok=True)
         dirs.work.mkdir(mode=0o700, exist_ok=True)
         dirs.rootfs.mkdir(mode=0o700, parents=True, exist_ok=True)
+        owner = userns.base if userns is not None else 0
+        for d in (dirs.upper, dirs.work):
+            st = os.lstat(d)
+            if (st.st_uid, st.st_gid) != (owner, owner):
+                os.lchown(d, owner, owner)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -276,6 +298,7 @@ class Runtime:
                 seccomp=self.seccomp.programs(seccomp),
             ),
             cgroup_procs=cg.join_paths() if cg is not None else [],
+            join_userns=has_own_userns(pid),
         )
         child = self.spawner.exec(spec, stdio)
         master: int | None = None
@@ -373,6 +396,17 @@ class Runtime:
         """Remove everything of a stopped container, its data included."""
         self.release(cid)
         shutil.rmtree(self.dirs(cid, ephemeral).base, ignore_errors=True)
+
+
+def has_own_userns(pid: int) -> bool:
+    """Whether process ``pid`` runs in a user namespace other than the daemon's (so an
+    exec joins it): asked of the process, not the config, which may have changed."""
+    try:
+        theirs = os.stat(f"/proc/{pid}/ns/user")
+    except FileNotFoundError as exc:
+        raise NotFound("container process is gone") from exc
+    ours = os.stat("/proc/self/ns/user")
+    return (theirs.st_dev, theirs.st_ino) != (ours.st_dev, ours.st_ino)
 
 
 def _reap(pid: int, pidfd: int) -> int | None:

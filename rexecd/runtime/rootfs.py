@@ -91,12 +91,20 @@ def _overlay_options(spec: ContainerSpec, fds: dict[str, int]) -> str:
     return opts
 
 
-def mount_root(spec: ContainerSpec) -> int:
-    """Make every mount private, mount the overlay root; returns an O_PATH fd of it."""
+def mount_root(spec: ContainerSpec, userns_fd: int = -1) -> int:
+    """Make every mount private, mount the overlay root; returns an O_PATH fd of it.
+
+    With ``userns_fd`` the image layers are idmapped through that user namespace (the
+    upper and work dirs already belong to its range), so the one shared copy of each
+    layer shows its root-owned files as owned by the container's root."""
     n.mount(None, "/", None, n.MS_REC | n.MS_PRIVATE)
     r = spec.rootfs
     fds: dict[str, int] = {}
     try:
+        if userns_fd >= 0:
+            from rexecd.runtime import userns
+
+            fds.update(userns.idmap_layers(r.lowerdirs, userns_fd))
         for path in (*r.lowerdirs, r.upperdir, r.workdir):
             if path not in fds:
                 fds[path] = os.open(path, os.O_PATH | os.O_DIRECTORY)
@@ -107,11 +115,19 @@ def mount_root(spec: ContainerSpec) -> int:
     return os.open(r.target, os.O_PATH | os.O_DIRECTORY)
 
 
-def mount_dev(rootfd: int) -> None:
-    """/dev as a small tmpfs with the safe device nodes, its own devpts, shm and mqueue."""
+def mount_dev(rootfd: int, id_base: int = 0) -> None:
+    """/dev as a small tmpfs with the safe device nodes, its own devpts, shm and mqueue.
+
+    ``id_base`` is the host id of the container's root (0 without a user namespace):
+    what /dev holds is owned by it, as it would be by root without one."""
+    owner = f",uid={id_base},gid={id_base}" if id_base else ""
     with _opened(open_dir_in_root(rootfd, "dev", create=True, strict=True)) as dfd:
         n.mount(
-            "tmpfs", _fdpath(dfd), "tmpfs", n.MS_NOSUID | n.MS_STRICTATIME, "mode=755,size=65536k"
+            "tmpfs",
+            _fdpath(dfd),
+            "tmpfs",
+            n.MS_NOSUID | n.MS_STRICTATIME,
+            f"mode=755,size=65536k{owner}",
         )
     with _opened(n.openat2(rootfd, "dev", os.O_DIRECTORY | os.O_RDONLY, resolve=_IN_ROOT)) as dev:
         for name, major, minor in DEVICES:
@@ -121,16 +137,23 @@ def mount_dev(rootfd: int) -> None:
             os.symlink(target, name, dir_fd=dev)
         for sub in ("pts", "shm", "mqueue"):
             os.mkdir(sub, 0o755, dir_fd=dev)
+        if id_base:
+            for name in [d[0] for d in DEVICES] + [link[0] for link in _DEV_LINKS]:
+                os.chown(name, id_base, id_base, dir_fd=dev, follow_symlinks=False)
+            for sub in ("pts", "shm", "mqueue"):
+                os.chown(sub, id_base, id_base, dir_fd=dev)
         with _opened(n.openat2(dev, "pts", os.O_PATH, resolve=n.RESOLVE_BENEATH)) as fd:
             n.mount(
                 "devpts",
                 _fdpath(fd),
                 "devpts",
                 n.MS_NOSUID | n.MS_NOEXEC,
-                "newinstance,ptmxmode=0666,mode=0620,gid=5",
+                f"newinstance,ptmxmode=0666,mode=0620,gid={id_base + 5}",
             )
         with _opened(n.openat2(dev, "shm", os.O_PATH, resolve=n.RESOLVE_BENEATH)) as fd:
-            n.mount("shm", _fdpath(fd), "tmpfs", _NOSUID_NODEV_NOEXEC, "mode=1777,size=65536k")
+            n.mount(
+                "shm", _fdpath(fd), "tmpfs", _NOSUID_NODEV_NOEXEC, f"mode=1777,size=65536k{owner}"
+            )
         with _opened(n.openat2(dev, "mqueue", os.O_PATH, resolve=n.RESOLVE_BENEATH)) as fd:
             n.mount("mqueue", _fdpath(fd), "mqueue", _NOSUID_NODEV_NOEXEC)
 

@@ -27,7 +27,7 @@ from importlib import resources
 
 from rexecd import _native as n
 from rexecd.errors import ChildSetupError, RuntimeUnavailable
-from rexecd.runtime import capabilities, sync
+from rexecd.runtime import capabilities, sync, userns
 from rexecd.runtime.spec import ContainerSpec, ExecSpec
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,8 @@ class _Server:
         capabilities.last_cap()  # cached for every child
         self.own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         self.pid = os.getpid()
+        # User namespace holders (see userns.make_namespaces) not reaped yet.
+        self.holders: set[int] = set()
         self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
@@ -95,6 +97,9 @@ class _Server:
                 return
             if pid == 0:
                 return
+            if pid in self.holders:
+                self.holders.discard(pid)  # a user namespace holder: nobody's business
+                continue
             sync.send(self.ctrl, sync.Exited(pid=pid, status=sync.exit_status(status)))
 
     def handle(self, req: sync.Request, fds: list[int]) -> None:
@@ -126,9 +131,19 @@ class _Server:
 
         body: ContainerSpec | ExecSpec
         pidfd = -1
+        nsfds: userns.UsernsFds | None = None
         if req.op == "run":
             body = ContainerSpec.from_dict(req.body)
-            n.unshare(n.CLONE_NEWPID)
+            if body.userns is not None:
+                # Before the pid namespace: the holder must not become its init.
+                nsfds, holder = userns.make_namespaces(body.userns, reap=False)
+                self.holders.add(holder)
+            try:
+                n.unshare(n.CLONE_NEWPID)
+            except OSError:
+                if nsfds is not None:
+                    nsfds.close()
+                raise
         elif req.op == "exec":
             body = ExecSpec.from_dict(req.body)
             # Opened here: the child is born inside the container's pid namespace,
@@ -143,13 +158,16 @@ class _Server:
             n.setns(self.own_pidns, n.CLONE_NEWPID)
             raise
         finally:
-            if pidfd >= 0 and os.getpid() == self.pid:
-                os.close(pidfd)
+            if os.getpid() == self.pid:
+                if pidfd >= 0:
+                    os.close(pidfd)
+                if nsfds is not None:
+                    nsfds.close()
         if pid == 0:
             try:
                 self.ctrl.close()
                 if isinstance(body, ContainerSpec):
-                    child.container_init(body, sock, stdio, self.init_fd)
+                    child.container_init(body, sock, stdio, self.init_fd, nsfds)
                 else:
                     child.exec_in_container(body, sock, stdio, pidfd, self.init_fd)
             finally:

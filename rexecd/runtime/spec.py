@@ -72,6 +72,18 @@ class RootfsSpec:
     target: str
 
 
+@dataclass(frozen=True)
+class UsernsSpec:
+    """The host ids a container's user namespace maps 0..size-1 to: base..base+size-1."""
+
+    base: int
+    size: int
+
+    def __post_init__(self) -> None:
+        if self.base <= 0 or self.size <= 0 or self.base + self.size > 1 << 32:
+            raise ValueError(f"bad id range {self.base}+{self.size}")
+
+
 DEFAULT_READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
 DEFAULT_MASKED_PATHS = (
     "/proc/acpi",
@@ -110,6 +122,8 @@ class ContainerSpec:
     masked_paths: list[str] = field(default_factory=lambda: list(DEFAULT_MASKED_PATHS))
     # Wait for the caller's Go before exec (network set-up happens in between).
     wait_for_go: bool = True
+    # A user namespace of its own mapping root to these host ids; None: the host's.
+    userns: UsernsSpec | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -120,6 +134,8 @@ class ContainerSpec:
         d["rootfs"] = _build(RootfsSpec, d["rootfs"])
         d["process"] = ProcessSpec.from_dict(d["process"])
         d["mounts"] = [_build(BindMount, m) for m in d.get("mounts", [])]
+        if d.get("userns") is not None:
+            d["userns"] = _build(UsernsSpec, d["userns"])
         spec: ContainerSpec = _build(cls, d)
         return spec
 
@@ -131,6 +147,8 @@ class ExecSpec:
     container_pid: int
     process: ProcessSpec
     cgroup_procs: list[str] = field(default_factory=list)
+    # The container has a user namespace of its own: join it last (see child.enter).
+    join_userns: bool = False
 
     def __post_init__(self) -> None:
         if not self.process.args:

@@ -29,14 +29,14 @@ from rexecd.models import (
     StreamProgress,
     utcnow,
 )
-from rexecd.runtime import lxcfs, procinfo
+from rexecd.runtime import lxcfs, procinfo, userns
 from rexecd.runtime.cgroups import CgroupLimits, IoLimit
 from rexecd.runtime.container import KILL_WAIT_S, ContainerDirs, ImageView, Runtime
 from rexecd.runtime.containerfs import Entry, mode_string
 from rexecd.runtime.images import ImageRecord, ImageStore
 from rexecd.runtime.images.files import rmtree
 from rexecd.runtime.seccomp import DEFAULT as DEFAULT_SECCOMP
-from rexecd.runtime.spec import BindMount, ContainerSpec
+from rexecd.runtime.spec import BindMount, ContainerSpec, UsernsSpec
 from rexecd.runtime.storage import Storage, Volume
 from rexecd.runtime.users import resolve_user
 from rexecd.service import catalog, quotas
@@ -120,6 +120,8 @@ class _Started:
     attached: bool = False
     pid: int = 0
     seccomp: str = DEFAULT_SECCOMP
+    # The container's user namespace ids, leased by the start (None: no user namespace).
+    rng: UsernsSpec | None = None
 
 
 class _Reporter:
@@ -335,28 +337,34 @@ class ManagerCore:
         return self.storage.volume(rec.user_id, rec.name) if self.storage is not None else None
 
     def _prepare(
-        self, rec: ContainerRecord, view: ImageView
+        self, rec: ContainerRecord, view: ImageView, rng: UsernsSpec | None
     ) -> tuple[ContainerDirs, list[BindMount]]:
         """Storage, dirs and /home/user: everything on disk before the spawn.
 
         With a storage method the writable layer and /home/user live on the
-        container's own quota'd volume (mounted here, released when it stops)."""
+        container's own quota'd volume (mounted here, released when it stops). With a
+        user namespace (``rng``) both belong to the container's id range: a tree last
+        written in another range (or without one) is moved into it once, here."""
         ident = resolve_user(view.user, view.layers)
+        owner = (userns.host_id(rng, ident.uid), userns.host_id(rng, ident.gid))
         if self.storage is not None:
-            vol = self.storage.ensure(
-                rec.user_id, rec.name, rec.resources.disk_mb, (ident.uid, ident.gid)
-            )
+            vol = self.storage.ensure(rec.user_id, rec.name, rec.resources.disk_mb, owner)
             self.store.upsert_volume(rec.user_id, rec.name, str(vol.image), vol.size_mb)
             dirs = replace(self.runtime.dirs(rec.id), upper=vol.upper, work=vol.work)
-            self.runtime.create_dirs(dirs)
-            return dirs, [BindMount(source=str(vol.home), target=HOME), *self._lxcfs_binds()]
-        dirs = self.runtime.dirs(rec.id)
-        self.runtime.create_dirs(dirs)
-        home = self._volume_dir(rec)
-        if not home.exists():
-            home.mkdir(parents=True, mode=0o755)
-            os.chown(home, ident.uid, ident.gid)
-        self.store.upsert_volume(rec.user_id, rec.name, str(home), rec.resources.disk_mb)
+            home = vol.home
+        else:
+            dirs = self.runtime.dirs(rec.id)
+            home = self._volume_dir(rec)
+            if not home.exists():
+                home.mkdir(parents=True, mode=0o755)
+                os.chown(home, *owner)
+            self.store.upsert_volume(rec.user_id, rec.name, str(home), rec.resources.disk_mb)
+        if rng is not None:
+            # ensure() gave home's top its owner already; the upper dir (fresh and host
+            # root's after a wipe, the range's after a run) tells whose the volume is.
+            marker = dirs.upper if self.storage is not None else home
+            self._into_range(rng, marker, dirs.upper, home)
+        self.runtime.create_dirs(dirs, rng)
         return dirs, [BindMount(source=str(home), target=HOME), *self._lxcfs_binds()]
 
     def _lxcfs_binds(self) -> list[BindMount]:
@@ -379,6 +387,18 @@ class ManagerCore:
                     self.cfg.lxcfs.dir,
                 )
         return binds
+
+    def _into_range(self, rng: UsernsSpec, marker: Path, *trees: Path) -> None:
+        """Shift ``trees`` into ``rng`` unless ``marker``'s owner is in it already."""
+        try:
+            if rng.base <= os.lstat(marker).st_uid < rng.base + rng.size:
+                return
+        except FileNotFoundError:
+            pass
+        for tree in trees:
+            if os.path.lexists(tree):
+                moved = userns.shift_tree(tree, rng, self.cfg.userns.base)
+                log.info("moved %d files of %s into ids %d+%d", moved, tree, rng.base, rng.size)
 
     async def _launch(
         self, rec: ContainerRecord, image: ImageRecord, report: _Reporter | None = None
@@ -421,10 +441,12 @@ class ManagerCore:
                     "gid": spec.process.gid,
                     "env": spec.process.env,
                     "seccomp": st.seccomp,
+                    # Host ids of the container's user namespace (files API owners).
+                    **({"userns_base": st.rng.base} if st.rng is not None else {}),
                 },
             )
         except BaseException:
-            await asyncio.to_thread(self._undo_launch, rec, st.attached)
+            await asyncio.to_thread(self._undo_launch, rec, st.attached, st.rng is not None)
             self.logs.drop_capture(rec.id)  # the pipe made for an init that never ran
             raise
         self._watch(rec)
@@ -446,12 +468,15 @@ class ManagerCore:
         hostname: str | None = None,
         report: _Reporter | None = None,
     ) -> ContainerSpec:
-        """Storage, address, /etc files, cgroup limits and the spawn of ``rec``'s init,
+        """Id range, storage, address, /etc files, cgroup limits and the spawn of ``rec``'s init,
         filling ``st`` as it goes so that the caller can undo (``_undo_launch``) after
         any failure. ``args`` runs a command instead of an idle init; ``home`` binds
         /home/user; ``network`` and ``hostname`` override the record's."""
         hostname = hostname or rec.name
-        dirs, mounts = await asyncio.to_thread(self._prepare, rec, view)
+        if (ranges := self.runtime.userns) is not None:
+            slot = await asyncio.to_thread(self.store.allocate_userns, rec.db_id, ranges.count)
+            st.rng = ranges.range(slot)
+        dirs, mounts = await asyncio.to_thread(self._prepare, rec, view, st.rng)
         st.dirs = dirs
         if self.network is not None and (network or rec.network_mode) == "default":
             st.ip = str(
@@ -464,6 +489,11 @@ class ManagerCore:
                 st.ip,
                 [str(d) for d in self.cfg.network.dns],
             )
+            if st.rng is not None:
+                # Written by the daemon as host root: the container's root owns them.
+                await asyncio.to_thread(
+                    userns.shift_tree, dirs.upper / "etc", st.rng, self.cfg.userns.base
+                )
         # The owner's tier's seccomp profile, which stays the container's until it stops.
         st.seccomp = (await asyncio.to_thread(self._owner_tier, rec)).seccomp
         spec = self.runtime.build_spec(
@@ -476,6 +506,7 @@ class ManagerCore:
             user=user,
             mounts=mounts if home else [],
             seccomp=st.seccomp,
+            userns=st.rng,
         )
         if report is not None:
             await report("starting", "starting the container", 60, container_id=rec.id)
@@ -534,8 +565,12 @@ class ManagerCore:
         # Major 0 is an anonymous device (tmpfs, overlay): no block queue to throttle.
         return (os.major(dev), os.minor(dev)) if os.major(dev) != 0 else None
 
-    def _undo_launch(self, rec: ContainerRecord, attached: bool) -> None:
+    def _undo_launch(self, rec: ContainerRecord, attached: bool, leased: bool = False) -> None:
         self._undo_start(rec, attached)
+        if leased and rec.started_at is None:
+            # A container that never ran has no files in its range yet; one that ran
+            # keeps the range its files are owned by.
+            self.store.release_userns(rec.db_id)
         self._release_volume(rec)
 
     def _undo_start(self, rec: ContainerRecord, attached: bool) -> None:

@@ -245,8 +245,12 @@ class InsideOps(ManagerCore):
         return used, limit or rec.resources.disk_mb * MiB
 
     def _fs(self, rec: ContainerRecord) -> ContainerFS:
+        """The container's files, written with its user's host ids: in its user
+        namespace's range (``userns_base``) when it has one."""
         assert rec.pid is not None
-        return ContainerFS(rec.pid, int(rec.spec.get("uid", 0)), int(rec.spec.get("gid", 0)))
+        base = int(rec.spec.get("userns_base", 0))
+        uid, gid = int(rec.spec.get("uid", 0)), int(rec.spec.get("gid", 0))
+        return ContainerFS(rec.pid, base + uid, base + gid)
 
     async def list_files(self, p: Principal, ref: str, path: str) -> FileList:
         rec = await self._running(p, ref)

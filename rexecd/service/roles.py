@@ -276,8 +276,12 @@ class RoleBuilds(ManagerCore):
             await self._role_progress(
                 rec, report, f"role {role.id}: saving the installed layer", ROLE_TO - 2
             )
+            ids = st.rng
             image = await asyncio.to_thread(
-                self.images.add_role_layer, key, base, lambda out: write_diff(upper, out, EXCLUDED)
+                self.images.add_role_layer,
+                key,
+                base,
+                lambda out: write_diff(upper, out, EXCLUDED, ids),
             )
         finally:
             # The container itself starts on a fresh upper dir over the cached layer.

@@ -133,6 +133,17 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # The event log is trimmed by age.
         "CREATE INDEX events_ts ON events(ts)",
     ),
+    (
+        # Host id ranges of containers' user namespaces: slot k is ids base + k*size.
+        # Held from the first start until the container is deleted (its files on the
+        # host are owned by the range), so a slot is never shared.
+        """CREATE TABLE userns_leases (
+            slot INTEGER PRIMARY KEY CHECK (slot >= 0),
+            container_db_id TEXT NOT NULL UNIQUE
+                REFERENCES containers(db_id) ON DELETE CASCADE,
+            leased_at TEXT NOT NULL
+        )""",
+    ),
 )
 # Every this many appends, append_event trims the log to its row cap in the same
 # transaction, so the log is bounded between housekeeping passes too.
@@ -716,6 +727,54 @@ class Store:
     def release_ip(self, ip: IPv4Address | str) -> bool:
         with self._write() as db:
             return db.execute("DELETE FROM ip_leases WHERE ip = ?", (str(ip),)).rowcount > 0
+
+    # -- user namespace id ranges ---------------------------------------------------
+
+    def allocate_userns(self, container_db_id: str, count: int) -> int:
+        """The lowest free id-range slot below ``count`` for the container, leased
+        atomically; a container that holds one gets the same slot back."""
+        with self._write() as db:
+            row = db.execute(
+                "SELECT slot FROM userns_leases WHERE container_db_id = ?", (container_db_id,)
+            ).fetchone()
+            if row is not None:
+                return int(row["slot"])
+            # The first gap: slot 0 if free, else one past a slot whose successor is free.
+            row = db.execute(
+                """SELECT 0 AS slot WHERE NOT EXISTS (SELECT 1 FROM userns_leases WHERE slot = 0)
+                   UNION ALL
+                   SELECT a.slot + 1 FROM userns_leases a WHERE NOT EXISTS
+                     (SELECT 1 FROM userns_leases b WHERE b.slot = a.slot + 1)
+                   ORDER BY slot LIMIT 1"""
+            ).fetchone()
+            slot = int(row["slot"])
+            if slot >= count:
+                raise RuntimeUnavailable(
+                    f"no free user namespace id range left (userns.count is {count})"
+                )
+            db.execute(
+                "INSERT INTO userns_leases (slot, container_db_id, leased_at) VALUES (?, ?, ?)",
+                (slot, container_db_id, _ts(utcnow())),
+            )
+            return slot
+
+    def userns_slot(self, container_db_id: str) -> int | None:
+        rows = self._read(
+            "SELECT slot FROM userns_leases WHERE container_db_id = ?", (container_db_id,)
+        )
+        return int(rows[0]["slot"]) if rows else None
+
+    def release_userns(self, container_db_id: str) -> bool:
+        with self._write() as db:
+            cur = db.execute(
+                "DELETE FROM userns_leases WHERE container_db_id = ?", (container_db_id,)
+            )
+            return cur.rowcount > 0
+
+    def list_userns_leases(self) -> dict[str, int]:
+        """Slot by container db id."""
+        rows = self._read("SELECT slot, container_db_id FROM userns_leases")
+        return {r["container_db_id"]: int(r["slot"]) for r in rows}
 
     def list_leases(self) -> list[IpLease]:
         rows = self._read("SELECT * FROM ip_leases")

@@ -7,21 +7,47 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from rexecd.errors import ChildSetupError
 from rexecd.runtime.cgroups import CgroupLimits, open_driver
-from rexecd.runtime.container import ImageView, Runtime
+from rexecd.runtime.container import ContainerDirs, ImageView, Runtime
 from rexecd.runtime.spawner import Spawner
-from rexecd.runtime.spec import BindMount
+from rexecd.runtime.spec import BindMount, ContainerSpec, UsernsSpec
+from rexecd.runtime.userns import IdRanges
 from tests.deadlines import scaled
 from tests.integration.conftest import Result, make_busybox_layer
 
 
+class RangedRuntime(Runtime):
+    """A Runtime that gives every container a user namespace of its own, its range
+    picked from its id (the daemon leases one instead): ``REXECD_TEST_USERNS=1`` runs
+    the runtime-level suites this way."""
+
+    def _range(self, cid: str) -> UsernsSpec:
+        assert self.userns is not None
+        return self.userns.range(int(cid[:8], 16) % self.userns.count)
+
+    def create_dirs(self, dirs: ContainerDirs, userns: UsernsSpec | None = None) -> None:
+        super().create_dirs(dirs, userns or self._range(dirs.base.name))
+
+    def build_spec(self, cid: str, *args: Any, **kw: Any) -> ContainerSpec:
+        kw.setdefault("userns", self._range(cid))
+        return super().build_spec(cid, *args, **kw)
+
+
+def make_runtime(state: Path, run_dir: Path, cgroup_parent: str, sp: Spawner) -> Runtime:
+    if os.environ.get("REXECD_TEST_USERNS") == "1":
+        ranges = IdRanges(base=2_000_000, size=65536, count=256)
+        return RangedRuntime(state, run_dir, open_driver(cgroup_parent), sp, userns=ranges)
+    return Runtime(state, run_dir, open_driver(cgroup_parent), sp)
+
+
 @pytest.fixture
 def runtime(tmp_path: Path, spawner: Spawner, cgroup_parent: str) -> Iterator[Runtime]:
-    rt = Runtime(tmp_path / "state", tmp_path / "run", open_driver(cgroup_parent), spawner)
+    rt = make_runtime(tmp_path / "state", tmp_path / "run", cgroup_parent, spawner)
     yield rt
 
 

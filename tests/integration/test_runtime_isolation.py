@@ -14,12 +14,18 @@ import pytest
 
 from rexecd.errors import ChildSetupError
 from rexecd.runtime.capabilities import DEFAULT_CAPS
-from rexecd.runtime.cgroups import CgroupLimits, open_driver
+from rexecd.runtime.cgroups import CgroupLimits
 from rexecd.runtime.container import Runtime
 from rexecd.runtime.spawner import Spawner
 from rexecd.runtime.spec import BindMount, ProcessSpec
 from tests.integration.conftest import Result, make_busybox_layer
-from tests.integration.runtime_helpers import image, run, runtime, symlinked_proc_is_refused
+from tests.integration.runtime_helpers import (
+    image,
+    make_runtime,
+    run,
+    runtime,
+    symlinked_proc_is_refused,
+)
 
 __all__ = ["runtime"]  # a fixture used here
 
@@ -335,7 +341,7 @@ def test_concurrent_starts_from_threads(runtime: Runtime, busybox_layer: Path) -
 def test_spawner_death_is_survived(tmp_path: Path, busybox_layer: Path, cgroup_parent: str) -> None:
     """A running container outlives a crashed spawner; the runtime starts a new one."""
     sp = Spawner()
-    rt = Runtime(tmp_path / "state", tmp_path / "run", open_driver(cgroup_parent), sp)
+    rt = make_runtime(tmp_path / "state", tmp_path / "run", cgroup_parent, sp)
     cid = uuid.uuid4().hex * 2
     dirs = rt.dirs(cid)
     rt.create_dirs(dirs)

@@ -412,6 +412,12 @@ def test_choose_storage_picks_project_quota_where_enforced(fs: Path) -> None:
     assert isinstance(choose_storage(fs / "state", fs / "run"), ProjectQuotaStorage)
     assert isinstance(choose_storage(fs / "state", fs / "run", "project"), ProjectQuotaStorage)
     assert isinstance(choose_storage(fs / "state", fs / "run", "loop"), LoopStorage)
+    # auto takes project quota only where no container can change its files' project
+    # (user namespaces, or a seccomp profile refusing FS_IOC_FSSETXATTR in every tier).
+    unsafe = choose_storage(fs / "state", fs / "run", "auto", project_safe=False)
+    assert isinstance(unsafe, LoopStorage)
+    forced = choose_storage(fs / "state", fs / "run", "project", project_safe=False)
+    assert isinstance(forced, ProjectQuotaStorage)
     # A state dir already holding loop images stays with them.
     (fs / "old" / "volumes" / USER).mkdir(parents=True)
     (fs / "old" / "volumes" / USER / "web.img").write_bytes(b"")

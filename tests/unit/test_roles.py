@@ -274,3 +274,28 @@ def test_role_layer_from_a_failing_writer_leaves_nothing(tmp_path: Path) -> None
     assert list(store.tmp_dir.iterdir()) == []
     with pytest.raises(InvalidRequest):
         store.role_image("../x")
+
+
+def test_role_layer_owners_are_written_as_the_build_container_saw_them(tmp_path: Path) -> None:
+    """A build in a user namespace leaves host ids in its upper dir: the layer records
+    the ids inside (base -> 0), and a file of an id outside the range as nobody's."""
+    import io
+    import tarfile
+
+    from rexecd.runtime.images.diff import write_diff
+    from rexecd.runtime.spec import UsernsSpec
+
+    upper = tmp_path / "upper"
+    (upper / "etc").mkdir(parents=True)
+    (upper / "etc" / "mine").write_text("x")
+    (upper / "etc" / "daemons").write_text("y")
+    ids = UsernsSpec(base=3_000_000, size=65536)
+    os.chown(upper / "etc", ids.base, ids.base)
+    os.chown(upper / "etc" / "mine", ids.base + 33, ids.base + 34)
+    os.chown(upper / "etc" / "daemons", 0, 0)
+    out = io.BytesIO()
+    write_diff(upper, out, ids=ids)
+    out.seek(0)
+    with tarfile.open(fileobj=out) as tar:
+        owners = {m.name: (m.uid, m.gid) for m in tar.getmembers()}
+    assert owners == {"etc": (0, 0), "etc/mine": (33, 34), "etc/daemons": (65534, 65534)}

@@ -21,12 +21,18 @@ import tarfile
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from _typeshed import SupportsRead
+
+from rexecd.runtime.spec import UsernsSpec
 
 from .unpack import OPAQUE_XATTR
 
 _WHITEOUT = ".wh."
 _OPAQUE = ".wh..wh..opq"
+_OVERFLOW_ID = 65534  # the kernel's overflowuid: an id with no mapping
 _OPEN = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
@@ -37,14 +43,19 @@ class DiffStats:
     skipped: int = 0  # devices, sockets: not part of a layer
 
 
-def write_diff(upper: Path, out: IO[bytes], exclude: Collection[str] = ()) -> DiffStats:
+def write_diff(
+    upper: Path, out: IO[bytes], exclude: Collection[str] = (), ids: UsernsSpec | None = None
+) -> DiffStats:
     """Write the tar of ``upper`` to ``out``; ``exclude`` names relative paths (``etc/hosts``)
     left out with whatever is under them. Directories come before what they hold; no
-    recursion, so no nesting depth the container chose can break the walk."""
+    recursion, so no nesting depth the container chose can break the walk. ``ids`` is
+    the build container's user namespace: owners are written as the container saw them."""
     stats = DiffStats()
     links: dict[tuple[int, int], str] = {}
     skip = set(exclude)
-    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+    with _Tar.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        assert isinstance(tar, _Tar)
+        tar.ids = ids
         todo = [""]
         while todo:
             rel = todo.pop()
@@ -55,6 +66,24 @@ def write_diff(upper: Path, out: IO[bytes], exclude: Collection[str] = ()) -> Di
                 if path not in skip and _entry(tar, upper, rel, name, links, stats):
                     todo.append(path)
     return stats
+
+
+class _Tar(tarfile.TarFile):
+    """A layer tar whose owners are written back from host ids to a user namespace's."""
+
+    ids: UsernsSpec | None = None
+
+    def addfile(self, tarinfo: tarfile.TarInfo, fileobj: SupportsRead[bytes] | None = None) -> None:
+        if self.ids is not None:
+            tarinfo.uid = _inner(self.ids, tarinfo.uid)
+            tarinfo.gid = _inner(self.ids, tarinfo.gid)
+        super().addfile(tarinfo, fileobj)
+
+
+def _inner(ids: UsernsSpec, host: int) -> int:
+    """The id inside ``ids`` of host id ``host``; one outside the range (a file the daemon
+    made as host root) is nobody's there, as the kernel shows it, never root's."""
+    return host - ids.base if ids.base <= host < ids.base + ids.size else _OVERFLOW_ID
 
 
 def _entry(

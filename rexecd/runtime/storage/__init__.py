@@ -45,10 +45,16 @@ log = logging.getLogger(__name__)
 METHODS = ("auto", "loop", "project")
 
 
-def choose_storage(state_dir: Path, run_dir: Path, method: str = "auto") -> Storage:
+def choose_storage(
+    state_dir: Path, run_dir: Path, method: str = "auto", *, project_safe: bool = True
+) -> Storage:
     """The storage for a daemon with these dirs: ``"loop"`` or ``"project"`` as told, or
     with ``"auto"`` project quota where the state dir's file system enforces it and loop
     images elsewhere. ``RuntimeFailure`` naming why when the method cannot work here.
+
+    ``project_safe`` says no container can change its files' project id (they run in
+    user namespaces, or every tier's seccomp profile refuses FS_IOC_FSSETXATTR);
+    without it ``auto`` never picks project quota.
 
     Volumes of one method are invisible to the other, so ``auto`` stays with the method
     whose volumes the state dir already holds rather than hide users' data.
@@ -58,6 +64,13 @@ def choose_storage(state_dir: Path, run_dir: Path, method: str = "auto") -> Stor
     in_use = kinds_in_use(state_dir / "volumes")
     if method == "loop":
         _warn_hidden("loop images", in_use - {"loop"})
+        return LoopStorage(state_dir, run_dir)
+    if method == "auto" and not project_safe and "project" not in in_use:
+        log.info(
+            "storage: loop images (project quota would not hold: containers run in "
+            "the host's user namespace and a tier's seccomp profile allows "
+            "FS_IOC_FSSETXATTR)"
+        )
         return LoopStorage(state_dir, run_dir)
     support = projquota.probe(state_dir / "volumes")
     if method == "project":

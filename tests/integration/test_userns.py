@@ -1,0 +1,306 @@
+"""Containers in user namespaces of their own, through a real daemon on the real kernel:
+the map, ownership inside and on the host, disjoint ranges leased in the state
+database across restarts, and a failed create that leaves no lease."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from rexecd.runtime.cgroups import open_driver
+from rexecd.runtime.container import Runtime
+from rexecd.runtime.spawner import Spawner
+from rexecd.runtime.userns import IdRanges
+from tests.integration.daemon import Daemon
+from tests.integration.daemon_fixtures import (
+    ApiClient,
+    cleaning,
+    db_rows,
+    running_daemon,
+    unique,
+    write_proc_symlink_image,
+)
+from tests.integration.probe import exec_out, image, parse, probe_bin, probe_lower, running
+from tests.integration.runtime_helpers import RangedRuntime, run
+
+__all__ = ["probe_bin", "probe_lower"]  # fixtures
+
+BASE, SIZE = 3_000_000, 65536
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    overrides = {"userns": {"enabled": "on", "base": BASE, "size": SIZE, "count": 64}}
+    with running_daemon(tmp_path_factory, overrides) as d:
+        yield d
+
+
+def userns_leases(d: Daemon) -> dict[str, int]:
+    return dict(db_rows(d, "SELECT container_db_id, slot FROM userns_leases"))
+
+
+def uid_map(text: str) -> tuple[int, int, int]:
+    inside, outside, count = (int(x) for x in text.split())
+    return inside, outside, count
+
+
+def upper_file(d: Daemon, name: str) -> Path:
+    """The one file called ``name`` in any upper dir or volume of this daemon (host side)."""
+    found: list[Path] = []
+    for root in (d.state, d.run):
+        for dirpath, _dirs, files in os.walk(root):
+            if name in files and "/upper" in dirpath:
+                found.append(Path(dirpath) / name)
+    assert len(found) == 1, found
+    return found[0]
+
+
+async def test_root_inside_is_an_unprivileged_range_on_the_host(daemon: Daemon) -> None:
+    async with ApiClient(daemon, daemon.token(unique("u"))) as c, cleaning(c) as refs:
+        ref = unique("uns")
+        refs.append(ref)
+        box = await c.create_running(ref)
+        out = await c.sh(
+            ref,
+            "cat /proc/self/uid_map; cat /proc/self/gid_map; id -u; id -g;"
+            " grep -E '^(Seccomp|NoNewPrivs):' /proc/self/status;"
+            " stat -c '%u:%g %n' /bin/busybox /etc /dev/null /home/user",
+        )
+        lines = out.splitlines()
+        inside, outside, count = uid_map(lines[0])
+        slot = userns_leases(daemon)[box["db_id"]]
+        assert (inside, outside, count) == (0, BASE + slot * SIZE, SIZE), out
+        assert uid_map(lines[1]) == (0, outside, SIZE)
+        assert lines[2:4] == ["0", "0"], out
+        assert "Seccomp:\t2" in out and "NoNewPrivs:\t1" in out, out
+        # The image's root-owned files, and what the daemon made, are root's inside.
+        for path in ("/bin/busybox", "/etc", "/dev/null", "/home/user"):
+            assert f"0:0 {path}" in out, out
+
+        # A file the container makes is owned by the range on the host, in the upper
+        # dir (overlay's copy-up too), and by root inside.
+        marker = unique("made")
+        await c.sh(ref, f"echo x > /{marker}; chown 1000:1000 /etc/passwd; touch /bin/{marker}.bin")
+        host = upper_file(daemon, marker)
+        assert (host.stat().st_uid, host.stat().st_gid) == (outside, outside)
+        # bin/ was copied up from the image (owned by 0 there) into the range.
+        assert (host.parent / "bin").stat().st_uid == outside
+        assert upper_file(daemon, marker + ".bin").stat().st_uid == outside
+        assert (await c.sh(ref, f"stat -c %u /{marker} /etc/passwd")).split() == ["0", "1000"]
+
+        # Files and directories the API writes are root's inside, in the range outside.
+        files = f"/api/containers/{ref}/files"
+        (await c.post(files + "/mkdir", params={"path": "/srv/api-dir"})).expect(200)
+        form = aiohttp.FormData()
+        form.add_field("file", b"data", filename="api.txt")
+        (await c.post(files, data=form, params={"path": "/srv/api-dir"})).expect(200)
+        owners = await c.sh(ref, "stat -c %u:%g /srv/api-dir /srv/api-dir/api.txt")
+        assert owners.split() == ["0:0", "0:0"], owners
+        assert upper_file(daemon, "api.txt").stat().st_uid == outside
+
+
+async def test_namespaces_refused_and_capabilities_scoped(daemon: Daemon) -> None:
+    async with ApiClient(daemon, daemon.token(unique("u"))) as c, cleaning(c) as refs:
+        ref = unique("caps")
+        refs.append(ref)
+        await c.create_running(ref)
+        r = (await c.exec(ref, "unshare -U true")).expect(200)
+        assert r["exit_code"] != 0, r.body
+        # net_admin is not in the set; raw sockets (net_raw) on its own netns are.
+        r = (await c.exec(ref, "ping -c1 -W2 127.0.0.1")).expect(200)
+        assert r["exit_code"] == 0, r.body
+        # The daemon's mounts stay: nothing can be unmounted or mounted anew.
+        r = (await c.exec(ref, "umount /proc/keys; umount /proc/sys")).expect(200)
+        assert r["exit_code"] != 0, r.body
+        r = (await c.exec(ref, "mkdir -p /mnt/p; mount -t proc proc /mnt/p")).expect(200)
+        assert r["exit_code"] != 0, r.body
+        mounts = await c.sh(ref, "cat /proc/mounts")
+        assert " /proc/keys " in mounts and " /proc/sys " in mounts, mounts
+        assert " /mnt/p " not in mounts
+        # Host root's files (a sysctl in the container's read-only /proc/sys) are not root's.
+        assert (await c.sh(ref, "stat -c %u /proc/sys/kernel/hostname")).strip() == "65534"
+
+
+async def test_two_containers_get_disjoint_ranges_and_keep_them_across_a_restart(
+    daemon: Daemon,
+) -> None:
+    tok = daemon.token(unique("u"))
+    async with ApiClient(daemon, tok) as c, cleaning(c) as refs:
+        a, b = unique("a"), unique("b")
+        refs += [a, b]
+        boxes = [await c.create_running(a), await c.create_running(b)]
+        maps = [uid_map(await c.sh(x, "cat /proc/self/uid_map")) for x in (a, b)]
+        (_, oa, na), (_, ob, nb) = maps
+        assert oa + na <= ob or ob + nb <= oa, maps
+        before = {
+            k: v for k, v in userns_leases(daemon).items() if k in {x["db_id"] for x in boxes}
+        }
+        assert len(set(before.values())) == 2
+
+    # (cleaning deleted them: their leases went with them)
+    assert not set(before) & set(userns_leases(daemon))
+
+    # (no cleaning here: it must outlive the restart; the daemon fixture removes it
+    # if the test fails before the block that does)
+    async with ApiClient(daemon, tok) as c:
+        keep = unique("keep")
+        box = await c.create_running(keep)
+        held = userns_leases(daemon)[box["db_id"]]
+        first_map = await c.sh(keep, "cat /proc/self/uid_map")
+        # A stop and start keeps the range, so its files stay its own.
+        (await c.post(f"/api/containers/{keep}/stop")).expect(200)
+        assert userns_leases(daemon)[box["db_id"]] == held
+        (await c.post(f"/api/containers/{keep}/start")).expect(200)
+        await c.wait_status(keep, "running")
+        assert await c.sh(keep, "cat /proc/self/uid_map") == first_map
+    daemon.restart()
+    async with ApiClient(daemon, tok) as c, cleaning(c) as refs:
+        refs.append(keep)
+        assert userns_leases(daemon).get(box["db_id"]) == held
+        # The re-adopted container is still entered through its own user namespace.
+        assert await c.sh(keep, "cat /proc/self/uid_map") == first_map
+        other = unique("other")
+        refs.append(other)
+        new = await c.create_running(other)
+        assert userns_leases(daemon)[new["db_id"]] != held
+
+
+async def test_a_failed_create_leaves_no_lease(
+    daemon: Daemon, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    image = write_proc_symlink_image(tmp_path_factory.mktemp("img") / "broken.tar")
+    admin = daemon.token(unique("adm"), scopes="read,write,admin")
+    async with ApiClient(daemon, admin) as c:
+        r = await c.post(
+            "/api/images/import", params={"name": "brokenproc:latest"}, data=image.read_bytes()
+        )
+        r.expect(201)
+    async with ApiClient(daemon, daemon.token(unique("f"))) as c, cleaning(c) as refs:
+        name = unique("broken")
+        refs.append(name)
+        created: dict[str, Any] = (await c.create(name, image="brokenproc")).expect(202).body
+        failed = await c.wait_status(name, "error")
+        assert "mount /proc" in (failed.get("error_message") or ""), failed
+        assert created["db_id"] not in userns_leases(daemon)
+        # ... and the slot it had is handed out again.
+        ok = unique("ok")
+        refs.append(ok)
+        await asyncio.wait_for(c.create_running(ok), 120)
+
+
+async def test_a_kept_home_moves_into_the_new_range(daemon: Daemon) -> None:
+    """/home/user outlives its container: recreated under another range, its files keep
+    their owners as seen inside."""
+    async with ApiClient(daemon, daemon.token(unique("u"))) as c, cleaning(c) as refs:
+        name, filler = unique("home"), unique("fill")
+        refs += [name, filler]
+        await c.create_running(name)
+        await c.sh(
+            name, "echo r > /home/user/r; echo u > /home/user/u; chown 1000:1000 /home/user/u"
+        )
+        first = uid_map(await c.sh(name, "cat /proc/self/uid_map"))[1]
+        await c.create_running(filler)  # holds the next slot
+        await c.remove(name, volumes=False)  # kept: /home/user stays
+        # Another container takes the freed slot, so the name comes back in a new one.
+        other = unique("other")
+        refs.append(other)
+        await c.create_running(other)
+        await c.create_running(name)
+        again = uid_map(await c.sh(name, "cat /proc/self/uid_map"))[1]
+        assert again != first
+        owners = await c.sh(name, "stat -c %u:%g /home/user /home/user/r /home/user/u")
+        assert owners.split() == ["0:0", "0:0", "1000:1000"], owners
+        assert (await c.sh(name, "cat /home/user/r /home/user/u")).split() == ["r", "u"]
+
+
+# ------------------------------------------------------------------ the runtime alone
+
+
+@pytest.fixture
+def ranged(tmp_path: Path, spawner: Spawner, cgroup_parent: str) -> Runtime:
+    ranges = IdRanges(base=BASE, size=SIZE, count=64)
+    return RangedRuntime(
+        tmp_path / "state", tmp_path / "run", open_driver(cgroup_parent), spawner, userns=ranges
+    )
+
+
+def test_runtime_container_exec_and_terminal_are_mapped_and_filtered(
+    ranged: Runtime, busybox_layer: Path, probe_lower: Path
+) -> None:
+    img = image(busybox_layer, probe_lower)
+    res = run(
+        ranged,
+        img,
+        "cat /proc/self/uid_map; grep -E '^(Seccomp|NoNewPrivs):' /proc/self/status;"
+        ' probe keyctl unshare-user; unshare -U true; echo "-U: $?"',
+    )
+    inside, outside, count = uid_map(res.out.splitlines()[0])
+    assert inside == 0 and outside >= BASE and count == SIZE, res.out
+    assert "Seccomp:\t2" in res.out and "NoNewPrivs:\t1" in res.out, res.out
+    got = parse(res.out)
+    assert got["keyctl"] == "EPERM" and got["unshare-user"] == "EPERM", res.out
+    assert "-U: 1" in res.out
+    with running(ranged, img) as (cid, pid):
+        want = (0, BASE + (int(cid[:8], 16) % 64) * SIZE, SIZE)
+        for tty in (False, True):
+            status, out = exec_out(
+                ranged, cid, pid, ["sh", "-c", "cat /proc/self/uid_map; id"], tty=tty
+            )
+            assert status == 0, out
+            lines = out.replace("\r", "").splitlines()
+            assert uid_map(lines[0]) == want and "uid=0(root) gid=0(root)" in lines[1], (tty, out)
+        # The terminal's PTY belongs to the container's root.
+        status, out = exec_out(ranged, cid, pid, ["sh", "-c", "stat -c %u $(tty)"], tty=True)
+        assert status == 0 and out.split()[-1] == "0", out
+
+
+# ------------------------------------------------------------------ the fallback
+
+
+@pytest.fixture
+def ramfs_state(tmp_path: Path) -> Iterator[Path]:
+    """A state dir on ramfs, which cannot be idmapped (tmpfs can, since Linux 6.3)."""
+    from rexecd import _native as n
+
+    where = tmp_path / "ramfs"
+    where.mkdir()
+    try:
+        n.mount("none", str(where), "ramfs", 0, "mode=0700")
+    except OSError as exc:
+        pytest.skip(f"cannot mount ramfs: {exc}")
+    try:
+        (where / "state" / "tmp").mkdir(parents=True)
+        yield where / "state"
+    finally:
+        n.umount2(str(where), n.MNT_DETACH)
+
+
+def test_auto_falls_back_with_the_failed_call_and_on_refuses(
+    ramfs_state: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from rexecd.config import Config
+    from rexecd.daemon import _userns
+    from rexecd.errors import RuntimeFailure
+
+    def cfg(enabled: str) -> Config:
+        return Config.model_validate(
+            {"state_dir": str(ramfs_state), "userns": {"enabled": enabled}}
+        )
+
+    with caplog.at_level("WARNING", logger="rexecd.daemon"):
+        assert _userns(cfg("auto")) is None
+    assert "mount_setattr(MOUNT_ATTR_IDMAP): errno 22" in caplog.text, caplog.text
+    with pytest.raises(RuntimeFailure, match=r"userns\.enabled is on, but mount_setattr"):
+        _userns(cfg("on"))
+    # The control: on the test's own file system the same probe says yes.
+    disk = ramfs_state.parent.parent / "disk"
+    (disk / "tmp").mkdir(parents=True)
+    on_disk = Config.model_validate({"state_dir": str(disk), "userns": {"enabled": "auto"}})
+    ranges = _userns(on_disk)
+    assert ranges is not None and ranges.base == on_disk.userns.base
