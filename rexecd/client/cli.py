@@ -310,9 +310,10 @@ async def _exec(c: AsyncClient, a: argparse.Namespace) -> int:
             _out(str(e.body.get("stdout") or ""))
             sys.stdout.flush()
             _err(str(e.body.get("stderr") or "").removesuffix("command timed out\n"))
-            # The daemon's own error, without the output already shown.
-            shown = ("stdout", "stderr", "output")
-            raise ApiError(504, {k: v for k, v in e.body.items() if k not in shown}) from None
+            # The 504 body is the partial result, not an error object: say it as one.
+            from rexecd.errors import ExecTimeout
+
+            raise ApiError(504, ExecTimeout("command timed out").to_json()) from None
         raise
     _print_exec(result, _wants_json(a))
     return _exit_status(result.exit_code)
