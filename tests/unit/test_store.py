@@ -5,7 +5,6 @@ from __future__ import annotations
 import sqlite3
 import stat
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -13,28 +12,13 @@ from pathlib import Path
 import pytest
 
 from rexecd.errors import Conflict, NotFound, QuotaExceeded, RexecError, RuntimeUnavailable
-from rexecd.models import ContainerRecord, ContainerResources
+from rexecd.models import ContainerRecord
 from rexecd.service.store import MIGRATIONS, Store, TokenRecord
+from tests.unit.fakes.store import RES, rec, store
 
-RES = ContainerResources(memory_mb=512, cpu_shares=1000, disk_mb=2048, network_mbps=10)
+__all__ = ["store"]  # a fixture used here
+
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    with Store(tmp_path / "state") as s:
-        yield s
-
-
-def rec(user_id: str, name: str, **kw: object) -> ContainerRecord:
-    fields: dict[str, object] = {
-        "user_id": user_id,
-        "name": name,
-        "image": "ubuntu",
-        "resources": RES,
-    }
-    fields.update(kw)
-    return ContainerRecord.model_validate(fields)
 
 
 def test_files_and_pragmas(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from rexecd.runtime.spec import (
     UsernsSpec,
 )
 from rexecd.service.store import Store
-from tests.unit.test_store import rec, store
+from tests.unit.fakes.store import rec, store
 
 __all__ = ["store"]  # fixture
 
