@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from ipaddress import IPv4Network
 from pathlib import Path
 
@@ -77,13 +76,15 @@ def test_defaults_match_api_md() -> None:
     assert [r.id for r in cfg.roles] == ["node", "python", "go", "rust", "devops", "barebone"]
 
 
-def test_missing_file_falls_back_and_says_so(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    with caplog.at_level(logging.INFO, logger="rexecd.config"):
-        cfg = load_config(tmp_path / "nope.yaml")
-    assert cfg == Config()
-    assert "does not exist" in caplog.text and "embedded default" in caplog.text
+def test_missing_file_is_an_error(tmp_path: Path) -> None:
+    # A mistyped --config used to warn and start on the defaults.
+    with pytest.raises(ConfigError, match=r"nope\.yaml: config file does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_tls_needs_cert_and_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"tls_cert and http\.tls_key go together"):
+        load_config(write(tmp_path, "http: {tls_cert: /etc/rexecd/cert.pem}\n"))
 
 
 def test_partial_file_keeps_other_defaults(tmp_path: Path) -> None:
