@@ -43,9 +43,9 @@ log = logging.getLogger(__name__)
 BACKLOG = 128
 
 
-def _private_dir(path: Path) -> None:
+def _private_dir(path: Path, mode: int = 0o700) -> None:
     path.mkdir(parents=True, exist_ok=True)
-    os.chmod(path, 0o700)
+    os.chmod(path, mode)
 
 
 def _network(cfg: Config) -> tuple[object | None, object | None]:
@@ -330,7 +330,9 @@ async def _run_locked(
     me = owner.state_owner(cfg.state_dir)
     made_first, made_later = _host_resources(cfg, cgroups.driver)
     await asyncio.to_thread(owner.check, made_first + made_later, me)
-    _private_dir(cfg.run_dir)
+    # Search-only for others: the socket group must reach the API socket inside; what
+    # the daemon keeps here is in 0700 directories below.
+    _private_dir(cfg.run_dir, 0o711)
     (cfg.state_dir / "tmp").mkdir(mode=0o700, exist_ok=True)
     # First: a storage method that cannot work here stops start-up before anything
     # (the spawner process, the database) exists that would need undoing.
