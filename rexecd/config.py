@@ -211,11 +211,12 @@ class CgroupConfig(_Section):
     @field_validator("parent")
     @classmethod
     def _relative_path(cls, v: str) -> str:
-        segments = v.split("/")
+        # Relative: below the daemon's own cgroup. Absolute ("/rexecd"): from the
+        # hierarchy's root, outside the daemon's (the systemd unit uses that: see README).
+        segments = (v[1:] if v.startswith("/") else v).split("/")
         if not all(_CGROUP_SEGMENT_RE.fullmatch(s) and s not in (".", "..") for s in segments):
             raise ValueError(
-                f"{v!r} must be a relative cgroup path of [A-Za-z0-9_.-] segments "
-                "(no leading '/', no '..')"
+                f"{v!r} must be a cgroup path of [A-Za-z0-9_.-] segments (no '..', not the root)"
             )
         return v
 

@@ -79,9 +79,9 @@ class JournalHandler(logging.Handler):
             _field("PRIORITY", str(_priority(record.levelno))),
             _field("SYSLOG_IDENTIFIER", self.identifier),
             _field("LOGGER", record.name),
-            _field("CODE_FILE", record.pathname),
+            _field("CODE_FILE", record.pathname or ""),
             _field("CODE_LINE", str(record.lineno)),
-            _field("CODE_FUNC", record.funcName),
+            _field("CODE_FUNC", record.funcName or ""),
         ]
         for name in FIELDS:
             value = getattr(record, name, None)

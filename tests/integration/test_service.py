@@ -119,7 +119,10 @@ def test_daemon_on_another_daemons_resources_refuses_and_touches_nothing(
             daemon, tmp_path, state_dir=str(other), **{"cgroup.parent": f"{unique('cg')}"}
         )
         what = "nft table"
-    out = serve(cfg)
+    try:
+        out = serve(cfg)
+    finally:
+        _remove_host_objects(cfg, daemon)
     assert out.returncode != 0, out.stderr
     assert what in out.stderr and f"(pid {daemon.proc.pid})" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
@@ -128,6 +131,24 @@ def test_daemon_on_another_daemons_resources_refuses_and_touches_nothing(
     assert api(daemon, "GET", f"/api/containers/{name}", token)[1]["status"] == "running"
     assert c["status"] == "running"
     assert api(daemon, "DELETE", f"/api/containers/{name}", token)[0] in (200, 202, 204)
+
+
+def _remove_host_objects(config: Path, first: Daemon) -> None:
+    """What a second daemon made that is not the first one's (when the refusal fails)."""
+    from rexecd.runtime.cgroups import open_driver
+    from rexecd.runtime.network import Network, NetworkConfig
+
+    cfg = yaml.safe_load(config.read_text())
+    net = cfg["network"]
+    if net["bridge"] != first.bridge:
+        Network(
+            NetworkConfig(bridge=net["bridge"], subnet=net["subnet"], nft_table=net["nft_table"])
+        ).teardown_host()
+    if cfg["cgroup"]["parent"] != first.cgroup_parent:
+        drv = open_driver(cfg["cgroup"]["parent"])
+        for name in drv.list():
+            drv.open(name).destroy()
+        drv.remove_parent()
 
 
 def test_owner_marks_are_on_the_resources(daemon: Daemon) -> None:

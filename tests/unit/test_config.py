@@ -130,7 +130,7 @@ def test_empty_file_is_all_defaults(tmp_path: Path) -> None:
         ("network: {subnet: 10.0.0.0/31}\n", "too small"),
         ("network: {bridge: a-very-long-bridge-name}\n", "network.bridge:"),
         ("network: {mode_default: host}\n", "network.mode_default:"),
-        ("cgroup: {parent: /abs}\n", "cgroup.parent:"),
+        ("cgroup: {parent: /}\n", "cgroup.parent:"),
         ("cgroup: {parent: a/../b}\n", "cgroup.parent:"),
         ("listen: [http://x]\n", "listen: listen address 'http://x'"),
         ("listen: []\n", "at least one listen address"),
@@ -226,3 +226,9 @@ def test_assignment_is_validated() -> None:
 def test_unknown_tier_lookup() -> None:
     with pytest.raises(KeyError):
         Config().tiers.get("platinum")
+
+
+def test_cgroup_parent_may_be_absolute(tmp_path: Path) -> None:
+    # The systemd unit keeps containers outside the service's own cgroup.
+    assert load_config(write(tmp_path, "cgroup: {parent: /rexecd}\n")).cgroup.parent == "/rexecd"
+    assert apply_overrides(Config(), cgroup_parent="/a/b").cgroup.parent == "/a/b"
