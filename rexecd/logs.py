@@ -114,7 +114,9 @@ class JournalHandler(logging.Handler):
                 fcntl.F_ADD_SEALS,
                 fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL,
             )
-            socket.send_fds(self._sock, [b""], [fd], address=self.path)
+            # (socket.send_fds would drop the address: sendmsg itself.)
+            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))]
+            self._sock.sendmsg([], rights, 0, self.path)
         finally:
             os.close(fd)
 

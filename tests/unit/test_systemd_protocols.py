@@ -193,6 +193,8 @@ def test_a_record_too_big_for_a_datagram_goes_in_a_memfd(tmp_path: Path) -> None
         finally:
             h.close()
     with os.fdopen(fds[0], "rb") as f:
+        # journald maps the file from its start (the shared offset is at its end).
+        f.seek(0)
         assert _parse_journal(f.read())["MESSAGE"] == big
 
 
