@@ -139,11 +139,15 @@ def stderr_is_journal() -> bool:
 
 
 def setup_logging(verbose: bool = False) -> None:
-    """Configure the root logger: the journal under systemd, plain stderr lines otherwise."""
+    """Configure the root logger: the journal under systemd, plain stderr lines otherwise.
+
+    Like ``logging.basicConfig``, a no-op when the root logger has handlers already
+    (an embedding program, or a test harness, configured logging itself).
+    """
     root = logging.getLogger()
+    if root.handlers:
+        return
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    for h in list(root.handlers):
-        root.removeHandler(h)
     handler: logging.Handler
     if stderr_is_journal() and os.path.exists(JOURNAL_SOCKET):
         handler = JournalHandler()
