@@ -8,7 +8,6 @@ import logging
 import shutil
 from datetime import datetime, timedelta
 
-from rexecd import logs
 from rexecd.errors import (
     NotFound,
 )
@@ -41,7 +40,7 @@ class DaemonLife(ManagerCore):
             if alive and rec.status == "running":
                 live.add(rec.id)
                 self._watch(rec)
-                logs.lifecycle("adopt", rec, f"pid={rec.pid}")
+                await self._log_lifecycle("adopt", rec, f"pid={rec.pid}")
                 continue
             if alive and rec.pid is not None:
                 # Killed mid-create: what exists is half-built; take it down.
@@ -64,7 +63,7 @@ class DaemonLife(ManagerCore):
                     pid_start_time=None,
                     error_message="the daemon restarted during creation",
                 )
-            logs.lifecycle("exit", rec, f"cause=reconcile ({rec.error_message})")
+            await self._log_lifecycle("exit", rec, f"cause=reconcile ({rec.error_message})")
         await asyncio.to_thread(self._sweep_orphans, live)
         forwards = await asyncio.to_thread(self.port_forwards.reconcile, live)
         if forwards:

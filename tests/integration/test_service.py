@@ -201,6 +201,34 @@ def test_lifecycle_and_access_log_lines(daemon: Daemon) -> None:
     assert all(re.search(r' req=[0-9a-f]{16} ".*" \d{3} \d+ \d+\.\d{3}s ', ln) for ln in access)
 
 
+def test_reconcile_exit_line(daemon: Daemon) -> None:
+    """A container that died while no daemon ran: its exit is logged at start-up."""
+    user = unique("rec")
+    token = daemon.token(user)
+    name = unique("gone")
+    cid = create_running(daemon, token, name)["id"]
+    (pid,) = db_rows(daemon, "SELECT pid FROM containers WHERE name = ?", name)[0]
+    daemon.stop(kill=True)
+    os.kill(pid, signal.SIGKILL)
+    poll(lambda: not pid_alive(pid), what="init gone")
+    daemon.start()
+    line = poll(
+        lambda: next(
+            (
+                ln
+                for ln in daemon.logs().splitlines()
+                if f"id={cid[:12]}" in ln and "container exit:" in ln
+            ),
+            None,
+        ),
+        what="the reconcile exit line",
+    )
+    assert f"user={user} status=stopped cause=reconcile" in line, line
+    got = api(daemon, "GET", f"/api/containers/{name}", token)[1]
+    assert got["error_message"] == "container stopped while the daemon was down"
+    assert api(daemon, "DELETE", f"/api/containers/{name}", token)[0] in (200, 202, 204)
+
+
 # ------------------------------------------------------------------ socket activation
 
 

@@ -87,6 +87,8 @@ check container_running until_true 120 is_running vmc
 CID=$(api GET /api/containers/vmc | field id)
 PID=$(init_pid vmc)
 echo "container: $CID init $PID, cgroup $(cat /proc/"$PID"/cgroup)"
+# Outside the unit's cgroup: a delegated unit could not be started again otherwise.
+check container_cgroup_outside_unit grep -q "^0::/rexecd/$CID\$" "/proc/$PID/cgroup"
 echo "daemon cgroup: $(cat /proc/"$(systemctl show -p MainPID --value rexecd.service)"/cgroup)"
 
 # ---- restart: the container keeps running and is re-adopted
@@ -97,7 +99,8 @@ check restart_active service_is active
 check restart_container_alive test -d "/proc/$PID"
 check restart_same_init test "$(init_pid vmc)" = "$PID"
 check restart_still_running is_running vmc
-check restart_readopted until_true 30 sh -c "journalctl -u rexecd.service -o cat | grep -q 'container adopt: vmc'"
+check restart_readopted until_true 30 sh -c "journalctl -u rexecd.service -o cat | grep -q 'container adopt: vmc .* user=admin status=running pid=$PID'"
+check status_counts_it sh -c 'systemctl show -p StatusText --value rexecd.service | grep -q "^1 running"'
 
 # ---- stop, then start
 check stop systemctl stop rexecd.service

@@ -112,7 +112,7 @@ def _ok(guest: Guest, *names: str) -> None:
 
 
 def test_guest_booted_systemd_on_cgroup_v2(guest: Guest) -> None:
-    m = re.search(r"^guest: (\S+), systemd (\d+), cgroup2 at (\S*)", guest.output, re.M)
+    m = re.search(r"^guest: (\S+), systemd (\d+), cgroup2 at ([^,\s]*)", guest.output, re.M)
     assert m, guest.output[-6000:]
     assert m.group(3) == "/sys/fs/cgroup"
 
@@ -129,7 +129,8 @@ def test_first_request_activates_the_socket(guest: Guest) -> None:
 
 def test_restart_keeps_the_container_and_readopts_it(guest: Guest) -> None:
     _ok(guest, "restart", "restart_active", "restart_container_alive", "restart_same_init")
-    _ok(guest, "restart_still_running", "restart_readopted")
+    _ok(guest, "restart_still_running", "restart_readopted", "status_counts_it")
+    _ok(guest, "container_cgroup_outside_unit")
 
 
 def test_stop_then_start(guest: Guest) -> None:
