@@ -363,6 +363,7 @@ async def _run_locked(
     reporter: asyncio.Future[None] | None = None
     try:
         await asyncio.to_thread(owner.claim, made_first, me)
+        systemd.notify("STATUS=starting: reconciling containers with the host")
         await manager.start_up()
         await asyncio.to_thread(owner.claim, made_later, me)
         app = make_app(

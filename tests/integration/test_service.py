@@ -88,6 +88,20 @@ def test_second_daemon_on_a_state_dir_refuses_naming_the_holder(
     assert api(daemon, "GET", "/health", None)[0] == 200
 
 
+def test_a_live_socket_is_never_unlinked(daemon: Daemon, tmp_path: Path) -> None:
+    cfg = second_config(daemon, tmp_path, state_dir=str(tmp_path / "state"))
+    data = yaml.safe_load(cfg.read_text())
+    data["listen"] = [f"unix:{daemon.sock}"]
+    cfg.write_text(yaml.safe_dump(data))
+    before = daemon.sock.stat().st_ino
+    out = serve(cfg)
+    assert out.returncode != 0
+    assert f"cannot listen on unix:{daemon.sock}: Address already in use" in out.stderr
+    # The first daemon's socket is the same file, and answers.
+    assert daemon.sock.stat().st_ino == before
+    assert b'"status":"ok"' in _unix_get(daemon.sock, "/health")
+
+
 @pytest.mark.parametrize("shared", ["cgroup", "network"])
 def test_daemon_on_another_daemons_resources_refuses_and_touches_nothing(
     daemon: Daemon, tmp_path: Path, shared: str
@@ -349,7 +363,8 @@ def test_ready_and_status_are_notified(tmp_path_factory: pytest.TempPathFactory)
         while not any(m.startswith("STATUS=") for m in got):
             got.extend(listener.recv(4096).decode().splitlines())
         # READY only once the API serves and reconcile is done.
-        assert got[0] == "READY=1", got
+        assert got[0].startswith("STATUS=starting: reconciling"), got
+        assert got[1] == "READY=1", got
         assert any(m.startswith("STATUS=0 running, 0 containers") for m in got), got
         d.stop()
         while "STOPPING=1" not in got:
