@@ -360,7 +360,7 @@ def test_ready_and_status_are_notified(tmp_path_factory: pytest.TempPathFactory)
     try:
         d.start()
         got = []
-        while not any(m.startswith("STATUS=") for m in got):
+        while not any(m.startswith("STATUS=") and "running" in m for m in got):
             got.extend(listener.recv(4096).decode().splitlines())
         # READY only once the API serves and reconcile is done.
         assert got[0].startswith("STATUS=starting: reconciling"), got
