@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import ssl
 import subprocess
 import sys
@@ -240,6 +241,37 @@ def test_reconcile_exit_line(daemon: Daemon) -> None:
     assert f"user={user} status=stopped cause=reconcile" in line, line
     got = api(daemon, "GET", f"/api/containers/{name}", token)[1]
     assert got["error_message"] == "container stopped while the daemon was down"
+    assert api(daemon, "DELETE", f"/api/containers/{name}", token)[0] in (200, 202, 204)
+
+
+def test_session_expiry_exit_line(daemon: Daemon) -> None:
+    user = unique("exp")
+    token = daemon.token(user)
+    name = unique("exp")
+    cid = create_running(daemon, token, name)["id"]
+    # The session ended a minute ago: the next expiry pass (every 10 s) stops it.
+    db = sqlite3.connect(str(daemon.state / "state.db"), timeout=10)
+    try:
+        with db:
+            db.execute(
+                "UPDATE containers SET expires_at = ? WHERE name = ?",
+                ("2000-01-01T00:00:00.000000Z", name),
+            )
+    finally:
+        db.close()
+    wait_status(daemon, token, name, "expired", timeout=60)
+    line = poll(
+        lambda: next(
+            (
+                ln
+                for ln in daemon.logs().splitlines()
+                if f"id={cid[:12]}" in ln and "container exit:" in ln
+            ),
+            None,
+        ),
+        what="the expiry exit line",
+    )
+    assert f"user={user} status=expired cause=session-expiry" in line, line
     assert api(daemon, "DELETE", f"/api/containers/{name}", token)[0] in (200, 202, 204)
 
 
