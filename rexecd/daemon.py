@@ -189,7 +189,7 @@ def inherited_listeners() -> list[Listener]:
     They replace the ``listen`` setting: the .socket unit says where to listen.
     """
     try:
-        return [Listener(s.where, s.sock) for s in systemd.listen_fds()]
+        return [Listener(f"{s.where} (systemd fd {s.name})", s.sock) for s in systemd.listen_fds()]
     except systemd.ActivationError as exc:
         raise RuntimeUnavailable(str(exc)) from None
 
