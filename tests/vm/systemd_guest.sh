@@ -118,6 +118,19 @@ check journal_user sh -c "journalctl -u rexecd.service USER=admin -o cat | grep 
 check journal_request_id sh -c "journalctl -u rexecd.service -o verbose | grep -qE '^ +REQUEST_ID=[0-9a-f]{16}$'"
 check journal_no_token sh -c "! journalctl -u rexecd.service -o cat | grep -qF '${TOKEN#rexec_}'"
 
+# ---- a TCP listener too, from a drop-in on the socket unit (both fds passed)
+mkdir -p /etc/systemd/system/rexecd.socket.d
+printf '[Socket]\nListenStream=127.0.0.1:8080\n' > /etc/systemd/system/rexecd.socket.d/tcp.conf
+systemctl daemon-reload
+systemctl stop rexecd.service rexecd.socket
+check tcp_socket_started systemctl start rexecd.socket
+check tcp_activates curl -sSf -o /dev/null -m $((30 * SLOW)) http://127.0.0.1:8080/health
+check tcp_unix_too curl -sSf -o /dev/null -m $((30 * SLOW)) --unix-socket "$SOCK" http://rexecd/health
+check tcp_both_fds sh -c "journalctl -u rexecd.service -o cat | grep -q 'listening on .*unix:$SOCK (systemd fd rexecd).*tcp:127.0.0.1:8080 (systemd fd rexecd)'"
+check tcp_loopback_no_warning sh -c "! journalctl -u rexecd.service -o cat | grep -q 'not a loopback address'"
+rm -r /etc/systemd/system/rexecd.socket.d
+systemctl daemon-reload
+
 # ---- a stop of the container, and uninstall leaves nothing of ours running
 api POST /api/containers/vmc/stop >/dev/null
 check container_stopped until_true 60 is_stopped

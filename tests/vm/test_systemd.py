@@ -138,6 +138,11 @@ def test_stop_then_start(guest: Guest) -> None:
     _ok(guest, "start", "start_active", "start_still_running", "exec_works")
 
 
+def test_tcp_listener_from_a_socket_drop_in(guest: Guest) -> None:
+    _ok(guest, "tcp_socket_started", "tcp_activates", "tcp_unix_too", "tcp_both_fds")
+    _ok(guest, "tcp_loopback_no_warning")
+
+
 def test_journal_has_the_structured_fields(guest: Guest) -> None:
     _ok(guest, "journal_container_id", "journal_user", "journal_request_id", "journal_no_token")
     _ok(guest, "container_stopped", "journal_stop_line")
