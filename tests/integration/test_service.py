@@ -216,6 +216,18 @@ def test_lifecycle_and_access_log_lines(daemon: Daemon) -> None:
     assert all(re.search(r' req=[0-9a-f]{16} ".*" \d{3} \d+ \d+\.\d{3}s ', ln) for ln in access)
 
 
+def exit_line(d: Daemon, cid: str) -> str:
+    """The lifecycle ``exit`` line of container ``cid``, once the daemon has logged it."""
+
+    def find() -> str | None:
+        lines = d.logs().splitlines()
+        return next(
+            (ln for ln in lines if f"id={cid[:12]}" in ln and "container exit:" in ln), None
+        )
+
+    return poll(find, what=f"the exit line of {cid[:12]}")
+
+
 def test_reconcile_exit_line(daemon: Daemon) -> None:
     """A container that died while no daemon ran: its exit is logged at start-up."""
     user = unique("rec")
@@ -227,17 +239,7 @@ def test_reconcile_exit_line(daemon: Daemon) -> None:
     os.kill(pid, signal.SIGKILL)
     poll(lambda: not pid_alive(pid), what="init gone")
     daemon.start()
-    line = poll(
-        lambda: next(
-            (
-                ln
-                for ln in daemon.logs().splitlines()
-                if f"id={cid[:12]}" in ln and "container exit:" in ln
-            ),
-            None,
-        ),
-        what="the reconcile exit line",
-    )
+    line = exit_line(daemon, cid)
     assert f"user={user} status=stopped cause=reconcile" in line, line
     got = api(daemon, "GET", f"/api/containers/{name}", token)[1]
     assert got["error_message"] == "container stopped while the daemon was down"
@@ -260,17 +262,7 @@ def test_session_expiry_exit_line(daemon: Daemon) -> None:
     finally:
         db.close()
     wait_status(daemon, token, name, "expired", timeout=60)
-    line = poll(
-        lambda: next(
-            (
-                ln
-                for ln in daemon.logs().splitlines()
-                if f"id={cid[:12]}" in ln and "container exit:" in ln
-            ),
-            None,
-        ),
-        what="the expiry exit line",
-    )
+    line = exit_line(daemon, cid)
     assert f"user={user} status=expired cause=session-expiry" in line, line
     assert api(daemon, "DELETE", f"/api/containers/{name}", token)[0] in (200, 202, 204)
 
