@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rexecd.errors import ConfigError, InvalidRequest, NotFound, RexecError
+from rexecd import __version__
+from rexecd.errors import ConfigError, InvalidRequest, NotFound, RexecError, RuntimeUnavailable
+from rexecd.logs import setup_logging
 
 if TYPE_CHECKING:
     from rexecd.runtime.images import ImageRecord, ImageStore
@@ -17,6 +19,7 @@ if TYPE_CHECKING:
 
 DEFAULT_STATE = Path("/var/lib/rexecd")
 DEFAULT_RUN = Path("/run/rexecd")
+DEFAULT_CONFIG = Path("/etc/rexecd/rexecd.yaml")
 
 
 def _cmd_run(a: argparse.Namespace) -> int:
@@ -180,7 +183,11 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     from rexecd.config import apply_overrides, load_config
     from rexecd.daemon import serve
 
-    cfg = load_config(Path(a.config) if a.config else None)
+    if os.geteuid() != 0:
+        raise RuntimeUnavailable("the daemon needs root (namespaces, mounts, cgroups, networking)")
+    # An explicit --config must exist; the default path is read when it is there.
+    path = Path(a.config) if a.config else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+    cfg = load_config(path)
     cfg = apply_overrides(
         cfg,
         state_dir=a.state_dir,
@@ -188,6 +195,8 @@ def _cmd_serve(a: argparse.Namespace) -> int:
         listen=a.listen or None,
         subnet=a.subnet,
         bridge=a.bridge,
+        nft_table=a.nft_table,
+        cgroup_parent=a.cgroup_parent,
     )
     asyncio.run(serve(cfg))
     return 0
@@ -268,6 +277,7 @@ def _cmd_user_set_tier(a: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rexecd", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--version", action="version", version=f"rexecd {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def dirs(sp: argparse.ArgumentParser) -> None:
@@ -281,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--listen", action="append", metavar="unix:PATH|tcp:HOST:PORT")
     srv.add_argument("--subnet")
     srv.add_argument("--bridge")
+    srv.add_argument("--nft-table", help="the daemon's own nftables table name")
+    srv.add_argument(
+        "--cgroup-parent", help="the cgroup containers go under (relative to the daemon's own)"
+    )
     srv.set_defaults(fn=_cmd_serve)
 
     tok = sub.add_parser("token", help="manage API tokens")
@@ -388,10 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(args.verbose)
     try:
         code = args.fn(args)
     except ConfigError as exc:  # a usage error like a bad argument, not a runtime one
@@ -400,6 +411,14 @@ def main(argv: list[str] | None = None) -> None:
     except RexecError as exc:
         print(f"rexecd: {exc.message}", file=sys.stderr)
         code = 125
+    except PermissionError as exc:  # an admin command run as a user without access
+        where = f" {exc.filename}" if exc.filename else ""
+        hint = "" if os.geteuid() == 0 else " (run it as root)"
+        print(f"rexecd: permission denied:{where}{hint}", file=sys.stderr)
+        code = 126
+    except FileNotFoundError as exc:
+        print(f"rexecd: no such file: {exc.filename or exc}", file=sys.stderr)
+        code = 127
     except ValueError as exc:  # ConfigError and bad arguments: say what, not a traceback
         print(f"rexecd: {exc}", file=sys.stderr)
         code = 2

@@ -230,11 +230,12 @@ class CgroupConfig(_Section):
     @field_validator("parent")
     @classmethod
     def _relative_path(cls, v: str) -> str:
-        segments = v.split("/")
+        # Relative: below the daemon's own cgroup. Absolute ("/rexecd"): from the
+        # hierarchy's root, outside the daemon's (the systemd unit uses that: see README).
+        segments = (v[1:] if v.startswith("/") else v).split("/")
         if not all(_CGROUP_SEGMENT_RE.fullmatch(s) and s not in (".", "..") for s in segments):
             raise ValueError(
-                f"{v!r} must be a relative cgroup path of [A-Za-z0-9_.-] segments "
-                "(no leading '/', no '..')"
+                f"{v!r} must be a cgroup path of [A-Za-z0-9_.-] segments (no '..', not the root)"
             )
         return v
 
@@ -556,6 +557,15 @@ class HttpConfig(_Section):
     # TCP connections per client address that have not made an authenticated request
     # yet; 0 = no cap. Unix socket clients are not counted (the socket is 0660).
     unauthenticated_per_ip: NonNegativeInt = 64
+    # TLS for every TCP listener (PEM files, read at start-up); both or neither.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> HttpConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("http.tls_cert and http.tls_key go together: give both or neither")
+        return self
 
 
 class RetentionConfig(_Section):
@@ -719,7 +729,7 @@ def _parse(text: str, origin: str) -> Config:
 
 
 def load_config(path: Path | None) -> Config:
-    """Load ``path``; without a path, or when it does not exist, load the embedded default.
+    """Load ``path``; without a path, the embedded default. A missing file is an error.
 
     A key absent from the file takes the built-in default of that key (the same
     value default.yaml spells out); a tier, being one unit, must be given whole.
@@ -729,8 +739,8 @@ def load_config(path: Path | None) -> Config:
         log.info("config: no file given, using the embedded default")
         return _parse(default_config_text(), "embedded default.yaml")
     if not path.exists():
-        log.warning("config: %s does not exist, using the embedded default", path)
-        return _parse(default_config_text(), "embedded default.yaml")
+        # A mistyped --config must not start a daemon on defaults it was not meant to use.
+        raise ConfigError(f"{path}: config file does not exist")
     try:
         text = path.read_text("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -747,6 +757,8 @@ def apply_overrides(
     listen: Sequence[str] | None = None,
     subnet: str | None = None,
     bridge: str | None = None,
+    nft_table: str | None = None,
+    cgroup_parent: str | None = None,
 ) -> Config:
     """Return a new config with the command-line values put in; None (or empty) keeps a key.
 
@@ -764,4 +776,8 @@ def apply_overrides(
         data["network"]["subnet"] = subnet
     if bridge is not None:
         data["network"]["bridge"] = bridge
+    if nft_table is not None:
+        data["network"]["nft_table"] = nft_table
+    if cgroup_parent is not None:
+        data["cgroup"]["parent"] = cgroup_parent
     return _validate(data)

@@ -6,22 +6,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import logging
 import os
 import signal
 import socket
+import ssl
 import stat
 import subprocess
 import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
-from rexecd import __version__
+from rexecd import __version__, owner, systemd
 from rexecd.api.guard import ConnectionGuard, GuardedSite, GuardLimits
 from rexecd.config import TIER_NAMES, Config, ConfigError, TcpListen, UnixListen
 from rexecd.errors import RuntimeFailure, RuntimeUnavailable
+from rexecd.logs import REQUEST_ID
 from rexecd.runtime.cgroups import choose_driver
 from rexecd.runtime.container import Runtime
 from rexecd.runtime.images import ImageStore
@@ -39,9 +46,9 @@ log = logging.getLogger(__name__)
 BACKLOG = 128
 
 
-def _private_dir(path: Path) -> None:
+def _private_dir(path: Path, mode: int = 0o700) -> None:
     path.mkdir(parents=True, exist_ok=True)
-    os.chmod(path, 0o700)
+    os.chmod(path, mode)
 
 
 def _network(cfg: Config) -> tuple[object | None, object | None]:
@@ -124,8 +131,13 @@ class Listener:
     made_dirs: list[Path] = field(default_factory=list)
     serving: bool = False
 
+    @property
+    def tcp(self) -> bool:
+        return self.sock.family in (socket.AF_INET, socket.AF_INET6)
+
     def close(self, unlink: bool) -> None:
         self.sock.close()
+        # A socket passed by systemd (path None) is the .socket unit's: never unlinked.
         if unlink and self.path is not None:
             with contextlib.suppress(OSError):
                 self.path.unlink()
@@ -227,36 +239,155 @@ def _unix_socket_in_use(path: Path) -> bool:
     return True
 
 
+def inherited_listeners() -> list[Listener]:
+    """The sockets of socket activation (``LISTEN_FDS``), when systemd passed any.
+
+    They replace the ``listen`` setting: the .socket unit says where to listen.
+    """
+    try:
+        return [Listener(f"{s.where} (systemd fd {s.name})", s.sock) for s in systemd.listen_fds()]
+    except systemd.ActivationError as exc:
+        raise RuntimeUnavailable(str(exc)) from None
+
+
+def tls_context(cfg: Config) -> ssl.SSLContext | None:
+    """The server TLS context for TCP listeners, or None without ``http.tls_cert``."""
+    h = cfg.http
+    if h.tls_cert is None or h.tls_key is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(h.tls_cert, h.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise RuntimeUnavailable(
+            f"cannot load TLS certificate {h.tls_cert} / key {h.tls_key}: {exc}"
+        ) from None
+    return ctx
+
+
+def _warn_plain_tcp(listeners: list[Listener], tls: ssl.SSLContext | None) -> None:
+    """Tokens cross a plain TCP listener in clear text: say so unless only loopback hears."""
+    if tls is not None:
+        return
+    for lst in listeners:
+        if not lst.tcp:
+            continue
+        host = lst.sock.getsockname()[0]
+        if not ipaddress.ip_address(host.split("%")[0]).is_loopback:
+            log.warning(
+                "plain HTTP on %s, which is not a loopback address: API tokens cross the "
+                "network unencrypted (set http.tls_cert and http.tls_key)",
+                lst.where,
+            )
+
+
 async def _serve_on(
-    runner: web.AppRunner, listeners: list[Listener], guard: ConnectionGuard
+    runner: web.AppRunner,
+    listeners: list[Listener],
+    guard: ConnectionGuard,
+    tls: ssl.SSLContext | None,
 ) -> None:
     for lst in listeners:
-        await GuardedSite(runner, lst.sock, guard).start()
+        await GuardedSite(runner, lst.sock, guard, ssl_context=tls if lst.tcp else None).start()
         lst.serving = True
 
 
 async def serve(cfg: Config, ready: asyncio.Event | None = None) -> None:
     """Run the daemon until SIGTERM/SIGINT; containers are left running on exit."""
-    listeners = bind_listeners(cfg)
+    tls = tls_context(cfg)
+    listeners = inherited_listeners() or bind_listeners(cfg)
     try:
-        await _run(cfg, ready, listeners)
+        await _run(cfg, ready, listeners, tls)
     except BaseException:
         for lst in listeners:
             lst.close(unlink=not lst.serving)
         raise
 
 
-async def _run(cfg: Config, ready: asyncio.Event | None, listeners: list[Listener]) -> None:
+@web.middleware
+async def request_id_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Give each request an id that its log lines (and the access line) carry."""
+    rid = uuid.uuid4().hex[:16]
+    request["request_id"] = rid
+    REQUEST_ID.set(rid)
+    return await handler(request)
+
+
+def _host_resources(cfg: Config, cgroups: Any) -> tuple[list[owner.Resource], ...]:
+    """The marked host resources: (made before start-up, existing after start-up)."""
+    before: list[owner.Resource] = []
+    after: list[owner.Resource] = []
+    if cgroups is not None:
+        dirs = getattr(cgroups, "parent_dirs", None)
+        paths = set(dirs.values()) if isinstance(dirs, dict) else {cgroups.parent_dir}
+        after.extend(owner.cgroup_resource(Path(p)) for p in sorted(paths))
+    if cfg.network.enabled:
+        before.extend(owner.nft_resource(f, cfg.network.nft_table) for f in ("inet", "bridge"))
+        after.append(owner.bridge_resource(cfg.network.bridge))
+    return before, after
+
+
+async def _report(manager: ContainerManager, interval: float | None, stop: asyncio.Event) -> None:
+    """STATUS= with the container counts, and WATCHDOG=1 pings while the loop is alive."""
+    period = min(interval, 10.0) if interval else 10.0
+    while not stop.is_set():
+        try:
+            health = await manager.health()
+            status = (
+                f"STATUS={health.containers_running} running, "
+                f"{health.containers_total} containers in all"
+            )
+        except Exception:  # the watchdog ping must not die with one bad read
+            status = "STATUS=serving"
+        systemd.notify(status, *(["WATCHDOG=1"] if interval else []))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), period)
+
+
+async def _run(
+    cfg: Config,
+    ready: asyncio.Event | None,
+    listeners: list[Listener],
+    tls: ssl.SSLContext | None,
+) -> None:
     import prctl
 
-    from rexecd.api.accesslog import AccessLogger, scrub_log_handlers
-    from rexecd.api.app import make_app
+    from rexecd.api.accesslog import scrub_log_handlers
 
     scrub_log_handlers()
     # Containers re-parent to us if the spawner dies, so we can still reap them.
     prctl.set_child_subreaper(True)
     _private_dir(cfg.state_dir)
-    _private_dir(cfg.run_dir)
+    # One daemon per state dir: before anything in it or on the host is touched.
+    lock = owner.StateDirLock(cfg.state_dir)
+    try:
+        await _run_locked(cfg, ready, listeners, tls)
+    finally:
+        lock.release()
+
+
+async def _run_locked(
+    cfg: Config,
+    ready: asyncio.Event | None,
+    listeners: list[Listener],
+    tls: ssl.SSLContext | None,
+) -> None:
+    from rexecd.api.accesslog import AccessLogger
+    from rexecd.api.app import make_app
+
+    started = time.monotonic()
+    cgroups = choose_driver(cfg.cgroup.parent, cfg.cgroup.root)
+    # Another live daemon's cgroup parent, nft tables or bridge: refuse, touching nothing
+    # (its containers would look like orphans to reconcile away).
+    me = owner.state_owner(cfg.state_dir)
+    made_first, made_later = _host_resources(cfg, cgroups.driver)
+    await asyncio.to_thread(owner.check, made_first + made_later, me)
+    # Search-only for others: the socket group must reach the API socket inside; what
+    # the daemon keeps here is in 0700 directories below.
+    _private_dir(cfg.run_dir, 0o711)
     (cfg.state_dir / "tmp").mkdir(mode=0o700, exist_ok=True)
     # First: a storage method that cannot work here stops start-up before anything
     # (the spawner process, the database) exists that would need undoing.
@@ -270,7 +401,6 @@ async def _run(cfg: Config, ready: asyncio.Event | None, listeners: list[Listene
     seccomp = _seccomp(cfg)
     store = Store(cfg.state_dir)
     spawner = Spawner()
-    cgroups = choose_driver(cfg.cgroup.parent, cfg.cgroup.root)
     runtime = Runtime(cfg.state_dir, cfg.run_dir, cgroups.driver, spawner, seccomp, ranges)
     images = ImageStore(cfg.state_dir / "images")
     network, forwarder = _network(cfg)
@@ -292,8 +422,12 @@ async def _run(cfg: Config, ready: asyncio.Event | None, listeners: list[Listene
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     runner: web.AppRunner | None = None
+    reporter: asyncio.Future[None] | None = None
     try:
+        await asyncio.to_thread(owner.claim, made_first, me)
+        systemd.notify("STATUS=starting: reconciling containers with the host")
         await manager.start_up()
+        await asyncio.to_thread(owner.claim, made_later, me)
         app = make_app(
             manager,
             store,
@@ -307,6 +441,7 @@ async def _run(cfg: Config, ready: asyncio.Event | None, listeners: list[Listene
             GuardLimits(h.header_timeout_s, h.body_timeout_s, h.unauthenticated_per_ip)
         )
         guard.install(app)
+        app.middlewares.insert(0, request_id_middleware)
         # Requests still running at SIGTERM get stop_timeout_s in all, then are cancelled
         # (an exec's command is killed with its request). aiohttp spends the timeout
         # twice over: waiting for handlers to end, then for cancelled ones to unwind,
@@ -318,14 +453,23 @@ async def _run(cfg: Config, ready: asyncio.Event | None, listeners: list[Listene
             keepalive_timeout=h.keepalive_timeout_s,
         )
         await runner.setup()
-        await _serve_on(runner, listeners, guard)
-        where = ", ".join(lst.where for lst in listeners)
+        _warn_plain_tcp(listeners, tls)
+        await _serve_on(runner, listeners, guard, tls)
+        where = ", ".join(f"{lst.where}{' (tls)' if tls and lst.tcp else ''}" for lst in listeners)
         print(f"rexecd {__version__} listening on {where}", file=sys.stderr, flush=True)
+        log.info("ready in %.1fs: serving on %s, reconcile done", time.monotonic() - started, where)
+        # READY only now: the API answers and the containers are reconciled.
+        systemd.notify("READY=1", f"MAINPID={os.getpid()}")
+        reporter = asyncio.ensure_future(_report(manager, systemd.watchdog_interval(), stop))
         if ready is not None:
             ready.set()
         await stop.wait()
+        systemd.notify("STOPPING=1", "STATUS=shutting down: containers keep running")
         log.info("shutting down: containers keep running")
+        await reporter
     finally:
+        if reporter is not None and not reporter.done():
+            reporter.cancel()
         if runner is not None:
             await runner.cleanup()
         await manager.shut_down()

@@ -775,6 +775,8 @@ class ContainerRecord(BaseModel):
             ip_address=self.ip_address,
             expires_at=self.expires_at,
             resources=self.resources,
-            error_message=self.error_message if self.status == "error" else None,
+            # Why it is not running: the failure, or the cause of the last exit (an
+            # OOM kill, a signal, the session's end, a daemon restart).
+            error_message=self.error_message if self.status != "running" else None,
             async_=async_,
         )

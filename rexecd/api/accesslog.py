@@ -17,6 +17,8 @@ from urllib.parse import unquote_plus
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
 
+from rexecd.api.keys import PRINCIPAL
+
 REDACTED = "<redacted>"
 _SECRET_PARAM = re.compile(
     r"(access_?)?token|api_?key|key|secret|pass(word)?|auth(orization)?|session|sig(nature)?",
@@ -48,13 +50,20 @@ def redact_target(target: str) -> str:
 
 
 class AccessLogger(AbstractAccessLogger):
-    """``remote "METHOD target HTTP/x.y" status bytes seconds "referer" "user-agent"``."""
+    """One line per request: ``remote user=NAME req=ID "METHOD target HTTP/x.y" status
+    bytes seconds "referer" "user-agent"``; ``user=-`` before authentication. The user
+    and request id also go as the journal's ``USER`` and ``REQUEST_ID`` fields."""
 
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
         version = request.version
+        who = request.get(PRINCIPAL)
+        user = who.user_name if who is not None else None
+        rid = request.get("request_id")
         self.logger.info(
-            '%s "%s %s HTTP/%d.%d" %d %d %.3fs "%s" "%s"',
+            '%s user=%s req=%s "%s %s HTTP/%d.%d" %d %d %.3fs "%s" "%s"',
             request.remote or "-",
+            _scrub(user) if user else "-",
+            rid or "-",
             _scrub(request.method),
             redact_target(request.raw_path),
             version.major,
@@ -64,6 +73,7 @@ class AccessLogger(AbstractAccessLogger):
             time,
             redact_target(request.headers.get("Referer", "-")),
             _scrub(request.headers.get("User-Agent", "-")),
+            extra={"USER": user, "REQUEST_ID": rid},
         )
 
 

@@ -26,6 +26,7 @@ import asyncio
 import json
 import logging
 import socket
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -262,8 +263,14 @@ class GuardedSite(web.SockSite):
     """A ``SockSite`` on an already bound socket whose connections go through ``guard``;
     connections to a TCP socket count against the per-address cap."""
 
-    def __init__(self, runner: web.BaseRunner, sock: socket.socket, guard: ConnectionGuard) -> None:
-        super().__init__(runner, sock)
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        sock: socket.socket,
+        guard: ConnectionGuard,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        super().__init__(runner, sock, ssl_context=ssl_context)
         self._guard = guard
         self._listen_sock = sock
 
@@ -276,4 +283,5 @@ class GuardedSite(web.SockSite):
             self._guard.protocol_factory(server, tcp),
             sock=self._listen_sock,
             backlog=self._backlog,
+            ssl=self._ssl_context,
         )

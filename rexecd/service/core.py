@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from rexecd import logs
 from rexecd.config import Config, TierLimits
 from rexecd.errors import (
     ContainerNotFound,
@@ -54,6 +55,15 @@ from rexecd.service.terminals import TerminalRegistry
 from rexecd.service.volumes import KeptVolumes
 
 log = logging.getLogger(__name__)
+# The lifecycle log line's event for each published event kind.
+_LIFECYCLE = {
+    "created": "create",
+    "started": "start",
+    "stopped": "stop",
+    "deleted": "delete",
+    "updated": "update",
+    "oom": "oom-kill",
+}
 
 MiB = 1024 * 1024
 HOME = "/home/user"
@@ -240,11 +250,21 @@ class ManagerCore:
     async def _update(self, db_id: str, **fields: Any) -> ContainerRecord:
         return await in_store_thread(self.store.update_container, db_id, **fields)
 
-    def _publish(self, kind: str, rec: ContainerRecord) -> None:
+    def _publish(
+        self,
+        kind: str,
+        rec: ContainerRecord,
+        *,
+        lifecycle: str | None = None,
+        detail: str | None = None,
+    ) -> None:
+        """Publish the event ``kind`` and write its lifecycle log line (``lifecycle``
+        names the line's event when it is not the kind's: an exit, an expiry)."""
         event = Event.model_validate(
             {"type": kind, "container": rec.to_out(), "timestamp": utcnow()}
         )
         self.events.publish(rec.user_id, event)
+        self._spawn(self._log_lifecycle(lifecycle or _LIFECYCLE.get(kind, kind), rec, detail))
         self._spawn(
             in_store_thread(
                 self.store.append_event,
@@ -273,6 +293,10 @@ class ManagerCore:
                 progress=pct,
             ),
         )
+
+    async def _log_lifecycle(self, event: str, rec: ContainerRecord, detail: str | None) -> None:
+        user = await in_store_thread(self.store.get_user, rec.user_id)
+        logs.lifecycle(event, rec, detail, user.name if user is not None else None)
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -628,7 +652,10 @@ class ManagerCore:
         rec = await self._update(
             rec.db_id, status=status, pid=None, pid_start_time=None, error_message=reason
         )
-        self._publish("stopped", rec)
+        if status == "expired":
+            self._publish("stopped", rec, lifecycle="exit", detail="cause=session-expiry")
+        else:
+            self._publish("stopped", rec, detail=f"({reason})" if reason else None)
         return rec
 
     async def _terminate(self, rec: ContainerRecord, pid: int, timeout: float) -> None:
@@ -770,4 +797,4 @@ class ManagerCore:
             rec = await self._update(
                 db_id, status="stopped", pid=None, pid_start_time=None, error_message=reason
             )
-            self._publish("stopped", rec)
+            self._publish("stopped", rec, lifecycle="exit", detail=logs.exit_detail(status, oom))

@@ -40,7 +40,7 @@ class DaemonLife(ManagerCore):
             if alive and rec.status == "running":
                 live.add(rec.id)
                 self._watch(rec)
-                log.info("re-adopted container %s (%s) pid %s", rec.name, rec.id[:12], rec.pid)
+                await self._log_lifecycle("adopt", rec, f"pid={rec.pid}")
                 continue
             if alive and rec.pid is not None:
                 # Killed mid-create: what exists is half-built; take it down.
@@ -69,7 +69,7 @@ class DaemonLife(ManagerCore):
                     pid_start_time=None,
                     error_message="the daemon restarted during creation",
                 )
-            log.info("container %s (%s) marked %s", rec.name, rec.id[:12], rec.status)
+            await self._log_lifecycle("exit", rec, f"cause=reconcile ({rec.error_message})")
         await asyncio.to_thread(self._sweep_orphans, live)
         # Leases of containers that no longer exist (deleted while a crash hid it).
         await asyncio.to_thread(self.images.drop_leases, {r.id for r in recs})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from ipaddress import IPv4Network
 from pathlib import Path
 
@@ -81,13 +80,15 @@ def test_defaults_match_api_md() -> None:
     assert [r.id for r in cfg.roles] == ["node", "python", "go", "rust", "devops", "barebone"]
 
 
-def test_missing_file_falls_back_and_says_so(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    with caplog.at_level(logging.INFO, logger="rexecd.config"):
-        cfg = load_config(tmp_path / "nope.yaml")
-    assert cfg == Config()
-    assert "does not exist" in caplog.text and "embedded default" in caplog.text
+def test_missing_file_is_an_error(tmp_path: Path) -> None:
+    # A mistyped --config used to warn and start on the defaults.
+    with pytest.raises(ConfigError, match=r"nope\.yaml: config file does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_tls_needs_cert_and_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"tls_cert and http\.tls_key go together"):
+        load_config(write(tmp_path, "http: {tls_cert: /etc/rexecd/cert.pem}\n"))
 
 
 def test_partial_file_keeps_other_defaults(tmp_path: Path) -> None:
@@ -133,7 +134,7 @@ def test_empty_file_is_all_defaults(tmp_path: Path) -> None:
         ("network: {subnet: 10.0.0.0/31}\n", "too small"),
         ("network: {bridge: a-very-long-bridge-name}\n", "network.bridge:"),
         ("network: {mode_default: host}\n", "network.mode_default:"),
-        ("cgroup: {parent: /abs}\n", "cgroup.parent:"),
+        ("cgroup: {parent: /}\n", "cgroup.parent:"),
         ("cgroup: {parent: a/../b}\n", "cgroup.parent:"),
         ("listen: [http://x]\n", "listen: listen address 'http://x'"),
         ("listen: []\n", "at least one listen address"),
@@ -229,3 +230,9 @@ def test_assignment_is_validated() -> None:
 def test_unknown_tier_lookup() -> None:
     with pytest.raises(KeyError):
         Config().tiers.get("platinum")
+
+
+def test_cgroup_parent_may_be_absolute(tmp_path: Path) -> None:
+    # The systemd unit keeps containers outside the service's own cgroup.
+    assert load_config(write(tmp_path, "cgroup: {parent: /rexecd}\n")).cgroup.parent == "/rexecd"
+    assert apply_overrides(Config(), cgroup_parent="/a/b").cgroup.parent == "/a/b"

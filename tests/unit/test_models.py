@@ -189,6 +189,9 @@ def test_container_out_async_and_error_message() -> None:
     assert (
         "error_message" not in record(status="running", error_message="old").to_out().model_dump()
     )
+    # A stopped container says why it stopped (the last exit's cause).
+    oom = record(status="stopped", error_message="init was killed by the out-of-memory killer")
+    assert oom.to_out().model_dump(mode="json")["error_message"].endswith("out-of-memory killer")
 
 
 def test_container_out_round_trips_from_json() -> None:
