@@ -25,8 +25,12 @@ from tests.unit.fakes.daemon import TOKEN, FakeDaemon, ServerThread, serve
 ROOT = Path(__file__).resolve().parents[2]
 # The child makes the pty its controlling terminal, so a window-size change on the
 # master delivers SIGWINCH to it as it would in a real terminal emulator.
+# The CLI as a terminal's foreground job: its controlling tty is the test's PTY, and
+# SIGINT is Python's KeyboardInterrupt even when the suite itself runs with SIGINT
+# ignored (a background job of a non-interactive shell, nohup), which a child inherits.
 LAUNCH = """
-import fcntl, sys, termios
+import fcntl, signal, sys, termios
+signal.signal(signal.SIGINT, signal.default_int_handler)
 fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 from rexecd.client.cli import main
 sys.exit(main(sys.argv[1:]))
