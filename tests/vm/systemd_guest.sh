@@ -66,7 +66,7 @@ check service_not_started_yet service_is inactive
 echo "timing: installed at $((SECONDS - start))s"
 
 # ---- an admin, an image; then the first request starts the daemon
-"$RX" image import --state-dir "$STATE" /mnt/proj/images/busybox.tar >/dev/null
+"$RX" image import --state-dir "$STATE" /mnt/proj/build/test-images/busybox.tar >/dev/null
 TOKEN=$("$RX" token create --state-dir "$STATE" --user admin --tier enterprise --scopes read,write,admin)
 t0=$SECONDS
 health=$(api GET /health)

@@ -51,8 +51,8 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Guest:
         pytest.skip("building the guest image (mmdebstrap) needs root")
     for tool in ("qemu-system-x86_64", "mmdebstrap", "mkfs.ext4"):
         _need(tool)
-    if not (ROOT / "images" / "busybox.tar").exists():
-        pytest.skip("images/busybox.tar missing: run scripts/setup")
+    if not (ROOT / "build" / "test-images" / "busybox.tar").exists():
+        pytest.skip("build/test-images/busybox.tar missing: run scripts/setup")
     subprocess.run([str(ROOT / "scripts" / "build-systemd-guest"), str(CACHE)], check=True)
     out = tmp_path_factory.mktemp("systemd-guest")
     wheels = out / "wheels"
