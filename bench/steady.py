@@ -48,7 +48,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="rexecd-bench-steady-") as tmp:
         d = Daemon(Path(tmp))
         try:
-            d.import_image(ROOT / "images" / "busybox.tar")
+            d.import_image(ROOT / "build" / "test-images" / "busybox.tar")
             d.start()
             token = d.token("bench", tier="pro")
             samples = asyncio.run(steady.run(d, token, args.cycles, args.every, report=report))
