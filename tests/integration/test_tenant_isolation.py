@@ -68,10 +68,14 @@ def daemon(
 ) -> Iterator[Daemon]:
     """A daemon started in a session keyring of its own holding ``host_key``, as a daemon
     started from an operator's login session holds that session's keys."""
-    desc, payload, id_file = host_key
-    launcher = [str(probe), "keyring-exec", str(id_file), desc, payload]
-    with running_daemon(tmp_path_factory, launcher=launcher) as d:
+    with running_daemon(tmp_path_factory, launcher=_in_keyring(probe, host_key)) as d:
         yield d
+
+
+def _in_keyring(probe: Path, host_key: tuple[str, str, Path]) -> list[str]:
+    """The launcher that starts a daemon in a session keyring holding ``host_key``."""
+    desc, payload, id_file = host_key
+    return [str(probe), "keyring-exec", str(id_file), desc, payload]
 
 
 @pytest.fixture(scope="module")
@@ -81,10 +85,8 @@ def unfiltered_daemon(
     """``daemon`` with the tenant tiers' seccomp filter off: the default filter refuses
     keyctl outright, and the keyring test checks the defence beneath it (a session
     keyring per process) on its own."""
-    desc, payload, id_file = host_key
-    launcher = [str(probe), "keyring-exec", str(id_file), desc, payload]
     tiers = seccomp_tiers(guest="unconfined", free="unconfined")
-    with running_daemon(tmp_path_factory, tiers, launcher=launcher) as d:
+    with running_daemon(tmp_path_factory, tiers, launcher=_in_keyring(probe, host_key)) as d:
         yield d
 
 
