@@ -518,8 +518,9 @@ class ManagerCore:
                 await asyncio.to_thread(
                     userns.shift_tree, dirs.upper / "etc", st.rng, self.cfg.userns.base
                 )
-        # The owner's tier's seccomp profile, which stays the container's until it stops.
-        st.seccomp = (await asyncio.to_thread(self._owner_tier, rec)).seccomp
+        # The owner's tier: its seccomp profile stays the container's until it stops.
+        tier = await asyncio.to_thread(self._owner_tier, rec)
+        st.seccomp = tier.seccomp
         spec = self.runtime.build_spec(
             rec.id,
             hostname,
@@ -544,7 +545,7 @@ class ManagerCore:
                 st.attached = True
 
         # After _prepare: the volume the io throttle names is mounted by now.
-        limits = await asyncio.to_thread(self._limits, rec, rec.resources)
+        limits = await asyncio.to_thread(self._limits, rec, rec.resources, tier)
         st.pid = await asyncio.to_thread(
             self.runtime.start, spec, limits, on_ready=on_ready, stdio=stdio
         )
@@ -557,10 +558,13 @@ class ManagerCore:
             raise NotFound(f"the owner of container {rec.name} no longer exists")
         return quotas.tier_limits(self.cfg, user.tier)
 
-    def _limits(self, rec: ContainerRecord, res: ContainerResources) -> CgroupLimits:
+    def _limits(
+        self, rec: ContainerRecord, res: ContainerResources, tier: TierLimits | None = None
+    ) -> CgroupLimits:
         """``limits_for`` with this daemon's pids cap and the owner's current tier's disk
-        throttle on the volume's device. Blocking (database, stat): run it in a thread."""
-        tier = self._owner_tier(rec)
+        throttle on the volume's device (``tier``, when the caller read it already).
+        Blocking (database, stat): run it in a thread."""
+        tier = tier or self._owner_tier(rec)
         return limits_for(
             res,
             self.cfg.limits.pids_max,
