@@ -14,6 +14,7 @@ from rexecd.errors import ConfigError, InvalidRequest, NotFound, RexecError, Run
 from rexecd.logs import setup_logging
 
 if TYPE_CHECKING:
+    from rexecd.config import Config
     from rexecd.runtime.images import ImageRecord, ImageStore
     from rexecd.service.store import Store
 
@@ -61,10 +62,11 @@ def _cmd_seccomp_show(a: argparse.Namespace) -> int:
     return 0
 
 
-def _images(a: argparse.Namespace) -> ImageStore:
+def _images(a: argparse.Namespace, cfg: Config | None = None) -> ImageStore:
     from rexecd.runtime.images import ImageStore
 
-    return ImageStore(Path(a.state_dir) / "images")
+    limits = cfg.images.unpack if cfg is not None else None
+    return ImageStore(Path(a.state_dir) / "images", limits=limits)
 
 
 def _print_import(rec: ImageRecord) -> None:
@@ -76,7 +78,10 @@ def _print_import(rec: ImageRecord) -> None:
 
 
 def _cmd_image_import(a: argparse.Namespace) -> int:
-    store = _images(a)
+    from rexecd.config import load_config
+
+    # The config's images.unpack limits hold for an import by hand too.
+    store = _images(a, load_config(Path(a.config) if a.config else _default_config()))
     if a.rootfs is not None:
         if a.file is not None or not a.name:
             raise InvalidRequest("rexecd image import --rootfs FILE --name NAME:TAG (no FILE)")
@@ -107,7 +112,7 @@ def _cmd_image_pull(a: argparse.Namespace) -> int:
         )
 
     async def pull() -> None:
-        puller = Puller(cfg.registries, _images(a))
+        puller = Puller(cfg.registries, _images(a, cfg))
         try:
             res = await puller.pull(a.reference, a.name, None if a.quiet else show)
         finally:
@@ -370,6 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="a plain root file system tarball (gzip, zstd, xz, bzip2 or none); needs --name",
     )
     imp.add_argument("--name", help="NAME:TAG to tag it with")
+    imp.add_argument(
+        "--config", help="YAML config for images.unpack (default: /etc/rexecd/rexecd.yaml)"
+    )
     imp.set_defaults(fn=_cmd_image_import)
     pull = isub.add_parser("pull", help="pull an image from its registry (or a mirror)")
     dirs(pull)

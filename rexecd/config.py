@@ -430,7 +430,27 @@ class CatalogueImage(_Section):
         return v
 
 
+class UnpackLimits(_Section):
+    """What one import or pull may add to the image store (see runtime/images/limits.py):
+    bounds on a hostile layer that a few KB of gzip or zstd would blow up into a full
+    disk, millions of inodes or unbounded time. Enforced while the layers stream in."""
+
+    # Uncompressed tar bytes of the layers one import or pull unpacks (layers already
+    # in the store cost nothing); also bounds a compressed outer archive's spool.
+    max_image_mb: PositiveInt = 32768
+    # Uncompressed bytes per compressed byte of one layer blob, counted from the start
+    # of the blob, beyond a first ratio_slack_mb that is always allowed.
+    max_layer_ratio: PositiveInt = 250
+    ratio_slack_mb: NonNegativeInt = 128
+    # Inodes one import or pull creates: members plus the parent directories they imply.
+    max_entries: PositiveInt = 2_000_000
+    max_path_depth: int = Field(default=256, ge=1, le=2048)
+    # Bytes of a member name (and of a hardlink's target); PATH_MAX less the NUL at most.
+    max_path_bytes: int = Field(default=4095, ge=1, le=4095)
+
+
 class ImagesConfig(_Section):
+    unpack: UnpackLimits = Field(default_factory=UnpackLimits)
     # The catalogue and the roles are data, spelled out once, in images/catalog.yaml.
     catalogue: list[CatalogueImage] = Field(
         default_factory=lambda: [CatalogueImage.model_validate(i) for i in _catalog()["images"]]

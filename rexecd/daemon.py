@@ -402,7 +402,7 @@ async def _run_locked(
     store = Store(cfg.state_dir)
     spawner = Spawner()
     runtime = Runtime(cfg.state_dir, cfg.run_dir, cgroups.driver, spawner, seccomp, ranges)
-    images = ImageStore(cfg.state_dir / "images")
+    images = ImageStore(cfg.state_dir / "images", limits=cfg.images.unpack)
     network, forwarder = _network(cfg)
     manager = ContainerManager(
         cfg,

@@ -27,6 +27,7 @@ its stable ``code``. A raise site picks the class; it never overrides the code.
     │   └── ConcurrencyLimited (429, concurrency_limited)  too many requests in flight
     ├── HttpError (4xx/5xx, http_error)             any other error aiohttp raised itself
     ├── ImageError (400, image_invalid)             bad archive, digest mismatch, unsafe member
+    │   └── ImageTooLarge (400, image_too_large)    past an images.unpack limit (a bomb)
     ├── RegistryError (502, registry_error)         a registry unreachable, refusing, or broken
     ├── RoleInstallFailed (500, role_install_failed)  a role's install exited non-zero
     ├── RuntimeFailure (500, runtime_failure)       kernel step failed: carries step and errno
@@ -202,6 +203,14 @@ class ImageError(RexecError):
 
     status = 400
     code = "image_invalid"
+
+
+class ImageTooLarge(ImageError):
+    """An image that would unpack past one of the ``images.unpack`` limits (bytes,
+    expansion ratio, entries, path depth or length, header size): refused while
+    streaming, nothing of it kept. ``limit`` names the setting."""
+
+    code = "image_too_large"
 
 
 class RegistryError(RexecError):

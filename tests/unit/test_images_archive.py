@@ -13,13 +13,15 @@ from typing import Any
 
 import pytest
 
-from rexecd.errors import ImageError, UnsupportedImage
+from rexecd.config import UnpackLimits
+from rexecd.errors import ImageError, ImageTooLarge, UnsupportedImage
 from rexecd.runtime.images import ImageStore
 from rexecd.runtime.images.manifest import host_arch
 from tests.unit.fakes.images import (
     INDEX,
     MANIFEST,
     SIMPLE,
+    Bomb,
     blob_path,
     compress,
     descriptor,
@@ -451,3 +453,83 @@ def test_layer_count_must_match_diff_ids(store: ImageStore, tmp_path: Path) -> N
     data = docker_archive([SIMPLE], diff_ids=[digest(SIMPLE)] * 2)
     with pytest.raises(ImageError, match="1 layers but 2 diff_ids"):
         store.import_archive(write(tmp_path, data))
+
+
+# --- images.unpack limits: bombs are refused while they stream, and leave nothing -----
+
+
+def limited(tmp_path: Path, **limits: int) -> ImageStore:
+    return ImageStore(
+        tmp_path / "limited", durable=False, limits=UnpackLimits.model_validate(limits)
+    )
+
+
+def nothing_left(store: ImageStore) -> None:
+    assert list(store.tmp_dir.iterdir()) == []
+    assert list(store.layers_dir.iterdir()) == []
+    assert store.list() == []
+
+
+def too_large(store: ImageStore, src: Path | io.BufferedIOBase, **kw: Any) -> ImageTooLarge:
+    with pytest.raises(ImageTooLarge) as e:
+        if "rootfs" in kw:
+            store.import_rootfs(src, kw["rootfs"])  # type: ignore[arg-type]
+        else:
+            store.import_archive(src)  # type: ignore[arg-type]
+    assert (e.value.status, e.value.code) == (400, "image_too_large")
+    nothing_left(store)
+    return e.value
+
+
+@pytest.mark.parametrize("compression", ["gzip", "zstd"])
+def test_a_layer_bomb_is_refused_past_max_image_mb(tmp_path: Path, compression: str) -> None:
+    store = limited(tmp_path, max_image_mb=2)
+    bomb = layer(reg("zeros", bytes(8 << 20)))  # 8 MiB of zeros
+    data = oci_archive([SIMPLE, bomb], compression)
+    assert len(data) < 64 << 10  # a few KB on the wire
+    err = too_large(store, write(tmp_path, data))
+    assert err.extra["limit"] == "max_image_mb"
+    assert "max_image_mb (2 MiB)" in err.message and "layer blob" in err.message
+
+
+def test_the_layers_of_one_image_share_max_image_mb(tmp_path: Path) -> None:
+    store = limited(tmp_path, max_image_mb=5)
+    a, b = (layer(reg(f"f{i}", bytes(3 << 20))) for i in range(2))
+    store.import_archive(write(tmp_path, oci_archive([a], ref="one:1")))
+    # A second image with the same layer a unpacks only b: 3 MiB, within the limit.
+    store.import_archive(write(tmp_path, oci_archive([a, b], ref="two:1")))
+    fresh = limited(tmp_path / "fresh", max_image_mb=5)
+    assert too_large(fresh, write(tmp_path, oci_archive([a, b]))).extra["limit"] == "max_image_mb"
+
+
+def test_a_layer_past_max_layer_ratio_is_refused_but_not_an_uncompressed_one(
+    tmp_path: Path,
+) -> None:
+    store = limited(tmp_path, max_layer_ratio=10, ratio_slack_mb=0)
+    zeros = layer(reg("zeros", bytes(1 << 20)))
+    err = too_large(store, write(tmp_path, oci_archive([zeros], "gzip")))
+    assert err.extra["limit"] == "max_layer_ratio"
+    store.import_archive(write(tmp_path, oci_archive([zeros], "tar")))
+    assert store.list()[0].ref == "test:latest"
+
+
+def test_a_bomb_is_stopped_while_it_streams(tmp_path: Path) -> None:
+    # 2 GiB of zeros (~9 MB of gzip) as a rootfs stream, made only as far as it is
+    # read: with a 4 MiB limit the unpacker must stop within its first read (1 MiB, to
+    # sniff the compression) and a piece, not once it is all on disk.
+    store = limited(tmp_path, max_image_mb=4)
+    bomb = Bomb(2 << 30)
+    err = too_large(store, bomb, rootfs="bomb:1")  # type: ignore[arg-type]
+    assert err.extra["limit"] == "max_image_mb"
+    assert bomb.given < 2 << 20, bomb.given
+
+
+def test_a_compressed_outer_archive_is_spooled_within_the_limits(tmp_path: Path) -> None:
+    store = limited(tmp_path, max_image_mb=2)
+    outer = outer_tar({"junk": bytes(8 << 20), "oci-layout": b"{}"})
+    assert too_large(store, write(tmp_path, compress(outer, "zstd"))).extra["limit"] == (
+        "max_image_mb"
+    )
+    many = outer_tar({f"m{i}": b"" for i in range(50)})
+    fewer = limited(tmp_path / "fewer", max_entries=20)
+    assert too_large(fewer, write(tmp_path, many)).extra["limit"] == "max_entries"

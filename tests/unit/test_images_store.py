@@ -85,9 +85,9 @@ def test_layers_are_shared_and_unpacked_once(
     calls: list[Path] = []
     real = store_mod.unpack_layer
 
-    def counting(stream: Any, dest: Path, label: str) -> Any:
+    def counting(stream: Any, dest: Path, label: str, budget: Any) -> Any:
         calls.append(dest)
-        return real(stream, dest, label)
+        return real(stream, dest, label, budget)
 
     monkeypatch.setattr(store_mod, "unpack_layer", counting)
     a = store.import_archive(archive(tmp_path, [BASE, TOP_A], "a:1"))

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from rexecd.errors import ImageError
+from rexecd.config import UnpackLimits
+from rexecd.errors import ImageError, ImageTooLarge
+from rexecd.runtime.images.limits import Budget
 from rexecd.runtime.images.unpack import OPAQUE_XATTR, UnpackStats, unpack_layer
 from tests.unit.fakes.images import MTIME, dev, dir_, fifo, hard, layer, reg, sym
 
@@ -305,3 +307,66 @@ def test_owners_and_capabilities(tmp_path: Path) -> None:
     assert os.getxattr(d / "ping", "security.capability") == cap
     assert stat.S_IMODE((d / "ping").stat().st_mode) == 0o4755
     assert (d / "ping").stat().st_mtime == MTIME
+
+
+# --- images.unpack limits (limits.py): entries, depth, name length, header size --------
+
+
+def _budget(**limits: int) -> Budget:
+    return Budget(UnpackLimits.model_validate(limits))
+
+
+def too_large(
+    tmp_path: Path, budget: Budget, *members: tuple[tarfile.TarInfo, bytes | None]
+) -> str:
+    dest = tmp_path / "layer"
+    dest.mkdir(exist_ok=True)
+    with pytest.raises(ImageTooLarge) as e:
+        unpack_layer(io.BytesIO(layer(*members)), dest, "test layer", budget)
+    assert e.value.code == "image_too_large" and e.value.status == 400
+    assert "test layer" in e.value.message
+    return str(e.value.extra["limit"])
+
+
+def test_too_many_entries_are_refused_at_the_limit(tmp_path: Path) -> None:
+    budget = _budget(max_entries=20)
+    members = [reg(f"f{i}") for i in range(50)]
+    assert too_large(tmp_path, budget, *members) == "max_entries"
+    # Stopped at the limit, not after the layer: the 21st member was never created.
+    assert len(list((tmp_path / "layer").iterdir())) == 20
+    assert budget.entries == 21
+
+
+def test_parent_directories_a_member_implies_are_entries_too(tmp_path: Path) -> None:
+    # One member, 30 directories: counting members alone would let a tar of a few KB
+    # make millions of inodes.
+    deep = "/".join(f"d{i}" for i in range(30)) + "/f"
+    assert too_large(tmp_path, _budget(max_entries=10), reg(deep)) == "max_entries"
+
+
+def test_the_entries_budget_is_shared_by_the_layers_of_an_image(tmp_path: Path) -> None:
+    budget = _budget(max_entries=15)
+    first = tmp_path / "first"
+    first.mkdir()
+    unpack_layer(io.BytesIO(layer(*(reg(f"f{i}") for i in range(10)))), first, "one", budget)
+    members = [reg(f"g{i}") for i in range(10)]
+    assert too_large(tmp_path, budget, *members) == "max_entries"
+
+
+def test_names_deeper_or_longer_than_allowed_are_refused(tmp_path: Path) -> None:
+    budget = _budget(max_path_depth=4, max_path_bytes=64)
+    assert too_large(tmp_path, budget, reg("a/b/c/d/e")) == "max_path_depth"
+    assert too_large(tmp_path, budget, reg("x" * 65)) == "max_path_bytes"
+    # A hardlink's target is a name too.
+    assert too_large(tmp_path, budget, reg("f"), hard("g", "f/" * 40 + "f")) == "max_path_bytes"
+    unpack_layer(io.BytesIO(layer(reg("a/b/c/d"), reg("y" * 64))), tmp_path / "layer", "ok", budget)
+    assert (tmp_path / "layer/a/b/c/d").is_file()
+
+
+def test_a_huge_pax_header_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    # tarfile would read the whole extended header into memory: a few KB of gzip can
+    # claim gigabytes there. 2 MiB here, past the 1 MiB MAX_HEADER.
+    value = "v" * (2 << 20)
+    member = reg("f", b"x", pax={"SCHILY.xattr.user.big": value})
+    assert too_large(tmp_path, _budget(), member) == "header"
+    assert not (tmp_path / "layer/f").exists()

@@ -17,7 +17,8 @@ from typing import IO, Any, BinaryIO
 
 from rexecd.errors import ImageError, InvalidRequest, UnsupportedImage
 
-from .blobs import CHUNK, check_digest, decompress
+from .blobs import CHUNK, CountingReader, check_digest, decompress
+from .limits import BoundedTarInfo, Budget, HeaderTooLarge, RatioGuard, refuse_header
 from .manifest import (
     descriptors,
     digest_of,
@@ -61,13 +62,19 @@ class ParsedImage:
 class OuterArchive:
     """Random access to the members of the (uncompressed, seekable) outer tarball."""
 
-    def __init__(self, tar: tarfile.TarFile) -> None:
+    def __init__(self, tar: tarfile.TarFile, budget: Budget) -> None:
         self._tar = tar
         self._members: dict[str, tarfile.TarInfo] = {}
+        members = []
         try:
-            members = tar.getmembers()
+            # Counted as they are read: the member table is held in memory.
+            for m in tar:
+                budget.charge_entries(1, "archive")
+                members.append(m)
         except (tarfile.TarError, *TAR_HEADER_ERRORS) as e:
             raise ImageError(f"corrupt archive: {e}") from None
+        except HeaderTooLarge as e:
+            raise refuse_header("archive", members[-1].name if members else "", e) from None
         for m in members:
             # Later members win, as when a tar is extracted.
             self._members[_norm(m.name)] = m
@@ -122,41 +129,50 @@ def _norm(name: str) -> str:
 
 
 @contextmanager
-def open_archive(src: Path | BinaryIO, spool_dir: Path) -> Iterator[OuterArchive]:
+def open_archive(src: Path | BinaryIO, spool_dir: Path, budget: Budget) -> Iterator[OuterArchive]:
     """Open an image tarball for random access.
 
     A seekable plain tar is read in place. A gzip/zstd-compressed one (``docker save |
     gzip``), or a stream that cannot seek, is first copied whole (decompressed) into an
-    anonymous temporary file in ``spool_dir``; its members are never extracted.
+    anonymous temporary file in ``spool_dir``; its members are never extracted. The
+    spool's bytes and the number of members are charged to ``budget``.
     """
-    with _plain_seekable(src, spool_dir) as f, _open_tar(f) as tar:
+    with _plain_seekable(src, spool_dir, budget) as f, _open_tar(f) as tar:
         try:
-            yield OuterArchive(tar)
+            yield OuterArchive(tar, budget)
         except tarfile.TarError as e:
             raise ImageError(f"corrupt archive: {e}") from None
 
 
 def _open_tar(f: BinaryIO) -> tarfile.TarFile:
     try:
-        return tarfile.open(fileobj=f, mode="r:", encoding="utf-8", errors="surrogateescape")
+        return tarfile.open(
+            fileobj=f,
+            mode="r:",
+            encoding="utf-8",
+            errors="surrogateescape",
+            tarinfo=BoundedTarInfo,
+        )
     except (tarfile.TarError, *TAR_HEADER_ERRORS) as e:
         raise ImageError(f"not a tar archive: {e}") from None
+    except HeaderTooLarge as e:
+        raise refuse_header("archive", "(start of archive)", e) from None
 
 
 @contextmanager
-def _plain_seekable(src: Path | BinaryIO, spool_dir: Path) -> Iterator[BinaryIO]:
+def _plain_seekable(src: Path | BinaryIO, spool_dir: Path, budget: Budget) -> Iterator[BinaryIO]:
     if isinstance(src, Path):
         with src.open("rb") as f:
             if _is_plain(f):
                 yield f
                 return
-            with _spool(f, spool_dir) as s:
+            with _spool(f, spool_dir, budget) as s:
                 yield s
         return
     if src.seekable() and _is_plain(src):
         yield src
         return
-    with _spool(src, spool_dir) as s:
+    with _spool(src, spool_dir, budget) as s:
         yield s
 
 
@@ -168,8 +184,11 @@ def _is_plain(f: BinaryIO) -> bool:
 
 
 @contextmanager
-def _spool(f: BinaryIO, spool_dir: Path) -> Iterator[BinaryIO]:
-    _, plain = decompress(f, "archive")
+def _spool(f: BinaryIO, spool_dir: Path, budget: Budget) -> Iterator[BinaryIO]:
+    raw = CountingReader(f)
+    kind, inflated = decompress(raw, "archive")
+    plain = RatioGuard(inflated, raw, budget, "archive", ratio=kind != "tar")
+    # Anonymous: a refused or failed spool leaves nothing in spool_dir.
     with tempfile.TemporaryFile(dir=spool_dir) as out:
         while data := plain.read(CHUNK):
             out.write(data)

@@ -14,6 +14,8 @@ import zstandard
 
 from rexecd.errors import ImageError, UnsupportedImage
 
+from .limits import Budget, RatioGuard
+
 # Large reads keep the per-call Python overhead small next to hashing and inflating.
 CHUNK = 1 << 20
 
@@ -28,6 +30,19 @@ _BZIP2 = b"BZh"
 
 class Reader(Protocol):
     def read(self, n: int = -1, /) -> bytes: ...
+
+
+class CountingReader:
+    """Passes bytes through unchanged while counting them."""
+
+    def __init__(self, raw: Reader) -> None:
+        self._raw = raw
+        self.count = 0
+
+    def read(self, n: int = -1, /) -> bytes:
+        data = self._raw.read(n)
+        self.count += len(data)
+        return data
 
 
 class HashingReader:
@@ -232,6 +247,7 @@ def open_layer(
     diff_id: str | None,
     blob_digest: str | None,
     blob_size: int | None,
+    budget: Budget,
     any_compression: bool = False,
 ) -> Iterator[LayerStream]:
     """Yield the uncompressed tar stream of a layer blob.
@@ -240,13 +256,15 @@ def open_layer(
     names one) and diff_id (when known: a plain rootfs import learns it here) are
     checked; a mismatch is an ImageError naming ``label``. Bytes already consumed before
     a mismatch was found are only ever written into a temporary directory that the
-    caller discards.
+    caller discards. Every decompressed byte, including what the check reads past the
+    end of the tar, is charged to ``budget`` as it is read (see limits.py).
     """
     algo = blob_digest.partition(":")[0] if blob_digest else "sha256"
     if algo not in ("sha256", "sha512"):
         raise UnsupportedImage(f"{label}: unsupported digest algorithm {algo!r}")
     outer = HashingReader(raw, algo)
-    kind, stream = decompress(outer, label, any_compression)
+    kind, plain = decompress(outer, label, any_compression)
+    stream = RatioGuard(plain, outer, budget, label, ratio=kind != "tar")
     # An uncompressed blob is its own diff: hash it once, not twice.
     inner = HashingReader(stream) if kind != "tar" or algo != "sha256" else None
     layer = LayerStream(inner if inner is not None else stream)

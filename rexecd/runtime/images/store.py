@@ -11,6 +11,10 @@ no host user may reach)::
                                role's layer, cached under the (base digest, role) key
     ROOT/tmp/                  layers being unpacked; swept when no import is running
 
+Each import, pull and role layer unpacks under one ``Budget`` of the ``images.unpack``
+limits (limits.py): a layer past one is refused while it streams and discarded like
+any failed unpack.
+
 A layer is referenced by every image record, role record and lease that lists it; gc()
 removes only layers with no reference, and an image a lease names cannot be removed.
 
@@ -43,6 +47,7 @@ from typing import IO, BinaryIO
 from urllib.parse import quote
 
 from rexecd import _native
+from rexecd.config import UnpackLimits
 from rexecd.errors import Conflict, ImageError, InvalidRequest, NotFound, RexecError
 from rexecd.runtime.durable import fsync_dir, write_atomic
 
@@ -50,6 +55,7 @@ from .archive import LayerBlob, OuterArchive, open_archive, read_image
 from .blobs import LayerStream, Reader, open_layer
 from .files import read_record, rmtree, tree_size
 from .leases import Leases
+from .limits import Budget
 from .manifest import OCI_MANIFEST, host_arch
 from .models import DEFAULT_TAG, DIGEST_RE, ImageConfig, ImageRecord, parse_reference
 from .unpack import unpack_layer
@@ -73,11 +79,14 @@ class ImageStore:
 
     Synchronous and thread-safe; several processes may share one root. ``durable``
     (default) syncs unpacked layers to disk before they become visible; tests on a
-    throwaway root may turn it off.
+    throwaway root may turn it off. ``limits`` bound what one import or pull unpacks.
     """
 
-    def __init__(self, root: Path, *, durable: bool = True) -> None:
+    def __init__(
+        self, root: Path, *, durable: bool = True, limits: UnpackLimits | None = None
+    ) -> None:
         self.root = root
+        self.limits = limits if limits is not None else UnpackLimits()
         self.layers_dir = root / "layers"
         self.images_dir = root / "images"
         self.tmp_dir = root / "tmp"
@@ -101,7 +110,8 @@ class ImageStore:
         """
         want = parse_reference(name) if name is not None else None
         started = time.monotonic()
-        with self._import_lock(), open_archive(src, self.tmp_dir) as arc:
+        budget = Budget(self.limits)
+        with self._import_lock(), open_archive(src, self.tmp_dir, budget) as arc:
             img = read_image(arc, want)
             if want is not None:
                 ref_name, tag = want[0], want[1] or DEFAULT_TAG
@@ -116,7 +126,9 @@ class ImageStore:
                     todo[layer.diff_id] = layer
             # Layers are independent directories: read them in archive order, so a
             # spooled or slow archive is only ever read forwards.
-            self._unpack(arc, sorted(todo.values(), key=lambda b: b.member.offset_data))
+            self._unpack(
+                arc, sorted(todo.values(), key=lambda b: b.member.offset_data), Budget(self.limits)
+            )
             now = datetime.now(UTC)
             rec = ImageRecord(
                 name=ref_name,
@@ -141,7 +153,7 @@ class ImageStore:
         )
         return rec
 
-    def _unpack(self, arc: OuterArchive, layers: list[LayerBlob]) -> None:
+    def _unpack(self, arc: OuterArchive, layers: list[LayerBlob], budget: Budget) -> None:
         staged: list[tuple[str, Path]] = []
         try:
             for blob in layers:
@@ -152,6 +164,7 @@ class ImageStore:
                         diff_id=blob.diff_id,
                         blob_digest=blob.digest,
                         blob_size=blob.size,
+                        budget=budget,
                     )
                 staged.append((blob.diff_id, tmp))
             self._publish(staged)
@@ -168,6 +181,7 @@ class ImageStore:
         diff_id: str | None,
         blob_digest: str | None,
         blob_size: int | None,
+        budget: Budget,
         any_compression: bool = False,
     ) -> tuple[Path, LayerStream]:
         """Unpack and verify one layer blob into a new directory under ``tmp/``; return it
@@ -181,9 +195,10 @@ class ImageStore:
                 diff_id=diff_id,
                 blob_digest=blob_digest,
                 blob_size=blob_size,
+                budget=budget,
                 any_compression=any_compression,
             ) as stream:
-                stats = unpack_layer(stream, tmp, label)
+                stats = unpack_layer(stream, tmp, label, budget)
         except BaseException:
             rmtree(tmp)
             raise
@@ -210,6 +225,7 @@ class ImageStore:
                     diff_id=None,
                     blob_digest=None,
                     blob_size=None,
+                    budget=Budget(self.limits),
                     any_compression=any_compression,
                 )
             finally:
@@ -567,6 +583,8 @@ class ImportSession:
 
     def __init__(self, store: ImageStore) -> None:
         self._store = store
+        # Per pull: the layers of one image share the limits, whichever thread unpacks.
+        self.budget = Budget(store.limits)
 
     def has_layer(self, diff_id: str) -> bool:
         return self._store._layer_dir(diff_id).is_dir()
@@ -578,7 +596,12 @@ class ImportSession:
         handed over chunk by chunk), verifying its size, digest and diff_id before it
         becomes visible. Raises ImageError; nothing of a failed layer is left."""
         tmp, _ = self._store._stage(
-            raw, label=label, diff_id=diff_id, blob_digest=blob_digest, blob_size=blob_size
+            raw,
+            label=label,
+            diff_id=diff_id,
+            blob_digest=blob_digest,
+            blob_size=blob_size,
+            budget=self.budget,
         )
         try:
             self._store._publish([(diff_id, tmp)])

@@ -16,6 +16,10 @@ Rules, beyond "nothing is created, changed or linked outside the layer":
 * Hard links must name an entry already unpacked in this layer, through real
   directories; hard links to directories are refused by the kernel.
 * Sparse members are refused: their map may claim any size from a few bytes.
+* The ``images.unpack`` limits hold while the tar streams (see limits.py): every member
+  and every parent directory it implies is charged to the import's ``Budget``; names
+  and hardlink targets longer or deeper than allowed, and PAX or GNU long-name headers
+  past ``MAX_HEADER``, are refused before anything is made of them.
 * Character and block devices are skipped (with one warning per layer): the container
   /dev is a tmpfs with a fixed set of nodes, and a device node in an image must never
   become a way into a host device. A 0/0 character device is created only for
@@ -42,9 +46,11 @@ from pathlib import Path
 from typing import IO, Any, cast
 
 from rexecd import _native as n
+from rexecd.config import UnpackLimits
 from rexecd.errors import ImageError
 
 from .blobs import CHUNK, Reader
+from .limits import BoundedTarInfo, Budget, HeaderTooLarge, refuse_header
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +91,16 @@ class _Refused(Exception):
     """A member broke a rule; turned into an ImageError naming it."""
 
 
-def unpack_layer(stream: Reader, dest: Path, label: str) -> UnpackStats:
-    """Unpack the uncompressed layer tar ``stream`` into the empty directory ``dest``.
+def unpack_layer(
+    stream: Reader, dest: Path, label: str, budget: Budget | None = None
+) -> UnpackStats:
+    """Unpack the uncompressed layer tar ``stream`` into the empty directory ``dest``,
+    charging what it creates to ``budget`` (default: a new one of the default limits).
 
-    Raises ImageError naming ``label`` and the offending member. On error ``dest`` holds
-    a partial tree that the caller must discard.
+    Raises ImageError (ImageTooLarge past a limit) naming ``label`` and the offending
+    member. On error ``dest`` holds a partial tree that the caller must discard.
     """
-    u = _Unpacker(dest, label)
+    u = _Unpacker(dest, label, budget if budget is not None else Budget(UnpackLimits()))
     try:
         return u.run(stream)
     finally:
@@ -99,8 +108,9 @@ def unpack_layer(stream: Reader, dest: Path, label: str) -> UnpackStats:
 
 
 class _Unpacker:
-    def __init__(self, dest: Path, label: str) -> None:
+    def __init__(self, dest: Path, label: str, budget: Budget) -> None:
         self.label = label
+        self.budget = budget
         self.root = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         # Parent directory fds by layer-relative path; LRU. Evicted or invalidated fds
         # are closed only after the current member, as callers may still hold them.
@@ -127,6 +137,7 @@ class _Unpacker:
                 bufsize=_TAR_BUFSIZE,
                 encoding="utf-8",
                 errors="surrogateescape",
+                tarinfo=BoundedTarInfo,
             ) as tar:
                 while (m := tar.next()) is not None:
                     # TarFile keeps every member it has read in .members (not in the
@@ -142,6 +153,8 @@ class _Unpacker:
             # tarfile parses PAX numbers with int()/float() unguarded: a header saying
             # GNU.sparse.size=v is a ValueError, not a TarError (found by fuzzing).
             raise ImageError(f"{self.label}: corrupt tar at member {current!r}: {e}") from None
+        except HeaderTooLarge as e:
+            raise refuse_header(self.label, current, e) from None
         if self.stats.skipped:
             shown = ", ".join(repr(s) for s in self.stats.skipped[:5])
             log.warning(
@@ -173,6 +186,8 @@ class _Unpacker:
             # any size, and the holes would be written out as zeros. No image needs it.
             raise _Refused("sparse files are not supported")
         parts = _components(m.name)
+        self.budget.check_name(m.name, len(parts), self.label)
+        self.budget.charge_entries(1, self.label)
         if not parts:
             if not m.isdir():
                 raise _Refused("only a directory may stand for the layer root")
@@ -231,6 +246,7 @@ class _Unpacker:
             try:
                 fd = n.openat2(fd, parts[i], _DIR, resolve=_RESOLVE)
             except FileNotFoundError:
+                self.budget.charge_entries(1, self.label)
                 os.mkdir(parts[i], 0o700, dir_fd=fd)
                 fd = n.openat2(fd, parts[i], _DIR, resolve=_RESOLVE)
                 # Explicit: the daemon's umask must not decide what the image sees.
@@ -359,6 +375,7 @@ class _Unpacker:
             tparts = _components(m.linkname)
         except _Refused as e:
             raise _Refused(f"hardlink target {m.linkname!r}: {e}") from None
+        self.budget.check_name(m.linkname, len(tparts), self.label)
         trel = "/".join(tparts)
         if not tparts:
             raise _Refused("hardlink to the layer root")

@@ -8,6 +8,12 @@ way; a layer becomes visible only once all three match). A connection lost mid-b
 resumed with a Range request from the byte where it stopped, up to ``retries`` times
 in a row; layers already complete stay in the store, so a pull that still fails is
 cheaper to repeat.
+
+The store's ``images.unpack`` limits hold for a pull as a whole (one budget for all
+its layers, see runtime/images/limits.py): a manifest whose new layers already
+declare more bytes than ``max_image_mb`` is refused before any download, and a layer
+that expands past a limit stops its download and fails the pull with
+ImageTooLarge (400 ``image_too_large``; on create the container ends ``error``).
 """
 
 from __future__ import annotations
@@ -24,7 +30,14 @@ from typing import Any
 import aiohttp
 
 from rexecd.config import RegistriesConfig
-from rexecd.errors import ImageError, InvalidRequest, NotFound, RegistryError, RexecError
+from rexecd.errors import (
+    ImageError,
+    ImageTooLarge,
+    InvalidRequest,
+    NotFound,
+    RegistryError,
+    RexecError,
+)
 from rexecd.runtime.images import ImageRecord, ImageStore, parse_reference
 from rexecd.runtime.images.manifest import (
     MANIFEST_TYPES,
@@ -265,6 +278,7 @@ class Puller:
                     todo.setdefault(diff_id, desc)
             tracker.layers_total = len(todo)
             tracker.total = sum(d["size"] for d in todo.values())
+            self._check_declared(remote, tracker.total)
             tracker.emit()
             src = _Source(client, ep, remote, session, transfer)
             jobs = [self._layer(src, diff_id, desc, tracker) for diff_id, desc in todo.items()]
@@ -291,6 +305,17 @@ class Puller:
             await asyncio.to_thread(cm.__exit__, None, None, None)
         tracker.emit()
         return PullResult(rec, ep.label, transfer.downloaded, len(todo), present, transfer.resumed)
+
+    def _check_declared(self, remote: RemoteRef, total: int) -> None:
+        # Layer blobs are compressed, so more declared bytes than the image may unpack
+        # to is a refusal now rather than after downloading the first max_image_mb.
+        limit = self.store.limits.max_image_mb
+        if total > limit << 20:
+            raise ImageTooLarge(
+                f"{remote}: its layers declare {total} bytes, more than "
+                f"images.unpack.max_image_mb ({limit} MiB)",
+                limit="max_image_mb",
+            )
 
     def _layer(
         self, src: _Source, diff_id: str, desc: dict[str, Any], tracker: _Tracker

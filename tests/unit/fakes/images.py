@@ -8,7 +8,8 @@ import hashlib
 import io
 import json
 import tarfile
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import zstandard
@@ -210,3 +211,54 @@ def docker_archive(
 
 
 SIMPLE = layer(dir_("etc"), reg("etc/hello", b"hello\n"), sym("bin", "usr/bin"))
+
+
+class Bomb:
+    """A compressed layer tar of one file of ``size`` zero bytes, made as it is read: a
+    few KB of gzip or zstd per ~MB, never the whole plain tar in memory. ``read`` counts
+    the compressed bytes handed out, to show a consumer stopped early."""
+
+    def __init__(self, size: int, kind: str = "gzip", name: str = "zeros") -> None:
+        info, _ = reg(name)
+        info.size = size
+        self._plain = self._tar(info)
+        self._z: Any = (
+            zstandard.ZstdCompressor().compressobj()
+            if kind == "zstd"
+            # Level 1: fast to make; still ~230 bytes of tar per byte of gzip.
+            else zlib.compressobj(1, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+        )
+        self._out = b""
+        self._done = False
+        self.given = 0
+
+    @staticmethod
+    def _tar(info: tarfile.TarInfo) -> Iterator[bytes]:
+        yield info.tobuf(tarfile.PAX_FORMAT)
+        left = info.size
+        zeros = bytes(1 << 20)
+        while left:
+            n = min(left, len(zeros))
+            yield zeros[:n]
+            left -= n
+        yield bytes(-info.size % tarfile.BLOCKSIZE + 2 * tarfile.BLOCKSIZE)
+
+    def read(self, n: int = -1, /) -> bytes:
+        n = 1 << 16 if n < 0 else n
+        while len(self._out) < n and not self._done:
+            piece = next(self._plain, None)
+            if piece is None:
+                self._out += self._z.flush()
+                self._done = True
+            else:
+                self._out += self._z.compress(piece)
+        data, self._out = self._out[:n], self._out[n:]
+        self.given += len(data)
+        return data
+
+    def whole(self) -> bytes:
+        """All of it (for a blob that must sit in an archive or a registry)."""
+        out = []
+        while data := self.read(1 << 20):
+            out.append(data)
+        return b"".join(out)
