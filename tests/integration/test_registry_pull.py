@@ -5,6 +5,7 @@ mid-blob, token and basic auth, timeouts, and concurrent pulls of one image."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import os
 import subprocess
@@ -16,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rexecd.config import RegistriesConfig
-from rexecd.errors import ImageError, NotFound, RegistryError
+from rexecd.config import RegistriesConfig, UnpackLimits
+from rexecd.errors import ImageError, ImageTooLarge, NotFound, RegistryError
 from rexecd.runtime.images import ImageStore
 from rexecd.service.registry import Puller, PullProgress
 from tests.deadlines import scaled
@@ -31,7 +32,7 @@ from tests.integration.registry import (
     push_index,
     running_registry,
 )
-from tests.unit.fakes.images import layer, reg
+from tests.unit.fakes.images import Bomb, layer, reg
 
 BASE = layer(reg("etc/os-release", b"ID=tiny\n"), reg("bin/sh", b"#!fake\n", mode=0o755))
 TOP = layer(reg("app/hello.txt", b"hello\n"))
@@ -279,3 +280,19 @@ def test_cli_pull_prints_progress_and_result(tmp_path: Path, registry: Registry)
     lines = [line for line in out.stderr.splitlines() if "% docker.io/library/clip:1" in line]
     assert lines and lines[-1].startswith("100%") and "2/2 layers" in lines[-1]
     assert ImageStore(state / "images").get("clip:one").layers == pushed.diff_ids
+
+
+async def test_a_layer_bomb_fails_the_pull_and_leaves_nothing(
+    registry: Registry, tmp_path: Path
+) -> None:
+    # 64 MiB of zeros in ~300 KB of gzip, past a 4 MiB images.unpack.max_image_mb: the
+    # download stops there (the other layer may be complete: it stays unreferenced).
+    store = ImageStore(tmp_path / "limited", limits=UnpackLimits(max_image_mb=4))
+    bomb = gzip.decompress(Bomb(64 << 20).whole())
+    pushed = push_image(registry, "library/bomb", "1", [BASE, bomb])
+    with pytest.raises(ImageTooLarge) as info:
+        await pull(mirrored(registry.host), store, "bomb:1")
+    assert info.value.extra["limit"] == "max_image_mb"
+    assert f"layer {pushed.blobs[1][:19]}" in info.value.message
+    nothing_left(store)
+    assert not (store.layers_dir / pushed.diff_ids[1][7:]).exists()
