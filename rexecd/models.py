@@ -640,6 +640,77 @@ class ErrorBody(BaseModel):
 
 # --- streams and frames ----------------------------------------------------------------
 
+
+class _ExecStreamKind(BaseModel):
+    """One kind of JSON frame of the exec stream, as the OpenAPI document spells it (the
+    wire is ExecStreamFrame's; these only name each kind's fields)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ExecStreamStarted(_ExecStreamKind):
+    """Server: the process runs; output follows."""
+
+    type: Literal["started"]
+
+
+class ExecStreamExit(_ExecStreamKind):
+    """Server, last: the exit status (126/127 cannot run, 128+N signal N)."""
+
+    type: Literal["exit"]
+    exit_code: int
+
+
+class ExecStreamError(ErrorBody):
+    """Server, last: an error answer's body (``invalid_request``, ``exec_timeout``...)."""
+
+    type: Literal["error"]
+
+
+class ExecStreamPong(_ExecStreamKind):
+    type: Literal["pong"]
+
+
+class ExecStreamEof(_ExecStreamKind):
+    """Client: close stdin (on a PTY: Ctrl-D)."""
+
+    type: Literal["eof"]
+
+
+class ExecStreamResize(_ExecStreamKind):
+    type: Literal["resize"]
+    cols: int = Field(ge=1, le=65535)
+    rows: int = Field(ge=1, le=65535)
+
+
+class ExecStreamSignal(_ExecStreamKind):
+    """Client: a signal for the process group, by name (HUP INT QUIT TERM KILL USR1
+    USR2 WINCH CONT STOP TSTP ALRM) or number."""
+
+    type: Literal["signal"]
+    signal: str | int
+
+
+class ExecStreamPing(_ExecStreamKind):
+    """Client: answered with a pong."""
+
+    type: Literal["ping"]
+
+
+EXEC_STREAM_SERVER_FRAMES: tuple[type[BaseModel], ...] = (
+    ExecStreamStarted,
+    ExecStreamPong,
+    ExecStreamExit,
+    ExecStreamError,
+)
+EXEC_STREAM_CLIENT_FRAMES: tuple[type[BaseModel], ...] = (
+    ExecStreamEof,
+    ExecStreamResize,
+    ExecStreamSignal,
+    ExecStreamPing,
+)
+
+
 EventType = Literal[
     "list", "created", "updated", "deleted", "started", "stopped", "progress", "oom", "pong"
 ]

@@ -43,6 +43,22 @@ def method_rate(method: str) -> RateClass:
 
 
 @dataclass(frozen=True, slots=True)
+class WsFrames:
+    """The frames of a WebSocket endpoint either way, for the OpenAPI document: the
+    client's ``first`` text frame, the JSON text frames each side may send (one model
+    per kind, told apart by ``type``), and what binary frames carry (None: none)."""
+
+    first: type[BaseModel] | None
+    client: tuple[type[BaseModel], ...]
+    server: tuple[type[BaseModel], ...]
+    client_binary: str | None = None
+    server_binary: str | None = None
+
+    def models(self) -> tuple[type[BaseModel], ...]:
+        return (*((self.first,) if self.first is not None else ()), *self.client, *self.server)
+
+
+@dataclass(frozen=True, slots=True)
 class Endpoint:
     """A route and what its request and answers look like.
 
@@ -64,6 +80,7 @@ class Endpoint:
     query: tuple[Query, ...] = ()
     authenticated: bool = True
     websocket: bool = False
+    frames: WsFrames | None = None  # a WebSocket's frames, when ``response`` is not all
     scope: Scope | None = None
     rate: RateClass | None = None
 

@@ -20,18 +20,31 @@ from aiohttp import WSMsgType, web
 
 from rexecd.api.auth import WS_PROTOCOLS, principal
 from rexecd.api.containers import REF_ERRORS, ref
-from rexecd.api.endpoint import Endpoint
+from rexecd.api.endpoint import Endpoint, WsFrames
 from rexecd.api.keys import SERVICE, track_websocket
 from rexecd.api.ratelimit import in_flight
 from rexecd.api.wire import decode_json, parse_model
 from rexecd.errors import ContainerNotRunning, ExecTimeout, InvalidJson, InvalidRequest, RexecError
-from rexecd.models import ExecStreamFrame, ExecStreamStart
-from rexecd.service.execstream import StreamProcess, parse_signal
+from rexecd.models import (
+    EXEC_STREAM_CLIENT_FRAMES,
+    EXEC_STREAM_SERVER_FRAMES,
+    ExecStreamFrame,
+    ExecStreamStart,
+)
+from rexecd.service.execstream import STDERR, STDOUT, StreamProcess, parse_signal
 
 START_TIMEOUT_S = 30.0
 MAX_FRAME = 4 * 1024 * 1024
 MSG_NOT_WEBSOCKET = "the exec stream is a WebSocket: connect with an Upgrade request"
 MSG_NO_START = 'the first frame must be JSON {"type": "start", "cmd": [...]}'
+FRAMES = WsFrames(
+    first=ExecStreamStart,
+    client=EXEC_STREAM_CLIENT_FRAMES,
+    server=EXEC_STREAM_SERVER_FRAMES,
+    client_binary="the process's stdin, as is",
+    server_binary=f"output: the first byte is the channel ({STDOUT} stdout, {STDERR} "
+    f"stderr; with tty everything is {STDOUT}), then the bytes",
+)
 
 
 class _Socket:
@@ -155,6 +168,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "The process is killed when the socket closes",
         "exec",
         response=ExecStreamFrame,
+        frames=FRAMES,
         status=101,
         errors=(400, *REF_ERRORS, 409),
         websocket=True,

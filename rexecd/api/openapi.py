@@ -11,7 +11,7 @@ from aiohttp import web
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from rexecd.api.endpoint import Endpoint
+from rexecd.api.endpoint import Endpoint, WsFrames
 from rexecd.api.keys import OPENAPI
 from rexecd.models import ErrorBody, StreamProgress
 
@@ -56,7 +56,32 @@ def _models(endpoints: Iterable[Endpoint]) -> list[type[BaseModel]]:
                 found[item.__name__] = item
         if ep.response == "text/event-stream":
             found["StreamProgress"] = StreamProgress
+        if ep.frames is not None:
+            for model in ep.frames.models():
+                found[model.__name__] = model
     return [found[name] for name in sorted(found)]
+
+
+def _ws_frames(frames: WsFrames, refs: dict[Any, Any]) -> dict[str, Any]:
+    """``x-websocket``: each side's frames, text (JSON, one schema per ``type``) and
+    binary (what their bytes are)."""
+
+    def side(models: tuple[type[BaseModel], ...], binary: str | None) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "text": {
+                "oneOf": [refs[m] for m in models],
+                "discriminator": {"propertyName": "type"},
+            }
+        }
+        if binary is not None:
+            out["binary"] = {"description": binary}
+        return out
+
+    client = {"first": refs[frames.first]} if frames.first is not None else {}
+    return {
+        "client": {**client, **side(frames.client, frames.client_binary)},
+        "server": side(frames.server, frames.server_binary),
+    }
 
 
 def _raw(media_type: str) -> dict[str, Any]:
@@ -108,6 +133,12 @@ def _operation(ep: Endpoint, op_id: str, refs: dict[Any, Any]) -> dict[str, Any]
         ok["description"] = "WebSocket upgrade; server frames are JSON text"
         if isinstance(ep.response, type):
             ok["x-websocket-frames"] = refs[ep.response]
+        if ep.frames is not None:
+            ok["description"] = (
+                "WebSocket upgrade; frames either way are in x-websocket (JSON text "
+                "frames by type; binary frames as described)"
+            )
+            ok["x-websocket"] = _ws_frames(ep.frames, refs)
     elif isinstance(ep.response, type):
         ok["content"] = {"application/json": {"schema": refs[ep.response]}}
     elif ep.response == "text/event-stream":
