@@ -126,6 +126,18 @@ class Registry:
         )
 
 
+def catalogue_entry(name: str, ref: str | None, **kw: Any) -> dict[str, Any]:
+    """An ``images.catalogue`` entry of a test daemon's config, pulled from ``ref``."""
+    return {
+        "name": name,
+        "display_name": name,
+        "description": f"{name} for tests",
+        "category": "test",
+        "reference": ref,
+        **kw,
+    }
+
+
 def mirror_of_hub(host: str, **extra: Any) -> dict[str, Any]:
     """A daemon's ``registries`` section with Docker Hub mirrored at ``host`` only: a
     test never reaches the real Hub."""

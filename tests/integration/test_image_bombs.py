@@ -10,28 +10,23 @@ import gzip
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.integration.daemon import Daemon
 from tests.integration.daemon_fixtures import ApiClient, cleaning, running_daemon, unique
-from tests.integration.registry import Registry, mirror_of_hub, push_image, running_registry
+from tests.integration.registry import (
+    Registry,
+    catalogue_entry,
+    mirror_of_hub,
+    push_image,
+    running_registry,
+)
 from tests.unit.fakes.images import Bomb, layer, oci_archive, reg
 
 LIMIT_MB = 4
 SIZES = {"memory_mb": 64, "disk_mb": 64, "cpu_shares": 250}
 SMALL = layer(reg("etc/os-release", b"ID=tiny\n"))
-
-
-def entry(name: str, ref: str) -> dict[str, Any]:
-    return {
-        "name": name,
-        "display_name": name,
-        "description": f"{name} for tests",
-        "category": "test",
-        "reference": ref,
-    }
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +42,8 @@ def daemon(tmp_path_factory: pytest.TempPathFactory, registry: Registry) -> Iter
         "images": {
             "unpack": {"max_image_mb": LIMIT_MB},
             "catalogue": [
-                entry("bomb:1", "docker.io/library/bomb:1"),
-                entry("declared:1", "docker.io/library/declared:1"),
+                catalogue_entry("bomb:1", "docker.io/library/bomb:1"),
+                catalogue_entry("declared:1", "docker.io/library/declared:1"),
             ],
         },
     }

@@ -11,7 +11,6 @@ import json
 import os
 import tarfile
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
@@ -24,7 +23,13 @@ from tests.integration.daemon_fixtures import (
     running_daemon,
     unique,
 )
-from tests.integration.registry import Registry, mirror_of_hub, push_image, running_registry
+from tests.integration.registry import (
+    Registry,
+    mirror_of_hub,
+    push_image,
+    running_registry,
+)
+from tests.integration.registry import catalogue_entry as entry
 from tests.unit.fakes.images import layer, reg
 
 SIZES = {"memory_mb": 64, "disk_mb": 64, "cpu_shares": 250}
@@ -44,17 +49,6 @@ def busybox_rootfs() -> bytes:
         index = json.loads(tar.extractfile("index.json").read())  # type: ignore[union-attr]
         manifest = json.loads(blob(index["manifests"][0]["digest"]))
         return gzip.decompress(blob(manifest["layers"][0]["digest"]))
-
-
-def entry(name: str, ref: str | None, **kw: Any) -> dict[str, Any]:
-    return {
-        "name": name,
-        "display_name": name,
-        "description": f"{name} for tests",
-        "category": "test",
-        "reference": ref,
-        **kw,
-    }
 
 
 @pytest.fixture(scope="module")
