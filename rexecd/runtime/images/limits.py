@@ -71,19 +71,20 @@ class Budget:
 
     def check_name(self, name: str, depth: int, label: str) -> None:
         """Refuse a member name (or hardlink target) longer or deeper than allowed."""
+        shown = name if len(name) <= 80 else name[:77] + "..."
         if len(name.encode("utf-8", "surrogateescape")) > self.limits.max_path_bytes:
             raise ImageTooLarge(
-                f"{label}: a name is longer than images.unpack.max_path_bytes "
+                f"{label}: member {shown!r}: name longer than images.unpack.max_path_bytes "
                 f"({self.limits.max_path_bytes})",
                 limit="max_path_bytes",
-                member=name[:256],
+                member=shown,
             )
         if depth > self.limits.max_path_depth:
             raise ImageTooLarge(
-                f"{label}: a name is deeper than images.unpack.max_path_depth "
+                f"{label}: member {shown!r}: name deeper than images.unpack.max_path_depth "
                 f"({self.limits.max_path_depth})",
                 limit="max_path_depth",
-                member=name[:256],
+                member=shown,
             )
 
 
