@@ -533,3 +533,12 @@ def test_a_compressed_outer_archive_is_spooled_within_the_limits(tmp_path: Path)
     many = outer_tar({f"m{i}": b"" for i in range(50)})
     fewer = limited(tmp_path / "fewer", max_entries=20)
     assert too_large(fewer, write(tmp_path, many)).extra["limit"] == "max_entries"
+
+
+def test_the_default_limits_stop_a_zstd_bomb_by_its_ratio(store: ImageStore) -> None:
+    # 1 GiB of zeros is ~33 KB of zstd: past 250x beyond the first 128 MiB long before
+    # the 32 GiB image limit.
+    bomb = Bomb(1 << 30, "zstd")
+    err = too_large(store, bomb, rootfs="zbomb:1")  # type: ignore[arg-type]
+    assert err.extra["limit"] == "max_layer_ratio"
+    assert "250x beyond 128 MiB" in err.message
