@@ -406,6 +406,10 @@ class CatalogueImage(_Section):
     # What is pulled when the image is not local; None: local only (import or pull it).
     reference: str | None = None
     pull: bool = True
+    # For `custom` only: the registries a custom_image may be pulled from. Any other
+    # registry (a loopback or internal host above all) is local-only, so a tenant
+    # cannot make the daemon fetch from wherever it names.
+    registries: list[str] = Field(default_factory=lambda: ["docker.io"])
 
     @field_validator("name")
     @classmethod

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from rexecd.config import CatalogueImage, Config
 from rexecd.errors import InvalidRequest, UnsupportedImage
-from rexecd.runtime.images.models import parse_reference
+from rexecd.runtime.images.models import parse_reference, parse_remote
 
 CUSTOM = "custom"
 
@@ -45,6 +45,8 @@ def resolve(cfg: Config, image: str, custom_image: str | None) -> Resolved:
             raise InvalidRequest("custom_image is required when image is 'custom'")
         entry = find(cfg, CUSTOM)
         may_pull = entry is not None and entry.pull and cfg.registries.pull
+        if may_pull and entry is not None:
+            may_pull = parse_remote(custom_image).registry in entry.registries
         return Resolved(normalise(custom_image), custom_image if may_pull else None, entry)
     entry = find(cfg, image)
     if entry is not None:
