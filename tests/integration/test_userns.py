@@ -17,15 +17,21 @@ import yaml
 from rexecd.runtime.cgroups import open_driver
 from rexecd.runtime.container import Runtime
 from rexecd.runtime.spawner import Spawner
-from rexecd.runtime.userns import IdRanges
+from rexecd.runtime.userns import HOLDER_NAME, IdRanges
 from tests.integration.daemon import Daemon
 from tests.integration.daemon_fixtures import (
     ApiClient,
+    children,
     cleaning,
     db_rows,
+    kill_spawner,
+    poll,
+    proc_stat,
     running_daemon,
+    spawner_pid,
     unique,
     write_proc_symlink_image,
+    zombies_of,
 )
 from tests.integration.probe import exec_out, image, parse, probe_bin, probe_lower, running
 from tests.integration.runtime_helpers import RangedRuntime, run
@@ -218,6 +224,39 @@ async def test_a_kept_home_moves_into_the_new_range(daemon: Daemon) -> None:
         owners = await c.sh(name, "stat -c %u:%g /home/user /home/user/r /home/user/u")
         assert owners.split() == ["0:0", "0:0", "1000:1000"], owners
         assert (await c.sh(name, "cat /home/user/r /home/user/u")).split() == ["r", "u"]
+
+
+def holders_under(ppid: int) -> list[int]:
+    """Live (not zombie) user namespace holders whose parent is ``ppid``."""
+    return [p for p, comm, state in children(ppid) if comm == HOLDER_NAME and state != "Z"]
+
+
+async def test_a_killed_spawner_leaves_no_zombie_and_no_stray_spare_holder(
+    daemon: Daemon,
+) -> None:
+    """The spawner makes a user namespace holder ahead of the next start. SIGKILLed, it
+    leaves that spare to the daemon (a child subreaper): the spare dies with it
+    (PDEATHSIG) and the daemon reaps it (the holder sent it its pidfd first)."""
+    assert daemon.proc is not None
+    dpid = daemon.proc.pid
+    async with ApiClient(daemon, daemon.token(unique("u"))) as c, cleaning(c) as refs:
+        first, second = unique("first"), unique("second")
+        refs += [first, second]
+        await c.create_running(first)
+        sp = spawner_pid(daemon)
+        (spare,) = poll(lambda: holders_under(sp), what="the spawner's spare holder")
+        assert proc_stat(spare) is not None
+        kill_spawner(daemon)
+        poll(
+            lambda: proc_stat(spare) is None and not zombies_of(dpid),
+            what=f"spare holder {spare} reaped, no zombie of the daemon",
+        )
+        # The next start works, through a new spawner (which makes a spare of its own).
+        await c.create_running(second)
+        inside, outside, _ = uid_map(await c.sh(second, "cat /proc/self/uid_map"))
+        assert inside == 0 and outside >= BASE
+        assert not zombies_of(dpid), zombies_of(dpid)
+        assert proc_stat(spare) is None
 
 
 # ------------------------------------------------------------------ userns.mode: user
