@@ -129,11 +129,15 @@ class _Server:
         return h
 
     def drop_holders(self) -> None:
-        """Let the spare go and wait for every holder: none is left to the daemon."""
+        """End every holder and reap it: none is left to the daemon. Killed, not only
+        released: a child still before its exec holds a copy of the spare's release
+        pipe. Their pids are valid: unreaped children of ours."""
         if self.spare is not None:
             self.spare.discard()
             self.spare = None
         for pid in self.holders:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
         self.holders.clear()
@@ -148,6 +152,11 @@ class _Server:
                 return
             if pid in self.holders:
                 self.holders.discard(pid)
+                if self.spare is not None and self.spare.pid == pid:
+                    # Died unused (killed): its pid is free for anyone now, never to be
+                    # written a map through.
+                    self.spare.discard()
+                    self.spare = None
                 # The daemon holds its pidfd (in case we die before reaping it).
                 sync.send(self.ctrl, sync.Holder(pid=pid, reaped=True))
                 continue

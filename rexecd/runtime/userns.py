@@ -7,8 +7,10 @@ UTS and IPC namespaces it then owns, and blocks. From outside, the spawner write
 holder go. The spawner keeps one holder made ahead (a spare, made when requests pause),
 so that a start does not wait for the fork and unshare; a holder dies with the spawner
 (PDEATHSIG), and tells the daemon its pidfd first, so that the daemon, a child
-subreaper that inherits it then, reaps it. The container child joins net/uts/ipc as host root, unshares its mount and
-cgroup namespaces (owned by the initial user namespace: the container can never mount
+subreaper that inherits it then, reaps it.
+
+The container child joins net/uts/ipc as host root, unshares its mount and cgroup
+namespaces (owned by the initial user namespace: the container can never mount
 or unmount anything there), builds its root with the image layers idmapped through
 the new user namespace, and joins the user namespace last, just before it drops
 privileges and execs. Capabilities then apply to what that user namespace owns: its

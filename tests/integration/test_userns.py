@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -240,20 +241,26 @@ async def test_a_killed_spawner_leaves_no_zombie_and_no_stray_spare_holder(
     assert daemon.proc is not None
     dpid = daemon.proc.pid
     async with ApiClient(daemon, daemon.token(unique("u"))) as c, cleaning(c) as refs:
-        first, second = unique("first"), unique("second")
-        refs += [first, second]
+        first, second, third = unique("first"), unique("second"), unique("third")
+        refs += [first, second, third]
         await c.create_running(first)
         sp = spawner_pid(daemon)
         (spare,) = poll(lambda: holders_under(sp), what="the spawner's spare holder")
-        assert proc_stat(spare) is not None
+        # A spare killed by someone else is reaped by the spawner, never used: the next
+        # start makes a fresh holder, and a new spare follows.
+        os.kill(spare, signal.SIGKILL)
+        poll(lambda: proc_stat(spare) is None, what=f"killed spare {spare} reaped")
+        await c.create_running(second)
+        assert (await c.sh(second, "id -u")).strip() == "0"
+        (spare,) = poll(lambda: holders_under(sp), what="a new spare holder")
         kill_spawner(daemon)
         poll(
             lambda: proc_stat(spare) is None and not zombies_of(dpid),
             what=f"spare holder {spare} reaped, no zombie of the daemon",
         )
         # The next start works, through a new spawner (which makes a spare of its own).
-        await c.create_running(second)
-        inside, outside, _ = uid_map(await c.sh(second, "cat /proc/self/uid_map"))
+        await c.create_running(third)
+        inside, outside, _ = uid_map(await c.sh(third, "cat /proc/self/uid_map"))
         assert inside == 0 and outside >= BASE
         assert not zombies_of(dpid), zombies_of(dpid)
         assert proc_stat(spare) is None
