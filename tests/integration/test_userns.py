@@ -5,9 +5,10 @@ database across restarts, and a failed create that leaves no lease."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,12 +59,13 @@ def uid_map(text: str) -> tuple[int, int, int]:
     return inside, outside, count
 
 
-def upper_file(d: Daemon, name: str) -> Path:
-    """The one file called ``name`` in any upper dir or volume of this daemon (host side)."""
+def upper_file(d: Daemon, name: str, under: str = "/upper") -> Path:
+    """The one file called ``name`` in any upper dir (or ``under`` another dir, /home)
+    of this daemon (host side)."""
     found: list[Path] = []
     for root in (d.state, d.run):
         for dirpath, _dirs, files in os.walk(root):
-            if name in files and "/upper" in dirpath:
+            if name in files and under in dirpath:
                 found.append(Path(dirpath) / name)
     assert len(found) == 1, found
     return found[0]
@@ -179,16 +181,21 @@ async def test_two_containers_get_disjoint_ranges_and_keep_them_across_a_restart
         assert userns_leases(daemon)[new["db_id"]] != held
 
 
-async def test_a_failed_create_leaves_no_lease(
-    daemon: Daemon, tmp_path_factory: pytest.TempPathFactory
-) -> None:
+async def import_broken_image(d: Daemon, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """``brokenproc``: an image whose start fails (a /proc symlink), after the lease."""
     image = write_proc_symlink_image(tmp_path_factory.mktemp("img") / "broken.tar")
-    admin = daemon.token(unique("adm"), scopes="read,write,admin")
-    async with ApiClient(daemon, admin) as c:
+    admin = d.token(unique("adm"), scopes="read,write,admin")
+    async with ApiClient(d, admin) as c:
         r = await c.post(
             "/api/images/import", params={"name": "brokenproc:latest"}, data=image.read_bytes()
         )
         r.expect(201)
+
+
+async def test_a_failed_create_leaves_no_lease(
+    daemon: Daemon, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    await import_broken_image(daemon, tmp_path_factory)
     async with ApiClient(daemon, daemon.token(unique("f"))) as c, cleaning(c) as refs:
         name = unique("broken")
         refs.append(name)
@@ -293,16 +300,25 @@ def owner_id(d: Daemon, user: str) -> str:
     return str(uid)
 
 
+@contextlib.asynccontextmanager
+async def two_users(
+    d: Daemon, first: str, second: str
+) -> AsyncIterator[tuple[tuple[ApiClient, list[str]], tuple[ApiClient, list[str]]]]:
+    """A client of each user, with its list of containers deleted at the end."""
+    async with (
+        ApiClient(d, d.token(first)) as a,
+        ApiClient(d, d.token(second)) as b,
+        cleaning(a) as a_refs,
+        cleaning(b) as b_refs,
+    ):
+        yield (a, a_refs), (b, b_refs)
+
+
 async def test_per_user_one_range_for_a_users_containers_none_shared_across_users(
     per_user: Daemon,
 ) -> None:
     ua, ub = unique("ua"), unique("ub")
-    async with (
-        ApiClient(per_user, per_user.token(ua)) as a,
-        ApiClient(per_user, per_user.token(ub)) as b,
-        cleaning(a) as a_refs,
-        cleaning(b) as b_refs,
-    ):
+    async with two_users(per_user, ua, ub) as ((a, a_refs), (b, b_refs)):
         a1, a2, b1 = unique("a1"), unique("a2"), unique("b1")
         a_refs += [a1, a2]
         b_refs.append(b1)
@@ -325,7 +341,7 @@ async def test_per_user_one_range_for_a_users_containers_none_shared_across_user
         # nothing moved.
         kept = unique("kept")
         await a.sh(a1, f"echo u > /home/user/{kept}; chown 1000:1000 /home/user/{kept}")
-        host_before = upper_or_home(per_user, kept).stat()
+        host_before = upper_file(per_user, kept, under="/home").stat()
         await a.remove(a1, volumes=False)
         # One of the user's two went: the range stays with the other.
         assert boxes[a1]["db_id"] not in userns_leases(per_user)
@@ -334,7 +350,7 @@ async def test_per_user_one_range_for_a_users_containers_none_shared_across_user
         again = await a.create_running(a1)
         assert userns_leases(per_user)[again["db_id"]] == slot
         assert (await a.sh(a1, f"stat -c %u:%g /home/user/{kept}")).split() == ["1000:1000"]
-        host_after = upper_or_home(per_user, kept).stat()
+        host_after = upper_file(per_user, kept, under="/home").stat()
         assert (host_after.st_uid, host_after.st_ctime_ns) == (
             oa + 1000,
             host_before.st_ctime_ns,
@@ -347,35 +363,12 @@ async def test_per_user_one_range_for_a_users_containers_none_shared_across_user
         assert leases[boxes[b1]["db_id"]] in userns_ranges(per_user)
 
 
-def upper_or_home(d: Daemon, name: str) -> Path:
-    """The one file called ``name`` in this daemon's state (host side)."""
-    found = [
-        Path(p) / name
-        for root in (d.state, d.run)
-        for p, _dirs, files in os.walk(root)
-        if name in files
-    ]
-    assert len(found) == 1, found
-    return found[0]
-
-
 async def test_per_user_a_failed_create_leaves_no_lease_and_no_range(
     per_user: Daemon, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    image = write_proc_symlink_image(tmp_path_factory.mktemp("img") / "broken.tar")
-    admin = per_user.token(unique("adm"), scopes="read,write,admin")
-    async with ApiClient(per_user, admin) as c:
-        r = await c.post(
-            "/api/images/import", params={"name": "brokenproc:latest"}, data=image.read_bytes()
-        )
-        assert r.status in (201, 409), r.body  # 409: imported by an earlier test
+    await import_broken_image(per_user, tmp_path_factory)
     lonely, busy = unique("lonely"), unique("busy")
-    async with (
-        ApiClient(per_user, per_user.token(lonely)) as lc,
-        ApiClient(per_user, per_user.token(busy)) as bc,
-        cleaning(lc) as l_refs,
-        cleaning(bc) as b_refs,
-    ):
+    async with two_users(per_user, lonely, busy) as ((lc, l_refs), (bc, b_refs)):
         # A user with no container: no lease, and no range left in its name.
         name = unique("broken")
         l_refs.append(name)

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from rexecd.config import Config
 from rexecd.errors import NotFound, RuntimeUnavailable
 from rexecd.service.store import MIGRATIONS, Store
-from tests.unit.fakes.store import rec, store
+from tests.unit.fakes.store import database_at, rec, store
 
 __all__ = ["store"]  # fixture
 
@@ -157,13 +157,7 @@ def test_per_user_leases_are_atomic_across_threads(store: Store) -> None:
 
 def test_leases_of_a_version_4_database_become_per_container_ranges(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    state.mkdir(mode=0o700)
-    db = sqlite3.connect(state / "state.db")
-    db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
-    db.execute("INSERT INTO schema_version VALUES (4)")
-    for statements in MIGRATIONS[:4]:
-        for sql in statements:
-            db.execute(sql)
+    db = database_at(state, 4)
     t = "2026-01-01T00:00:00.000000Z"
     db.execute("INSERT INTO users VALUES ('u', 'alice', 'free', ?)", (t,))
     for db_id, slot in (("c0", 0), ("c2", 2)):
