@@ -139,7 +139,12 @@ def fork_holder(report: socket.socket | None = None) -> Holder:
     ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
     hold_r, hold_w = os.pipe2(os.O_CLOEXEC)
     parent = os.getpid()
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError:
+        for fd in (ready_r, ready_w, hold_r, hold_w):
+            os.close(fd)
+        raise
     if pid == 0:  # the holder: no Python of it survives, it only _exits
         code = 1
         try:
