@@ -256,11 +256,15 @@ class UsernsConfig(_Section):
     # overlay layers (probed at start-up; the log says which and why), else as off.
     # on: the same, and start-up fails where it cannot. off: container root is host root.
     enabled: Literal["auto", "on", "off"] = "auto"
-    # Host ids base + k*size .. base + (k+1)*size - 1 are the k-th container's, leased
-    # in the state database until the container is deleted.
+    # Host ids base + k*size .. base + (k+1)*size - 1 are the k-th range, leased in the
+    # state database. container: a range per container, held until it is deleted.
+    # user: one range shared by all containers of a user (a volume moved between them
+    # keeps its owners), held while the user has any container. Never two users' either
+    # way; a change applies to containers that get a range afterwards.
+    mode: Literal["container", "user"] = "container"
     base: int = Field(default=1_000_000, ge=65536)
     size: int = Field(default=65536, ge=1024, le=1 << 24)
-    # How many ranges (containers) there may be at once.
+    # How many ranges (containers, or users with containers) there may be at once.
     count: PositiveInt = 4096
 
     @model_validator(mode="after")

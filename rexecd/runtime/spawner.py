@@ -10,6 +10,7 @@ running containers alive for a new daemon to re-adopt.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -20,6 +21,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,9 +30,12 @@ from importlib import resources
 from rexecd import _native as n
 from rexecd.errors import ChildSetupError, RuntimeUnavailable
 from rexecd.runtime import capabilities, sync, userns
-from rexecd.runtime.spec import ContainerSpec, ExecSpec
+from rexecd.runtime.spec import ContainerSpec, ExecSpec, UsernsSpec
 
 log = logging.getLogger(__name__)
+
+# The pause in requests after which the spawner makes its spare user namespace holder.
+SPARE_IDLE_S = 0.02
 
 # ---------------------------------------------------------------- server side
 
@@ -52,14 +57,21 @@ def load_init_memfd() -> int:
 
 
 class _Server:
-    def __init__(self, ctrl: socket.socket) -> None:
+    def __init__(self, ctrl: socket.socket, spare: bool = True) -> None:
         self.ctrl = ctrl
         self.init_fd = load_init_memfd()
         capabilities.last_cap()  # cached for every child
         self.own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         self.pid = os.getpid()
-        # User namespace holders (see userns.make_namespaces) not reaped yet.
+        # User namespace holders (see userns.fork_holder) not reaped yet.
         self.holders: set[int] = set()
+        # A holder made ahead of the next start in a user namespace (``spare``: once a
+        # start has asked for one), so that a start does not wait for its fork and
+        # unshare. Made after a request is answered.
+        self.spare_wanted = spare
+        self.spare: userns.Holder | None = None
+        self.userns_seen = False
+        self.last_request = 0.0
         self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
@@ -68,10 +80,13 @@ class _Server:
 
     def serve(self) -> None:
         while True:
+            timeout = self.spare_wait()
             try:
-                ready, _, _ = select.select([self.ctrl.fileno(), self.wake_r], [], [])
+                ready, _, _ = select.select([self.ctrl.fileno(), self.wake_r], [], [], timeout)
             except InterruptedError:
                 continue
+            if not ready:
+                self.make_spare()
             if self.wake_r in ready:
                 try:
                     while os.read(self.wake_r, 512):
@@ -82,12 +97,50 @@ class _Server:
             if self.ctrl.fileno() in ready:
                 msg, fds = sync.recv(self.ctrl)
                 if msg is None:
+                    self.drop_holders()
                     return  # the daemon went away: leave containers running
                 if isinstance(msg, sync.Request):
                     self.handle(msg, fds)
+                    self.last_request = time.monotonic()
                 else:
                     for fd in fds:
                         os.close(fd)
+
+    def spare_wait(self) -> float | None:
+        """How long to wait before making the spare holder; None: no spare due. It is
+        made once requests have paused for SPARE_IDLE_S: its fork and unshare would
+        otherwise compete for the CPU with the start that used the last one."""
+        if self.spare is not None or not (self.spare_wanted and self.userns_seen):
+            return None
+        return max(0.0, self.last_request + SPARE_IDLE_S - time.monotonic())
+
+    def make_spare(self) -> None:
+        if self.spare_wait() is None:
+            return
+        try:
+            self.spare = self.holder()
+        except OSError as exc:
+            log.warning("spare user namespace holder: %s", exc)
+            self.spare_wanted = False  # the same would fail at every pause
+
+    def holder(self) -> userns.Holder:
+        h = userns.fork_holder(report=self.ctrl)
+        self.holders.add(h.pid)
+        return h
+
+    def drop_holders(self) -> None:
+        """End every holder and reap it: none is left to the daemon. Killed, not only
+        released: a child still before its exec holds a copy of the spare's release
+        pipe. Their pids are valid: unreaped children of ours."""
+        if self.spare is not None:
+            self.spare.discard()
+            self.spare = None
+        for pid in self.holders:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+        self.holders.clear()
 
     def reap(self) -> None:
         while True:
@@ -98,7 +151,14 @@ class _Server:
             if pid == 0:
                 return
             if pid in self.holders:
-                self.holders.discard(pid)  # a user namespace holder: nobody's business
+                self.holders.discard(pid)
+                if self.spare is not None and self.spare.pid == pid:
+                    # Died unused (killed): its pid is free for anyone now, never to be
+                    # written a map through.
+                    self.spare.discard()
+                    self.spare = None
+                # The daemon holds its pidfd (in case we die before reaping it).
+                sync.send(self.ctrl, sync.Holder(pid=pid, reaped=True))
                 continue
             sync.send(self.ctrl, sync.Exited(pid=pid, status=sync.exit_status(status)))
 
@@ -119,6 +179,18 @@ class _Server:
             for fd in stdio:
                 os.close(fd)
 
+    def userns_fds(self, rng: UsernsSpec) -> userns.UsernsFds:
+        """The namespaces of a new container mapped to ``rng``: the spare's if there is
+        one (a spare that died, killed by someone, is replaced by a fresh holder)."""
+        self.userns_seen = True
+        spare, self.spare = self.spare, None
+        if spare is not None:
+            try:
+                return spare.namespaces(rng)
+            except OSError as exc:
+                log.warning("spare user namespace holder %d unusable: %s", spare.pid, exc)
+        return self.holder().namespaces(rng)
+
     def fork_child(self, req: sync.Request, sock: socket.socket, stdio: list[int]) -> int:
         """Fork one child straight into its final pid namespace.
 
@@ -136,8 +208,7 @@ class _Server:
             body = ContainerSpec.from_dict(req.body)
             if body.userns is not None:
                 # Before the pid namespace: the holder must not become its init.
-                nsfds, holder = userns.make_namespaces(body.userns, reap=False)
-                self.holders.add(holder)
+                nsfds = self.userns_fds(body.userns)
             try:
                 n.unshare(n.CLONE_NEWPID)
             except OSError:
@@ -187,7 +258,7 @@ def main(argv: list[str]) -> None:
     if os.getppid() == 1:
         return  # parent already gone
     try:
-        _Server(ctrl).serve()
+        _Server(ctrl, spare="--no-spare" not in argv[2:]).serve()
     except (BrokenPipeError, ConnectionResetError):
         # The daemon went away while we reported an exit: nothing to tell anyone, and
         # the containers we leave are re-adopted by the next daemon.
@@ -197,6 +268,8 @@ def main(argv: list[str]) -> None:
 # ---------------------------------------------------------------- client side
 
 MAX_UNCOLLECTED_EXITS = 4096
+# A holder dies with the spawner (SIGKILL): this only bounds a wait on a wedged kernel.
+HOLDER_EXIT_S = 5.0
 
 
 @dataclass
@@ -264,11 +337,14 @@ class Child:
 class Spawner:
     """Client of the spawner process; thread-safe. Exit statuses arrive as events."""
 
-    def __init__(self) -> None:
+    def __init__(self, spare_userns: bool = True) -> None:
+        """``spare_userns`` False: no user namespace holder made ahead (to measure
+        what a start costs without one)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._sock = ours
+        flags = [] if spare_userns else ["--no-spare"]
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "rexecd.runtime.spawner", str(theirs.fileno())],
+            [sys.executable, "-m", "rexecd.runtime.spawner", str(theirs.fileno()), *flags],
             pass_fds=[theirs.fileno()],
             close_fds=True,
             # Its stdout/stderr are the daemon's log, for its own errors; a child never
@@ -287,6 +363,9 @@ class Spawner:
         # the one to say how they ended.
         self._children: set[int] = set()
         self._listeners: list[Callable[[int, int], None]] = []
+        # Pidfds of the spawner's user namespace holders not reaped yet: re-parented to
+        # the daemon if the spawner dies, they are reaped here then.
+        self._holders: dict[int, int] = {}
         self._closed = False
         self._reader = threading.Thread(target=self._read_loop, name="spawner-reader", daemon=True)
         self._reader.start()
@@ -317,6 +396,9 @@ class Spawner:
                 msg, fds = sync.recv(self._sock)
             except OSError:
                 msg, fds = None, []
+            if isinstance(msg, sync.Holder):
+                self._track_holder(msg, fds)
+                continue
             for fd in fds:
                 os.close(fd)
             if msg is None:
@@ -341,6 +423,16 @@ class Spawner:
                 for fn in listeners:
                     fn(msg.pid, msg.status)
 
+    def _track_holder(self, msg: sync.Holder, fds: list[int]) -> None:
+        keep = fds[0] if fds and not msg.reaped else -1
+        for fd in fds:
+            if fd != keep:
+                os.close(fd)
+        if keep >= 0:
+            self._holders[msg.pid] = keep
+        elif msg.reaped and (gone := self._holders.pop(msg.pid, -1)) >= 0:
+            os.close(gone)
+
     def _collect_process(self) -> None:
         """Reap the spawner process once its socket closed. Only then are the children it
         left re-parented to the daemon (a subreaper), so whoever wakes on ``alive``
@@ -349,6 +441,25 @@ class Spawner:
             self._proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             log.warning("spawner process %d closed its socket but did not exit", self.pid)
+        self._reap_holders()
+
+    def _reap_holders(self) -> None:
+        """The holders the spawner left: they die with it (PDEATHSIG), as children of the
+        daemon now; a holder the spawner reaped already is not ours (ECHILD)."""
+        holders, self._holders = self._holders, {}
+        for pid, fd in holders.items():
+            try:
+                ready, _, _ = select.select([fd], [], [], HOLDER_EXIT_S)
+                if not ready:
+                    log.warning("user namespace holder %d outlived the spawner", pid)
+                    signal.pidfd_send_signal(fd, signal.SIGKILL)
+                    select.select([fd], [], [], HOLDER_EXIT_S)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitid(os.P_PIDFD, fd, os.WEXITED | os.WNOHANG)
+            except OSError as exc:
+                log.warning("user namespace holder %d: %s", pid, exc)
+            finally:
+                os.close(fd)
 
     def _request(self, op: str, body: dict[str, object], stdio: list[int] | None) -> Child:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)

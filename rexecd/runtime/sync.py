@@ -78,7 +78,19 @@ class Exited:
     type: str = "exited"
 
 
-Message = Ready | Go | ChildError | PtyMaster | Request | Reply | Exited
+@dataclass(frozen=True)
+class Holder:
+    """A user namespace holder of the spawner (see userns.fork_holder) is alive, its
+    pidfd attached: sent by the holder itself before it does anything else, so the
+    daemon knows every holder that may outlive the spawner and reaps it then. With
+    ``reaped`` (from the spawner): it is gone, the pidfd may be closed."""
+
+    pid: int
+    reaped: bool = False
+    type: str = "holder"
+
+
+Message = Ready | Go | ChildError | PtyMaster | Request | Reply | Exited | Holder
 
 _TYPES: dict[str, type[Any]] = {
     "ready": Ready,
@@ -88,6 +100,7 @@ _TYPES: dict[str, type[Any]] = {
     "request": Request,
     "reply": Reply,
     "exited": Exited,
+    "holder": Holder,
 }
 
 

@@ -4,8 +4,13 @@ The spawner (real root, single-threaded) makes each container's user namespace w
 short-lived *holder*: a fork that unshares a user namespace together with the network,
 UTS and IPC namespaces it then owns, and blocks. From outside, the spawner writes
 ``uid_map``/``gid_map`` (``0 BASE SIZE``), opens the four namespace files and lets the
-holder go. The container child joins net/uts/ipc as host root, unshares its mount and
-cgroup namespaces (owned by the initial user namespace: the container can never mount
+holder go. The spawner keeps one holder made ahead (a spare, made when requests pause),
+so that a start does not wait for the fork and unshare; a holder dies with the spawner
+(PDEATHSIG), and tells the daemon its pidfd first, so that the daemon, a child
+subreaper that inherits it then, reaps it.
+
+The container child joins net/uts/ipc as host root, unshares its mount and cgroup
+namespaces (owned by the initial user namespace: the container can never mount
 or unmount anything there), builds its root with the image layers idmapped through
 the new user namespace, and joins the user namespace last, just before it drops
 privileges and execs. Capabilities then apply to what that user namespace owns: its
@@ -22,6 +27,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import signal
+import socket
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -29,10 +36,15 @@ from pathlib import Path
 
 from rexecd import _native as n
 from rexecd.errors import InvalidRequest
+from rexecd.runtime import sync
 from rexecd.runtime.spec import UsernsSpec
 
 # Namespaces the holder creates and the container joins: owned by the new user namespace.
 OWNED_NS = n.CLONE_NEWNET | n.CLONE_NEWUTS | n.CLONE_NEWIPC
+# Past any descriptor a holder may have inherited (closerange stops at the table's end).
+MAX_FD = 1 << 20
+# A holder's name in ps and /proc/PID/comm.
+HOLDER_NAME = "rexecd-userns"
 
 
 @dataclass(frozen=True)
@@ -75,49 +87,99 @@ def _write_map(pid: int, name: str, rng: UsernsSpec) -> None:
         os.close(fd)
 
 
-def make_namespaces(rng: UsernsSpec, reap: bool = True) -> tuple[UsernsFds, int]:
-    """A user namespace mapping 0..size-1 to ``rng``, with net/uts/ipc namespaces it owns,
-    and the pid of the holder that made them, which exits at once by itself.
+class Holder:
+    """A forked process that has unshared a new user namespace with the namespaces it
+    owns (``OWNED_NS``) and waits, unmapped, until ``namespaces`` maps it to a range and
+    opens its namespaces; then it exits by itself. Made ahead of need (the spawner's
+    spare) or at a start."""
 
-    Forks: call only from a single-threaded process (the spawner, the probe). With
-    ``reap`` False the caller reaps the holder later (the spawner's SIGCHLD loop), so
-    a container start does not wait for its exit.
-    """
-    r, w = os.pipe2(os.O_CLOEXEC)
+    def __init__(self, pid: int, ready: int, release: int) -> None:
+        self.pid = pid
+        self._ready = ready  # reads "u" once the holder has unshared
+        self._release = release  # closing it (EOF) lets the holder exit
+
+    def namespaces(self, rng: UsernsSpec) -> UsernsFds:
+        """Map the holder's user namespace to ``rng`` and open its four namespaces.
+        Once only: the holder is released whatever happens."""
+        try:
+            if os.read(self._ready, 1) != b"u":
+                raise OSError(errno.ECHILD, "user namespace holder failed to unshare")
+            _write_map(self.pid, "uid_map", rng)
+            _write_map(self.pid, "gid_map", rng)
+            fds: list[int] = []
+            try:
+                for ns in ("user", "net", "uts", "ipc"):
+                    fds.append(os.open(f"/proc/{self.pid}/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC))
+            except BaseException:
+                for fd in fds:
+                    os.close(fd)
+                raise
+            return UsernsFds(*fds)
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        """Let the holder exit (its namespaces go with it unless opened)."""
+        for fd in (self._ready, self._release):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._ready = self._release = -1
+
+
+def fork_holder(report: socket.socket | None = None) -> Holder:
+    """Fork a ``Holder``. Forks: call only from a single-threaded process.
+
+    The holder dies with its parent (PDEATHSIG, and EOF on the release pipe) and keeps
+    none of the parent's descriptors. With ``report`` (the spawner's socket to the
+    daemon) the holder first sends ``sync.Holder`` with a pidfd of itself, before its
+    parent can know its pid: should the parent die, the holder is re-parented to the
+    daemon (a child subreaper), which then has the pidfd to reap it with."""
+    import prctl
+
+    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
     hold_r, hold_w = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
+    parent = os.getpid()
+    try:
+        pid = os.fork()
+    except OSError:
+        for fd in (ready_r, ready_w, hold_r, hold_w):
+            os.close(fd)
+        raise
     if pid == 0:  # the holder: no Python of it survives, it only _exits
         code = 1
         try:
-            os.close(r)
+            os.close(ready_r)
             os.close(hold_w)
-            n.unshare(n.CLONE_NEWUSER | OWNED_NS)
-            os.write(w, b"u")
-            os.read(hold_r, 1)  # EOF once the spawner holds the namespace fds
-            code = 0
+            if report is not None:
+                me = os.pidfd_open(os.getpid())
+                sync.send(report, sync.Holder(pid=os.getpid()), [me])
+                os.close(me)
+            prctl.set_pdeathsig(signal.SIGKILL)
+            prctl.set_name(HOLDER_NAME)
+            if os.getppid() == parent:
+                low, high = sorted((ready_w, hold_r))
+                os.closerange(3, low)
+                os.closerange(low + 1, high)
+                os.closerange(high + 1, MAX_FD)
+                n.unshare(n.CLONE_NEWUSER | OWNED_NS)
+                os.write(ready_w, b"u")
+                os.read(hold_r, 1)  # EOF once the parent holds the namespace fds
+                code = 0
         finally:
             os._exit(code)
-    os.close(w)
+    os.close(ready_w)
     os.close(hold_r)
+    return Holder(pid, ready_r, hold_w)
+
+
+def make_namespaces(rng: UsernsSpec) -> UsernsFds:
+    """A user namespace mapping 0..size-1 to ``rng``, with net/uts/ipc namespaces it
+    owns, through a holder waited for here. Forks: single-threaded callers only."""
+    holder = fork_holder()
     try:
-        if os.read(r, 1) != b"u":
-            raise OSError(errno.ECHILD, "user namespace holder failed to unshare")
-        _write_map(pid, "uid_map", rng)
-        _write_map(pid, "gid_map", rng)
-        fds: list[int] = []
-        try:
-            for ns in ("user", "net", "uts", "ipc"):
-                fds.append(os.open(f"/proc/{pid}/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC))
-        except BaseException:
-            for fd in fds:
-                os.close(fd)
-            raise
-        return UsernsFds(*fds), pid
+        return holder.namespaces(rng)
     finally:
-        os.close(r)
-        os.close(hold_w)
-        if reap:
-            os.waitpid(pid, 0)
+        os.waitpid(holder.pid, 0)
 
 
 def join(userns_fd: int) -> None:
@@ -226,7 +288,7 @@ def probe(where: Path) -> str | None:
         (t / "lower" / "f").write_bytes(b"")
         step = "unshare(CLONE_NEWUSER)"
         try:
-            fds, _ = make_namespaces(UsernsSpec(base=0x7FFF0000, size=1))
+            fds = make_namespaces(UsernsSpec(base=0x7FFF0000, size=1))
         except OSError as exc:
             return f"{step}: {exc}"
         try:

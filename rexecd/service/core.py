@@ -498,7 +498,12 @@ class ManagerCore:
         /home/user; ``network`` and ``hostname`` override the record's."""
         hostname = hostname or rec.name
         if (ranges := self.runtime.userns) is not None:
-            slot = await asyncio.to_thread(self.store.allocate_userns, rec.db_id, ranges.count)
+            slot = await asyncio.to_thread(
+                self.store.allocate_userns,
+                rec.db_id,
+                ranges.count,
+                per_user=self.cfg.userns.mode == "user",
+            )
             st.rng = ranges.range(slot)
         dirs, mounts = await asyncio.to_thread(self._prepare, rec, view, st.rng)
         st.dirs = dirs

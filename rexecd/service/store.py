@@ -144,6 +144,48 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             leased_at TEXT NOT NULL
         )""",
     ),
+    (
+        # userns.mode user: one range shared by all containers of a user. A range now
+        # has rows of its own (its owner, whether it is shared) and userns_leases says
+        # which range each container holds. A range belongs to one user in both modes.
+        """CREATE TABLE userns_ranges (
+            slot INTEGER PRIMARY KEY CHECK (slot >= 0),
+            user_id TEXT NOT NULL,
+            per_user INTEGER NOT NULL CHECK (per_user IN (0, 1)),
+            leased_at TEXT NOT NULL
+        )""",
+        "CREATE UNIQUE INDEX userns_ranges_per_user ON userns_ranges(user_id) WHERE per_user = 1",
+        """INSERT INTO userns_ranges (slot, user_id, per_user, leased_at)
+           SELECT l.slot, c.user_id, 0, l.leased_at
+           FROM userns_leases l JOIN containers c ON c.db_id = l.container_db_id""",
+        """CREATE TABLE userns_leases_v5 (
+            container_db_id TEXT PRIMARY KEY
+                REFERENCES containers(db_id) ON DELETE CASCADE,
+            slot INTEGER NOT NULL REFERENCES userns_ranges(slot),
+            leased_at TEXT NOT NULL
+        )""",
+        """INSERT INTO userns_leases_v5 (container_db_id, slot, leased_at)
+           SELECT container_db_id, slot, leased_at FROM userns_leases""",
+        "DROP TABLE userns_leases",
+        "ALTER TABLE userns_leases_v5 RENAME TO userns_leases",
+        "CREATE INDEX userns_leases_slot ON userns_leases(slot)",
+        # The store's code keeps both rules; the database refuses a lease that breaks one
+        # all the same: ids of one user are never another's, and a per-container range
+        # is one container's.
+        """CREATE TRIGGER userns_leases_one_owner BEFORE INSERT ON userns_leases
+           WHEN (SELECT user_id FROM userns_ranges WHERE slot = NEW.slot)
+                IS NOT (SELECT user_id FROM containers WHERE db_id = NEW.container_db_id)
+             OR ((SELECT per_user FROM userns_ranges WHERE slot = NEW.slot) = 0
+                 AND EXISTS (SELECT 1 FROM userns_leases WHERE slot = NEW.slot))
+           BEGIN SELECT RAISE(ABORT, 'user namespace range held by another owner'); END""",
+        # A range goes with its last lease, however that goes (a release, or the
+        # cascade of a container's delete).
+        """CREATE TRIGGER userns_leases_last_out AFTER DELETE ON userns_leases
+           BEGIN
+             DELETE FROM userns_ranges WHERE slot = OLD.slot
+               AND NOT EXISTS (SELECT 1 FROM userns_leases WHERE slot = OLD.slot);
+           END""",
+    ),
 )
 # Every this many appends, append_event trims the log to its row cap in the same
 # transaction, so the log is bounded between housekeeping passes too.
@@ -730,33 +772,63 @@ class Store:
 
     # -- user namespace id ranges ---------------------------------------------------
 
-    def allocate_userns(self, container_db_id: str, count: int) -> int:
-        """The lowest free id-range slot below ``count`` for the container, leased
-        atomically; a container that holds one gets the same slot back."""
+    def allocate_userns(self, container_db_id: str, count: int, *, per_user: bool = False) -> int:
+        """The id-range slot of the container, leased atomically.
+
+        A container that holds a range keeps it, whatever the mode was when it got it
+        (its files on the host are owned by it). Else, with ``per_user``
+        (``userns.mode: user``), it joins the range its owner's other containers share,
+        one made the first time; else it gets a range of its own. A new range is the
+        lowest free slot below ``count``; a range is only ever one user's."""
         with self._write() as db:
             row = db.execute(
                 "SELECT slot FROM userns_leases WHERE container_db_id = ?", (container_db_id,)
             ).fetchone()
             if row is not None:
                 return int(row["slot"])
-            # The first gap: slot 0 if free, else one past a slot whose successor is free.
-            row = db.execute(
-                """SELECT 0 AS slot WHERE NOT EXISTS (SELECT 1 FROM userns_leases WHERE slot = 0)
-                   UNION ALL
-                   SELECT a.slot + 1 FROM userns_leases a WHERE NOT EXISTS
-                     (SELECT 1 FROM userns_leases b WHERE b.slot = a.slot + 1)
-                   ORDER BY slot LIMIT 1"""
+            owner = db.execute(
+                "SELECT user_id FROM containers WHERE db_id = ?", (container_db_id,)
             ).fetchone()
-            slot = int(row["slot"])
-            if slot >= count:
-                raise RuntimeUnavailable(
-                    f"no free user namespace id range left (userns.count is {count})"
+            if owner is None:
+                raise NotFound(f"container {container_db_id} no longer exists")
+            row = None
+            if per_user:
+                row = db.execute(
+                    "SELECT slot FROM userns_ranges WHERE user_id = ? AND per_user = 1",
+                    (owner["user_id"],),
+                ).fetchone()
+            now = _ts(utcnow())
+            if row is not None:
+                slot = int(row["slot"])
+            else:
+                slot = self._free_userns_slot(db, count)
+                db.execute(
+                    "INSERT INTO userns_ranges (slot, user_id, per_user, leased_at)"
+                    " VALUES (?, ?, ?, ?)",
+                    (slot, owner["user_id"], int(per_user), now),
                 )
             db.execute(
-                "INSERT INTO userns_leases (slot, container_db_id, leased_at) VALUES (?, ?, ?)",
-                (slot, container_db_id, _ts(utcnow())),
+                "INSERT INTO userns_leases (container_db_id, slot, leased_at) VALUES (?, ?, ?)",
+                (container_db_id, slot, now),
             )
             return slot
+
+    @staticmethod
+    def _free_userns_slot(db: sqlite3.Connection, count: int) -> int:
+        # The first gap: slot 0 if free, else one past a slot whose successor is free.
+        row = db.execute(
+            """SELECT 0 AS slot WHERE NOT EXISTS (SELECT 1 FROM userns_ranges WHERE slot = 0)
+               UNION ALL
+               SELECT a.slot + 1 FROM userns_ranges a WHERE NOT EXISTS
+                 (SELECT 1 FROM userns_ranges b WHERE b.slot = a.slot + 1)
+               ORDER BY slot LIMIT 1"""
+        ).fetchone()
+        slot = int(row["slot"])
+        if slot >= count:
+            raise RuntimeUnavailable(
+                f"no free user namespace id range left (userns.count is {count})"
+            )
+        return slot
 
     def userns_slot(self, container_db_id: str) -> int | None:
         rows = self._read(
@@ -765,6 +837,8 @@ class Store:
         return int(rows[0]["slot"]) if rows else None
 
     def release_userns(self, container_db_id: str) -> bool:
+        """Drop the container's lease; its range goes too unless other containers (of
+        the same user, ``per_user``) still hold it. False when it held none."""
         with self._write() as db:
             cur = db.execute(
                 "DELETE FROM userns_leases WHERE container_db_id = ?", (container_db_id,)
@@ -775,6 +849,11 @@ class Store:
         """Slot by container db id."""
         rows = self._read("SELECT slot, container_db_id FROM userns_leases")
         return {r["container_db_id"]: int(r["slot"]) for r in rows}
+
+    def list_userns_ranges(self) -> dict[int, tuple[str, bool]]:
+        """The leased ranges: (owner's user id, shared by the user's containers) by slot."""
+        rows = self._read("SELECT slot, user_id, per_user FROM userns_ranges")
+        return {int(r["slot"]): (r["user_id"], bool(r["per_user"])) for r in rows}
 
     def list_leases(self) -> list[IpLease]:
         rows = self._read("SELECT * FROM ip_leases")

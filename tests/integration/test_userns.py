@@ -5,26 +5,35 @@ database across restarts, and a failed create that leaves no lease."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-from collections.abc import Iterator
+import signal
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 
 from rexecd.runtime.cgroups import open_driver
 from rexecd.runtime.container import Runtime
 from rexecd.runtime.spawner import Spawner
-from rexecd.runtime.userns import IdRanges
+from rexecd.runtime.userns import HOLDER_NAME, IdRanges
 from tests.integration.daemon import Daemon
 from tests.integration.daemon_fixtures import (
     ApiClient,
+    children,
     cleaning,
     db_rows,
+    kill_spawner,
+    poll,
+    proc_stat,
     running_daemon,
+    spawner_pid,
     unique,
     write_proc_symlink_image,
+    zombies_of,
 )
 from tests.integration.probe import exec_out, image, parse, probe_bin, probe_lower, running
 from tests.integration.runtime_helpers import RangedRuntime, run
@@ -50,12 +59,13 @@ def uid_map(text: str) -> tuple[int, int, int]:
     return inside, outside, count
 
 
-def upper_file(d: Daemon, name: str) -> Path:
-    """The one file called ``name`` in any upper dir or volume of this daemon (host side)."""
+def upper_file(d: Daemon, name: str, under: str = "/upper") -> Path:
+    """The one file called ``name`` in any upper dir (or ``under`` another dir, /home)
+    of this daemon (host side)."""
     found: list[Path] = []
     for root in (d.state, d.run):
         for dirpath, _dirs, files in os.walk(root):
-            if name in files and "/upper" in dirpath:
+            if name in files and under in dirpath:
                 found.append(Path(dirpath) / name)
     assert len(found) == 1, found
     return found[0]
@@ -171,16 +181,21 @@ async def test_two_containers_get_disjoint_ranges_and_keep_them_across_a_restart
         assert userns_leases(daemon)[new["db_id"]] != held
 
 
-async def test_a_failed_create_leaves_no_lease(
-    daemon: Daemon, tmp_path_factory: pytest.TempPathFactory
-) -> None:
+async def import_broken_image(d: Daemon, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """``brokenproc``: an image whose start fails (a /proc symlink), after the lease."""
     image = write_proc_symlink_image(tmp_path_factory.mktemp("img") / "broken.tar")
-    admin = daemon.token(unique("adm"), scopes="read,write,admin")
-    async with ApiClient(daemon, admin) as c:
+    admin = d.token(unique("adm"), scopes="read,write,admin")
+    async with ApiClient(d, admin) as c:
         r = await c.post(
             "/api/images/import", params={"name": "brokenproc:latest"}, data=image.read_bytes()
         )
         r.expect(201)
+
+
+async def test_a_failed_create_leaves_no_lease(
+    daemon: Daemon, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    await import_broken_image(daemon, tmp_path_factory)
     async with ApiClient(daemon, daemon.token(unique("f"))) as c, cleaning(c) as refs:
         name = unique("broken")
         refs.append(name)
@@ -217,6 +232,209 @@ async def test_a_kept_home_moves_into_the_new_range(daemon: Daemon) -> None:
         owners = await c.sh(name, "stat -c %u:%g /home/user /home/user/r /home/user/u")
         assert owners.split() == ["0:0", "0:0", "1000:1000"], owners
         assert (await c.sh(name, "cat /home/user/r /home/user/u")).split() == ["r", "u"]
+
+
+def holders_under(ppid: int) -> list[int]:
+    """Live (not zombie) user namespace holders whose parent is ``ppid``."""
+    return [p for p, comm, state in children(ppid) if comm == HOLDER_NAME and state != "Z"]
+
+
+async def test_a_killed_spawner_leaves_no_zombie_and_no_stray_spare_holder(
+    daemon: Daemon,
+) -> None:
+    """The spawner makes a user namespace holder ahead of the next start. SIGKILLed, it
+    leaves that spare to the daemon (a child subreaper): the spare dies with it
+    (PDEATHSIG) and the daemon reaps it (the holder sent it its pidfd first)."""
+    assert daemon.proc is not None
+    dpid = daemon.proc.pid
+    async with ApiClient(daemon, daemon.token(unique("u"))) as c, cleaning(c) as refs:
+        first, second, third = unique("first"), unique("second"), unique("third")
+        refs += [first, second, third]
+        await c.create_running(first)
+        sp = spawner_pid(daemon)
+        (spare,) = poll(lambda: holders_under(sp), what="the spawner's spare holder")
+        # A spare killed by someone else is reaped by the spawner, never used: the next
+        # start makes a fresh holder, and a new spare follows.
+        os.kill(spare, signal.SIGKILL)
+        poll(lambda: proc_stat(spare) is None, what=f"killed spare {spare} reaped")
+        await c.create_running(second)
+        assert (await c.sh(second, "id -u")).strip() == "0"
+        (spare,) = poll(lambda: holders_under(sp), what="a new spare holder")
+        kill_spawner(daemon)
+        poll(
+            lambda: proc_stat(spare) is None and not zombies_of(dpid),
+            what=f"spare holder {spare} reaped, no zombie of the daemon",
+        )
+        # The next start works, through a new spawner (which makes a spare of its own).
+        await c.create_running(third)
+        inside, outside, _ = uid_map(await c.sh(third, "cat /proc/self/uid_map"))
+        assert inside == 0 and outside >= BASE
+        assert not zombies_of(dpid), zombies_of(dpid)
+        assert proc_stat(spare) is None
+
+
+# ------------------------------------------------------------------ userns.mode: user
+
+# Another daemon's ranges: disjoint from the first's, so that both may run at once.
+USER_BASE = BASE + 64 * SIZE
+
+
+def mode_overrides(mode: str) -> dict[str, Any]:
+    return {"userns": {"enabled": "on", "mode": mode, "base": USER_BASE, "size": SIZE, "count": 64}}
+
+
+@pytest.fixture(scope="module")
+def per_user(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    with running_daemon(tmp_path_factory, mode_overrides("user")) as d:
+        yield d
+
+
+def userns_ranges(d: Daemon) -> dict[int, tuple[str, int]]:
+    """(owner's user id, shared) by leased slot."""
+    rows = db_rows(d, "SELECT slot, user_id, per_user FROM userns_ranges")
+    return {slot: (user, shared) for slot, user, shared in rows}
+
+
+def owner_id(d: Daemon, user: str) -> str:
+    ((uid,),) = db_rows(d, "SELECT id FROM users WHERE name = ?", user)
+    return str(uid)
+
+
+@contextlib.asynccontextmanager
+async def two_users(
+    d: Daemon, first: str, second: str
+) -> AsyncIterator[tuple[tuple[ApiClient, list[str]], tuple[ApiClient, list[str]]]]:
+    """A client of each user, with its list of containers deleted at the end."""
+    async with (
+        ApiClient(d, d.token(first)) as a,
+        ApiClient(d, d.token(second)) as b,
+        cleaning(a) as a_refs,
+        cleaning(b) as b_refs,
+    ):
+        yield (a, a_refs), (b, b_refs)
+
+
+async def test_per_user_one_range_for_a_users_containers_none_shared_across_users(
+    per_user: Daemon,
+) -> None:
+    ua, ub = unique("ua"), unique("ub")
+    async with two_users(per_user, ua, ub) as ((a, a_refs), (b, b_refs)):
+        a1, a2, b1 = unique("a1"), unique("a2"), unique("b1")
+        a_refs += [a1, a2]
+        b_refs.append(b1)
+        boxes = {x: await c.create_running(x) for c, x in ((a, a1), (a, a2), (b, b1))}
+        maps = {
+            x: uid_map(await c.sh(x, "cat /proc/self/uid_map"))
+            for c, x in ((a, a1), (a, a2), (b, b1))
+        }
+        assert maps[a1] == maps[a2], maps
+        (_, oa, n), (_, ob, _) = maps[a1], maps[b1]
+        assert oa + n <= ob or ob + n <= oa, maps
+        leases = userns_leases(per_user)
+        slot = leases[boxes[a1]["db_id"]]
+        assert leases[boxes[a2]["db_id"]] == slot != leases[boxes[b1]["db_id"]]
+        ranges = userns_ranges(per_user)
+        assert ranges[slot] == (owner_id(per_user, ua), 1)
+        assert ranges[leases[boxes[b1]["db_id"]]] == (owner_id(per_user, ub), 1)
+
+        # a1's kept /home/user comes back under the same range: owners as they were,
+        # nothing moved.
+        kept = unique("kept")
+        await a.sh(a1, f"echo u > /home/user/{kept}; chown 1000:1000 /home/user/{kept}")
+        host_before = upper_file(per_user, kept, under="/home").stat()
+        await a.remove(a1, volumes=False)
+        # One of the user's two went: the range stays with the other.
+        assert boxes[a1]["db_id"] not in userns_leases(per_user)
+        assert userns_ranges(per_user).get(slot) == (owner_id(per_user, ua), 1)
+        assert userns_leases(per_user)[boxes[a2]["db_id"]] == slot
+        again = await a.create_running(a1)
+        assert userns_leases(per_user)[again["db_id"]] == slot
+        assert (await a.sh(a1, f"stat -c %u:%g /home/user/{kept}")).split() == ["1000:1000"]
+        host_after = upper_file(per_user, kept, under="/home").stat()
+        assert (host_after.st_uid, host_after.st_ctime_ns) == (
+            oa + 1000,
+            host_before.st_ctime_ns,
+        ), "the volume was shifted although its range did not change"
+
+        # The last of the user's containers goes: so does the range.
+        await a.remove(a1)
+        await a.remove(a2)
+        assert slot not in userns_ranges(per_user)
+        assert leases[boxes[b1]["db_id"]] in userns_ranges(per_user)
+
+
+async def test_per_user_a_failed_create_leaves_no_lease_and_no_range(
+    per_user: Daemon, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    await import_broken_image(per_user, tmp_path_factory)
+    lonely, busy = unique("lonely"), unique("busy")
+    async with two_users(per_user, lonely, busy) as ((lc, l_refs), (bc, b_refs)):
+        # A user with no container: no lease, and no range left in its name.
+        name = unique("broken")
+        l_refs.append(name)
+        created = (await lc.create(name, image="brokenproc")).expect(202).body
+        await lc.wait_status(name, "error")
+        assert created["db_id"] not in userns_leases(per_user)
+        assert owner_id(per_user, lonely) not in {u for u, _ in userns_ranges(per_user).values()}
+        # A user with a running container: the failed one's lease goes, the range stays.
+        ok, bad = unique("ok"), unique("bad")
+        b_refs += [ok, bad]
+        box = await bc.create_running(ok)
+        slot = userns_leases(per_user)[box["db_id"]]
+        failed = (await bc.create(bad, image="brokenproc")).expect(202).body
+        await bc.wait_status(bad, "error")
+        leases = userns_leases(per_user)
+        assert failed["db_id"] not in leases and leases[box["db_id"]] == slot
+        assert userns_ranges(per_user)[slot] == (owner_id(per_user, busy), 1)
+        assert (await bc.sh(ok, "cat /proc/self/uid_map")).split()[1] == str(
+            USER_BASE + slot * SIZE
+        )
+
+
+@pytest.fixture
+def per_container(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """A daemon of its own (its mode is changed): outside the test's event loop, as
+    its clean-up runs pyroute2's own."""
+    with running_daemon(tmp_path_factory, mode_overrides("container")) as d:
+        yield d
+
+
+async def test_a_change_of_mode_keeps_existing_containers_in_their_ranges(
+    per_container: Daemon,
+) -> None:
+    d = per_container
+    user = unique("sw")
+    tok = d.token(user)
+    async with ApiClient(d, tok) as c:
+        old = unique("old")
+        box = await c.create_running(old)
+        old_map = await c.sh(old, "cat /proc/self/uid_map")
+        await c.sh(old, "echo x > /home/user/x")
+        held = userns_leases(d)[box["db_id"]]
+    cfg = yaml.safe_load(d.config.read_text())
+    cfg["userns"]["mode"] = "user"
+    d.config.write_text(yaml.safe_dump(cfg))
+    d.restart()
+    async with ApiClient(d, tok) as c, cleaning(c) as refs:
+        refs.append(old)
+        # The re-adopted container: same range, still entered through it.
+        assert await c.sh(old, "cat /proc/self/uid_map") == old_map
+        assert userns_ranges(d)[held] == (owner_id(d, user), 0)
+        # New containers of the same user share a new range, not the old one's.
+        n1, n2 = unique("n1"), unique("n2")
+        refs += [n1, n2]
+        new = [await c.create_running(x) for x in (n1, n2)]
+        shared = {userns_leases(d)[x["db_id"]] for x in new}
+        assert len(shared) == 1 and held not in shared, (held, shared)
+        assert userns_ranges(d)[shared.pop()] == (owner_id(d, user), 1)
+        # A stop and start under the new mode keeps the old range and its files.
+        (await c.post(f"/api/containers/{old}/stop")).expect(200)
+        (await c.post(f"/api/containers/{old}/start")).expect(200)
+        await c.wait_status(old, "running")
+        assert await c.sh(old, "cat /proc/self/uid_map") == old_map
+        assert (await c.sh(old, "stat -c %u /home/user/x")).strip() == "0"
+        assert userns_leases(d)[box["db_id"]] == held
+    assert not userns_leases(d) and not userns_ranges(d)
 
 
 # ------------------------------------------------------------------ the runtime alone

@@ -122,18 +122,10 @@ def test_claim_volume_refuses_in_use_and_unknown_and_holds_the_name(store: Store
 
 
 def test_an_older_database_gains_the_new_columns(tmp_path: Path) -> None:
-    import sqlite3
-
-    from rexecd.service.store import MIGRATIONS
+    from tests.unit.fakes.store import database_at
 
     state = tmp_path / "state"
-    state.mkdir(mode=0o700)
-    db = sqlite3.connect(state / "state.db")
-    db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
-    db.execute("INSERT INTO schema_version VALUES (2)")
-    for statements in MIGRATIONS[:2]:
-        for sql in statements:
-            db.execute(sql)
+    db = database_at(state, 2)
     db.execute("INSERT INTO users VALUES ('u', 'alice', 'free', '2024-05-01T12:00:00.000000Z')")
     db.execute("INSERT INTO volumes VALUES ('u', 'a', '/v/a', 100, '2024-05-01T12:00:00.000000Z')")
     db.commit()
