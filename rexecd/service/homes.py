@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
 
+from rexecd.config import Config
 from rexecd.errors import Conflict, RexecError
 from rexecd.models import ContainerRecord
 from rexecd.runtime.container import ContainerDirs, Runtime
@@ -23,7 +25,6 @@ from rexecd.runtime.containerroot import disk_usage
 from rexecd.runtime.images.files import rmtree
 from rexecd.runtime.storage import Storage, Volume
 from rexecd.service.store import Store
-from rexecd.service.volumes import KeptVolumes
 
 log = logging.getLogger(__name__)
 MiB = 1024 * 1024
@@ -68,6 +69,29 @@ class Homes(Protocol):
         ...
 
     def reconcile(self, keep: set[tuple[str, str]]) -> list[str]: ...
+
+    def used_bytes(self, user_id: str, name: str) -> int | None:
+        """What the volume of (user, name) holds, where its storage can tell."""
+        ...
+
+    def destroy(self, user_id: str, name: str) -> None:
+        """Delete the data of the volume of (user, name); idempotent."""
+        ...
+
+    def stored(self) -> list[tuple[str, str]]:
+        """(user, name) of every volume on disk, recorded or not."""
+        ...
+
+    def describe(self, user_id: str, name: str) -> tuple[Path, int]:
+        """Where a stored volume is and its size limit in MB (RexecError if unreadable)."""
+        ...
+
+
+def homes_for(cfg: Config, store: Store, runtime: Runtime, storage: Storage | None) -> Homes:
+    """Quota'd volumes with a storage method, plain directories without one."""
+    if storage is not None:
+        return QuotaHomes(storage, store, runtime)
+    return PlainHomes(cfg, store, runtime)
 
 
 class QuotaHomes:
@@ -147,16 +171,36 @@ class QuotaHomes:
     def reconcile(self, keep: set[tuple[str, str]]) -> list[str]:
         return self.storage.reconcile(keep)
 
+    def used_bytes(self, user_id: str, name: str) -> int | None:
+        try:
+            return self.storage.space(self.storage.volume(user_id, name))[0]
+        except RexecError as exc:
+            log.warning("usage of volume %s/%s: %s", user_id, name, exc.message)
+            return None
+
+    def destroy(self, user_id: str, name: str) -> None:
+        self.storage.destroy(user_id, name)
+
+    def stored(self) -> list[tuple[str, str]]:
+        return self.storage.stored()
+
+    def describe(self, user_id: str, name: str) -> tuple[Path, int]:
+        vol = self.storage.volume(user_id, name)
+        return vol.image, self.storage.space(vol)[1] // MiB
+
 
 class PlainHomes:
     renames_restart = False
     can_shrink = True
 
-    def __init__(self, volumes: KeptVolumes, store: Store, runtime: Runtime) -> None:
-        self.volumes, self.store, self.runtime = volumes, store, runtime
+    def __init__(self, cfg: Config, store: Store, runtime: Runtime) -> None:
+        self.cfg, self.store, self.runtime = cfg, store, runtime
 
-    def _home(self, user_id: str, name: str) -> Path:
-        return self.volumes.plain_dir(user_id, name)
+    def plain_dir(self, user_id: str, name: str) -> Path:
+        """Where /home/user lives without a storage method."""
+        return self.cfg.state_dir / "volumes" / user_id / name
+
+    _home = plain_dir
 
     def prepare(
         self, rec: ContainerRecord, owner: tuple[int, int]
@@ -204,3 +248,15 @@ class PlainHomes:
 
     def reconcile(self, keep: set[tuple[str, str]]) -> list[str]:
         return []
+
+    def used_bytes(self, user_id: str, name: str) -> int | None:
+        return None  # no limit, so none is reported against
+
+    def destroy(self, user_id: str, name: str) -> None:
+        shutil.rmtree(self.plain_dir(user_id, name), ignore_errors=True)
+
+    def stored(self) -> list[tuple[str, str]]:
+        return []  # every plain directory is recorded when it is made
+
+    def describe(self, user_id: str, name: str) -> tuple[Path, int]:
+        return self.plain_dir(user_id, name), 0

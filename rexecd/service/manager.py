@@ -57,7 +57,7 @@ from rexecd.service.containerlogs import ContainerLogs
 from rexecd.service.events import EventBus
 from rexecd.service.execstream import StreamProcess
 from rexecd.service.exits import ProcessExits
-from rexecd.service.homes import Homes, PlainHomes, QuotaHomes
+from rexecd.service.homes import homes_for
 from rexecd.service.hostside import HostSide
 from rexecd.service.imageops import ImageOps
 from rexecd.service.initguard import InitGuard
@@ -103,12 +103,8 @@ class ContainerManager:
         # get a null object instead (``optional``, ``homes``).
         self.cfg, self.store, self.runtime = cfg, store, runtime
         net = network if network is not None else NoNetwork()
-        self.volumes = KeptVolumes(cfg, store, storage)
-        self.homes: Homes = (
-            QuotaHomes(storage, store, runtime)
-            if storage is not None
-            else PlainHomes(self.volumes, store, runtime)
-        )
+        self.homes = homes_for(cfg, store, runtime, storage)
+        self.volumes = KeptVolumes(cfg, store, self.homes)
         self.port_forwards = PortForwards(cfg, store, forwarder or NoForwarder())
         self.bg = Background()
         self.records = Records(store)
