@@ -142,9 +142,13 @@ class Lifecycle:
         ``home`` binds /home/user; ``network`` and ``hostname`` override the record's."""
         hostname = hostname or rec.name
         await self._lease_ids(rec, st)
+        # Pushed before their step, which may fail halfway (a volume mounted, the
+        # mount point made; a cgroup made, the spawn refused): both undos are safe
+        # to run on what was never made.
+        st.undo.push("volume", lambda: self.host.homes.release(rec), data=True)
+        st.undo.push("runtime", lambda: self.runtime.release(rec.id))
         dirs, mounts = await asyncio.to_thread(self.host.prepare, rec, view, st.rng)
         st.dirs = dirs
-        st.undo.push("volume", lambda: self.host.homes.release(rec), data=True)
         if self.cfg.network.enabled and (network or rec.network_mode) == "default":
             await self._address(rec, st, dirs, hostname)
         # The owner's tier: its seccomp profile stays the container's until it stops.
@@ -166,8 +170,6 @@ class Lifecycle:
             await report("starting", "starting the container", 60, container_id=rec.id)
         # After prepare: the volume the io throttle names is mounted by now.
         limits = await asyncio.to_thread(self.policy.limits, rec, rec.resources, tier)
-        # The cgroup is made by start: whatever of it and of the mount point exists goes.
-        st.undo.push("cgroup", lambda: self.runtime.release(rec.id))
         st.pid = await asyncio.to_thread(
             self.runtime.start, spec, limits, on_ready=self._attacher(rec, st), stdio=stdio
         )

@@ -16,16 +16,18 @@ from rexecd.service.store import Store
 from tests.unit.fakes.lifecycle import STEPS, world
 from tests.unit.fakes.store import RES
 
-# The runtime's release is pushed before its start is entered: a start that fails
-# halfway (cgroup made, spawn refused) leaves cgroup and mount point to release.
+# Undos of steps that can fail halfway are pushed before the step: the volume's
+# release (a mount made, the dirs not) and the runtime's (mount point and cgroup: a
+# start that made the cgroup and then failed to spawn). Both are safe on what was
+# never made. Atomic steps (id range and address leases, the attach) push after.
 EXPECTED_UNDO = {
     "userns": [],
-    "volume": ["userns"],
-    "address": ["volume", "userns"],
-    "cgroup": ["cgroup", "address", "volume", "userns"],
-    "spawn": ["cgroup", "address", "volume", "userns"],
-    "attach": ["cgroup", "address", "volume", "userns"],
-    "go": ["attach", "cgroup", "address", "volume", "userns"],
+    "volume": ["runtime", "volume", "userns"],
+    "address": ["runtime", "volume", "userns"],
+    "cgroup": ["address", "runtime", "volume", "userns"],
+    "spawn": ["address", "runtime", "volume", "userns"],
+    "attach": ["address", "runtime", "volume", "userns"],
+    "go": ["attach", "address", "runtime", "volume", "userns"],
 }
 
 
@@ -65,7 +67,7 @@ async def test_container_that_ran_keeps_its_id_range_on_a_failed_start(
     with pytest.raises(RuntimeFailure):
         await w.lifecycle.launch(ran, w.image)
     # Its files are owned by that range: the lease stays with it.
-    assert w.journal.undone() == ["cgroup", "address", "volume"]
+    assert w.journal.undone() == ["address", "runtime", "volume"]
 
 
 def test_rollback_keeps_data_steps_when_asked_and_survives_a_failing_undo() -> None:

@@ -137,7 +137,8 @@ class FakeRuntime:
         return os.getpid()
 
     def release(self, cid: str) -> None:
-        self.journal.undo("cgroup")
+        # Cgroup and mount point: whatever of them exists.
+        self.journal.undo("runtime")
 
 
 class FakeNetwork:
