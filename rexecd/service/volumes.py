@@ -27,7 +27,6 @@ from rexecd.service.store import Store, VolumeRecord
 log = logging.getLogger(__name__)
 
 
-
 class KeptVolumes:
     """The volumes part of the manager, over the store and where volumes live
     (``homes``: quota'd volumes, or plain directories under ``STATE/volumes``)."""
