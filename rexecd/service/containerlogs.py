@@ -177,7 +177,9 @@ class ContainerLogs:
 
     def _write(self, cid: str, data: bytes) -> None:
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(self.path(cid), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(
+            self.path(cid), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
+        )
         try:
             os.write(fd, data)
             size = os.fstat(fd).st_size
@@ -270,3 +272,4 @@ def trim(path: Path, keep: int) -> int:
         f.write(tail)
         f.truncate(len(tail))
         return size - len(tail)
+
