@@ -38,6 +38,7 @@ from rexecd.runtime.storage import choose_storage
 from rexecd.runtime.userns import IdRanges
 from rexecd.service.events import EventBus
 from rexecd.service.manager import ContainerManager
+from rexecd.service.optional import ContainerNetwork, Forwarder
 from rexecd.service.ratelimit import RateLimiter
 from rexecd.service.store import Store
 
@@ -51,7 +52,7 @@ def _private_dir(path: Path, mode: int = 0o700) -> None:
     os.chmod(path, mode)
 
 
-def _network(cfg: Config) -> tuple[object | None, object | None]:
+def _network(cfg: Config) -> tuple[ContainerNetwork | None, Forwarder | None]:
     """The container network and its port forwarder (both None without networking)."""
     if not cfg.network.enabled:
         return None, None

@@ -6,10 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import dataclass
 from typing import BinaryIO
 
-from rexecd.errors import InvalidRequest
+from rexecd.config import Config
+from rexecd.errors import InvalidRequest, NotFound
 from rexecd.models import (
+    ContainerCreate,
     ContainerRecord,
     ImageInfo,
     ImageRemoved,
@@ -19,10 +22,11 @@ from rexecd.models import (
     PullOut,
     Role,
 )
-from rexecd.runtime.images import ImageRecord
+from rexecd.runtime.images import ImageRecord, ImageStore
 from rexecd.service import catalog
-from rexecd.service.core import ManagerCore, _Reporter
-from rexecd.service.registry import PullProgress
+from rexecd.service.progress import Reporter
+from rexecd.service.publisher import Publisher
+from rexecd.service.registry import Puller, PullProgress
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +35,13 @@ MB = 1_000_000
 PULL_FROM, PULL_TO = 6, 35
 
 
-class ImageOps(ManagerCore):
+@dataclass
+class ImageOps:
+    cfg: Config
+    images: ImageStore
+    puller: Puller
+    publisher: Publisher
+
     async def list_images(self) -> list[ImageInfo]:
         local = await asyncio.to_thread(self.images.list)
         have = {r.ref for r in local}
@@ -150,8 +160,8 @@ class ImageOps(ManagerCore):
 
     # ------------------------------------------------------------ pull on create
 
-    async def _pull_for(
-        self, rec: ContainerRecord, resolved: catalog.Resolved, report: _Reporter
+    async def pull_for(
+        self, rec: ContainerRecord, resolved: catalog.Resolved, report: Reporter
     ) -> ImageRecord:
         """Pull the image a create needs, reporting progress to the stream and as
         ``progress`` events; concurrent creates of one image share one pull."""
@@ -185,9 +195,7 @@ class ImageOps(ManagerCore):
         await self._progress(rec, report, f"pulled {res.record.ref} from {res.source}", PULL_TO)
         return res.record
 
-    async def _pull_progress(
-        self, rec: ContainerRecord, report: _Reporter, p: PullProgress
-    ) -> None:
+    async def _pull_progress(self, rec: ContainerRecord, report: Reporter, p: PullProgress) -> None:
         pct = PULL_FROM + p.percent * (PULL_TO - PULL_FROM) // 100
         message = (
             f"pulling {p.reference}: {p.done / MB:.1f} of {p.total / MB:.1f} MB, "
@@ -196,6 +204,41 @@ class ImageOps(ManagerCore):
         await self._progress(rec, report, message, pct)
 
     async def _progress(
-        self, rec: ContainerRecord, report: _Reporter, message: str, pct: int
+        self, rec: ContainerRecord, report: Reporter, message: str, pct: int
     ) -> None:
-        await self._stage_progress(rec, report, "pulling", message, pct)
+        await self.publisher.stage(rec, report, "pulling", message, pct)
+
+    # ------------------------------------------------------------ which image
+
+    def resolve(self, req: ContainerCreate) -> tuple[catalog.Resolved, ImageRecord | None]:
+        """What the request's image is, and its record when it is local (blocking).
+        Raises UnsupportedImage (400, saying how to get it) when it is neither local
+        nor pullable."""
+        resolved = catalog.resolve(self.cfg, req.image, req.custom_image)
+        try:
+            return resolved, self.images.get(resolved.local)
+        except NotFound:
+            if resolved.pull is None:
+                asked = resolved.local if req.image == catalog.CUSTOM else req.image
+                raise catalog.unsupported(self.cfg, asked, self._supported()) from None
+            return resolved, None
+
+    def image_of(self, rec: ContainerRecord) -> ImageRecord:
+        """The image ``rec`` was made from: its lease, which a re-pull of the name does
+        not move (blocking). A container made before leases existed is pinned to what
+        its name means now."""
+        pinned = self.images.pinned(rec.id)
+        if pinned is not None:
+            return pinned
+        try:
+            image = self.images.get(catalog.resolve(self.cfg, rec.image, None).local)
+        except (NotFound, InvalidRequest):
+            raise catalog.unsupported(self.cfg, rec.image, self._supported()) from None
+        self.images.pin(rec.id, image)
+        return image
+
+    def _supported(self) -> list[str]:
+        names = []
+        for rec in self.images.list():
+            names.append(rec.name if rec.tag == "latest" else rec.ref)
+        return sorted(set(names))

@@ -1,23 +1,22 @@
-"""Container manager: work inside a running container (exec, stats, files, terminals)."""
+"""The manager's inside part: work inside a running container (exec, stats, files,
+terminals). Reads of what the tenant controls (its /etc/passwd, its shell, its tree's
+size) run on the container's own thread (``tenantthreads``), never the shared pool."""
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import os
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
+from dataclasses import dataclass
 
-from rexecd import _native as n
+from rexecd.config import Config
 from rexecd.errors import (
     ChildSetupError,
     ContainerNotFound,
     ContainerNotRunning,
     PayloadTooLarge,
-    RexecError,
-    RuntimeFailure,
 )
 from rexecd.models import (
     ContainerRecord,
@@ -28,27 +27,25 @@ from rexecd.models import (
     Stats,
     utcnow,
 )
-from rexecd.runtime import procinfo
-from rexecd.runtime.container import merge_env
-from rexecd.runtime.containerfs import ContainerFS
+from rexecd.runtime import containerroot, procinfo
+from rexecd.runtime.container import Runtime, merge_env
+from rexecd.runtime.containerfs import ContainerFS, Entry, mode_string
 from rexecd.runtime.pty import set_size
 from rexecd.runtime.seccomp import DEFAULT as DEFAULT_SECCOMP
 from rexecd.runtime.spec import ProcessSpec
-from rexecd.runtime.users import resolve_user
-from rexecd.service import quotas
+from rexecd.service import quotas, states
 from rexecd.service.auth import Principal
-from rexecd.service.core import (
-    HOME,
-    SHELLS,
-    ManagerCore,
-    MiB,
-    _file_info,
-)
+from rexecd.service.containerlogs import ContainerLogs
 from rexecd.service.execstream import STDERR, STDOUT, StreamProcess, failed_stream
 from rexecd.service.execution import run_exec, setup_failure
+from rexecd.service.exits import ProcessExits
+from rexecd.service.homes import Homes
+from rexecd.service.hostside import HOME
 from rexecd.service.interface import FileDownload, TerminalProcess
-from rexecd.service.storethread import in_store_thread
-from rexecd.service.terminals import TerminalSession
+from rexecd.service.records import Records
+from rexecd.service.states import ACTIVE, State
+from rexecd.service.tenantthreads import TenantThreads
+from rexecd.service.terminals import TerminalRegistry, TerminalSession
 
 log = logging.getLogger(__name__)
 
@@ -59,27 +56,69 @@ def _seccomp(rec: ContainerRecord) -> str:
     return str(rec.spec.get("seccomp", DEFAULT_SECCOMP))
 
 
-class InsideOps(ManagerCore):
-    """Work inside a running container: exec, stats, files and terminals."""
+MiB = 1024 * 1024
+
+
+def _file_info(e: Entry) -> FileInfo:
+    return FileInfo(
+        name=e.name,
+        path=e.path,
+        size=e.size,
+        mode=mode_string(e.mode),
+        mod_time=e.mtime,
+        is_dir=e.is_dir,
+    )
+
+
+class CpuMeter:
+    """The last cpu usage sample of each running container, for ``cpu_percent``."""
+
+    def __init__(self) -> None:
+        self.prev: dict[str, tuple[float, int]] = {}
+
+    def percent(self, db_id: str, usage_usec: int) -> float:
+        now = time.monotonic()
+        prev = self.prev.get(db_id)
+        self.prev[db_id] = (now, usage_usec)
+        if prev is None or now <= prev[0]:
+            return 0.0
+        return max(0.0, (usage_usec - prev[1]) / ((now - prev[0]) * 1e6) * 100.0)
+
+    def forget(self, db_id: str) -> None:
+        self.prev.pop(db_id, None)
+
+
+@dataclass
+class Inside:
+    cfg: Config
+    runtime: Runtime
+    records: Records
+    exits: ProcessExits
+    logs: ContainerLogs
+    terminals: TerminalRegistry
+    homes: Homes
+    threads: TenantThreads
+    cpu: CpuMeter
 
     async def _running(self, p: Principal, ref: str) -> ContainerRecord:
-        rec = await self._find(p, ref)
-        if rec.status != "running" or rec.pid is None:
+        rec = await self.records.find(p, ref)
+        if states.of(rec) is not State.RUNNING or rec.pid is None:
             raise ContainerNotRunning("container is not running", status=rec.status)
         return rec
 
     async def _touch(self, rec: ContainerRecord) -> None:
-        await self._update(rec.db_id, last_used_at=utcnow())
+        await self.records.update(rec.db_id, last_used_at=utcnow())
 
-    def _ids(self, rec: ContainerRecord, user: str | None) -> tuple[int, int, list[int]]:
+    async def _ids(self, rec: ContainerRecord, user: str | None) -> tuple[int, int, list[int]]:
         if user is None:
             return int(rec.spec.get("uid", 0)), int(rec.spec.get("gid", 0)), []
         assert rec.pid is not None
-        ident = resolve_user(user, [Path(f"/proc/{rec.pid}/root")])
+        # The container's /etc/passwd and /etc/group: its tenant's files.
+        ident = await self.threads.run(rec.db_id, containerroot.identity, rec.pid, user)
         return ident.uid, ident.gid, ident.additional_gids
 
     async def _exec_spec(self, rec: ContainerRecord, req: ExecRequest, tty: bool) -> ProcessSpec:
-        uid, gid, groups = await asyncio.to_thread(self._ids, rec, req.user)
+        uid, gid, groups = await self._ids(rec, req.user)
         env = list(rec.spec.get("env", [])) + list(req.env)
         if tty and not any(e.startswith("TERM=") for e in req.env):
             env.append("TERM=xterm-256color")
@@ -167,32 +206,33 @@ class InsideOps(ManagerCore):
         )
 
     async def open_logs(self, p: Principal, ref: str, follow: bool) -> AsyncIterator[bytes]:
-        rec = await self._find(p, ref)
+        rec = await self.records.find(p, ref)
 
         async def alive() -> bool:
-            now = await in_store_thread(self.store.get_container, rec.db_id)
-            return now is not None and now.status in ("creating", "configuring", "running")
+            now = await self.records.get(rec.db_id)
+            return now is not None and states.of(now) in ACTIVE
 
         return self.logs.follow(rec.id, follow, alive)
 
     async def _gone_while_entering(self, rec: ContainerRecord) -> None:
         """Raise NotFound/Conflict if ``rec`` was deleted or stopped under a request."""
-        async with self._lock(rec.db_id):  # a stop under way finishes first
-            now = await in_store_thread(self.store.get_container, rec.db_id)
+        async with self.records.lock(rec.db_id):  # a stop under way finishes first
+            now = await self.records.get(rec.db_id)
         if now is None:
             raise ContainerNotFound("container not found")
         alive = rec.pid is not None and procinfo.is_same_process(rec.pid, rec.pid_start_time)
-        if now.status != "running" or now.pid != rec.pid or not alive:
+        if states.of(now) is not State.RUNNING or now.pid != rec.pid or not alive:
             raise ContainerNotRunning("container is not running", status=now.status)
 
     async def stats(self, p: Principal, ref: str) -> Stats:
-        rec = await self._find(p, ref)
-        return await asyncio.to_thread(self._stats, rec)
+        rec = await self.records.find(p, ref)
+        # Sizes the tenant's tree (without a volume of its own): on its thread.
+        return await self.threads.run(rec.db_id, self._stats, rec)
 
     def _stats(self, rec: ContainerRecord) -> Stats:
         res = rec.resources
-        disk_used, disk_limit = self._disk_space(rec)
-        cg = self.runtime.cgroup(rec.id) if rec.status == "running" else None
+        disk_used, disk_limit = self.homes.space(rec)
+        cg = self.runtime.cgroup(rec.id) if states.of(rec) is State.RUNNING else None
         if cg is None:
             return Stats(
                 cpu_percent=0.0,
@@ -209,13 +249,8 @@ class InsideOps(ManagerCore):
                 oom_kills=0,
             )
         s = cg.stats()
-        now = time.monotonic()
-        prev = self._cpu_prev.get(rec.db_id)
-        self._cpu_prev[rec.db_id] = (now, s.cpu_usage_usec)
-        pct = 0.0
-        if prev is not None and now > prev[0]:
-            pct = max(0.0, (s.cpu_usage_usec - prev[1]) / ((now - prev[0]) * 1e6) * 100.0)
-        rx, tx = _net_counters(rec.pid) if rec.pid else (0, 0)
+        pct = self.cpu.percent(rec.db_id, s.cpu_usage_usec)
+        rx, tx = containerroot.net_counters(rec.pid) if rec.pid else (0, 0)
         return Stats(
             cpu_percent=round(pct, 2),
             cpu_usage_usec=s.cpu_usage_usec,
@@ -231,26 +266,12 @@ class InsideOps(ManagerCore):
             oom_kills=s.oom_kills,
         )
 
-    def _disk_space(self, rec: ContainerRecord) -> tuple[int, int]:
-        """``(used, limit)`` bytes of the container's storage."""
-        vol = self._vol(rec)
-        if vol is None or self.storage is None:
-            used = _du(self.runtime.dirs(rec.id).upper) + _du(self._volume_dir(rec))
-            return used, rec.resources.disk_mb * MiB
-        try:
-            used, limit = self.storage.space(vol)
-        except RexecError as exc:
-            log.warning("disk space of %s: %s", rec.name, exc.message)
-            return 0, rec.resources.disk_mb * MiB
-        return used, limit or rec.resources.disk_mb * MiB
-
     def _fs(self, rec: ContainerRecord) -> ContainerFS:
         """The container's files, written with its user's host ids: in its user
         namespace's range (``userns_base``) when it has one."""
         assert rec.pid is not None
-        base = int(rec.spec.get("userns_base", 0))
         uid, gid = int(rec.spec.get("uid", 0)), int(rec.spec.get("gid", 0))
-        return ContainerFS(rec.pid, base + uid, base + gid)
+        return containerroot.files(rec.pid, int(rec.spec.get("userns_base", 0)), uid, gid)
 
     async def list_files(self, p: Principal, ref: str, path: str) -> FileList:
         rec = await self._running(p, ref)
@@ -260,7 +281,7 @@ class InsideOps(ManagerCore):
                 entries = fs.list(path)
             return FileList(path=path, files=[_file_info(e) for e in entries], count=len(entries))
 
-        return await asyncio.to_thread(work)
+        return await self.threads.run(rec.db_id, work)
 
     async def open_file(self, p: Principal, ref: str, path: str) -> FileDownload:
         rec = await self._running(p, ref)
@@ -270,7 +291,7 @@ class InsideOps(ManagerCore):
                 entry, f = fs.open_read(path)
             return FileDownload(info=_file_info(entry), fileobj=f)
 
-        return await asyncio.to_thread(work)
+        return await self.threads.run(rec.db_id, work)
 
     async def upload_file(
         self,
@@ -282,17 +303,17 @@ class InsideOps(ManagerCore):
         max_bytes: int,
     ) -> FileInfo:
         rec = await self._running(p, ref)
-        fs = await asyncio.to_thread(self._fs, rec)
+        fs = self._fs(rec)
         try:
-            up = await asyncio.to_thread(fs.begin_write, directory, filename)
+            up = await self.threads.run(rec.db_id, fs.begin_write, directory, filename)
             try:
                 async for chunk in chunks:
                     if up.size + len(chunk) > max_bytes:
                         raise PayloadTooLarge("file too large", max_bytes=max_bytes)
-                    await asyncio.to_thread(up.write, chunk)
-                entry = await asyncio.to_thread(up.commit)
+                    await self.threads.run(rec.db_id, up.write, chunk)
+                entry = await self.threads.run(rec.db_id, up.commit)
             except BaseException:
-                await asyncio.to_thread(up.abort)
+                await self.threads.run(rec.db_id, up.abort)
                 raise
         finally:
             fs.close()
@@ -306,7 +327,7 @@ class InsideOps(ManagerCore):
             with self._fs(rec) as fs:
                 fs.delete(path)
 
-        await asyncio.to_thread(work)
+        await self.threads.run(rec.db_id, work)
 
     async def make_dir(self, p: Principal, ref: str, path: str) -> FileInfo:
         rec = await self._running(p, ref)
@@ -315,12 +336,12 @@ class InsideOps(ManagerCore):
             with self._fs(rec) as fs:
                 return _file_info(fs.mkdir(path))
 
-        return await asyncio.to_thread(work)
+        return await self.threads.run(rec.db_id, work)
 
     async def open_terminal(self, p: Principal, ref: str, cols: int, rows: int) -> TerminalProcess:
         rec = await self._running(p, ref)
         assert rec.pid is not None
-        shell = await asyncio.to_thread(_find_shell, rec.pid)
+        shell = await self.threads.run(rec.db_id, containerroot.find_shell, rec.pid)
         env = [e for e in rec.spec.get("env", []) if not e.startswith("TERM=")]
         proc = ProcessSpec(
             args=[shell, "-l"] if shell != "/bin/sh" else [shell],
@@ -353,62 +374,3 @@ class InsideOps(ManagerCore):
             return await self.open_terminal(p, ref, cols, rows)
 
         return await self.terminals.open(rec.db_id, session_id, new, start)
-
-
-def _find_shell(pid: int) -> str:
-    root = os.open(f"/proc/{pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        for shell in SHELLS:
-            try:
-                fd = n.openat2(
-                    root,
-                    shell.lstrip("/"),
-                    os.O_PATH,
-                    resolve=n.RESOLVE_IN_ROOT | n.RESOLVE_NO_MAGICLINKS,
-                )
-            except OSError:
-                continue
-            os.close(fd)
-            return shell
-    finally:
-        os.close(root)
-    raise RuntimeFailure("terminal", "no shell (zsh, bash or sh) in the container", errno.ENOENT)
-
-
-def _du(path: Path) -> int:
-    """Bytes allocated under ``path`` (without following links)."""
-    total = 0
-    stack = [str(path)]
-    while stack:
-        d = stack.pop()
-        try:
-            with os.scandir(d) as it:
-                for e in it:
-                    try:
-                        st = e.stat(follow_symlinks=False)
-                    except OSError:
-                        continue
-                    total += st.st_blocks * 512
-                    if e.is_dir(follow_symlinks=False):
-                        stack.append(e.path)
-        except OSError:
-            continue
-    return total
-
-
-def _net_counters(pid: int) -> tuple[int, int]:
-    """Bytes received and sent on the container's non-loopback interfaces."""
-    rx = tx = 0
-    try:
-        with open(f"/proc/{pid}/net/dev") as f:
-            lines = f.readlines()[2:]
-    except OSError:
-        return 0, 0
-    for line in lines:
-        name, _, rest = line.partition(":")
-        if name.strip() == "lo":
-            continue
-        fields = rest.split()
-        rx += int(fields[0])
-        tx += int(fields[8])
-    return rx, tx

@@ -1,68 +1,204 @@
-"""ContainerManager: every container's lifecycle, with quota, rollback and reconcile.
+"""ContainerManager: the real ``ContainerService``, a façade over the parts it composes.
 
-It owns the rules (who may do what to which container, in which state) and keeps
-the SQLite record, the kernel objects and the events in step. Kernel work goes
-through ``runtime`` in worker threads; each container has an asyncio lock so two
-requests never change one container at once. A failed create leaves no cgroup,
-veth, mount or IP lease behind: each step registers its undo.
+Each part is handed the collaborators it needs and nothing else:
+
+- ``records`` (lookups, the per-container lock, state moves checked against
+  ``states``), ``publisher`` (events), ``policy`` (cgroup limits, fail closed);
+- ``host`` (what one run makes on disk and releases), over ``homes`` (quota'd volumes
+  or plain dirs) and the optional ``network`` and forwarder (``optional``);
+- ``lifecycle`` (launch with an undo stack, halt), ``watcher`` (init exits, OOM);
+- ``ops`` (create, start, stop, restart, delete, settings, port forwards), ``inside``
+  (exec, files, stats, terminals), ``imageops``, ``roles``, ``reconciler``.
+
+A failed create leaves no cgroup, veth, mount or IP lease behind: each step of a
+start pushes its undo (``rollback``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
-import os
 from collections.abc import AsyncIterator
-from typing import Any
+from datetime import datetime
+from pathlib import Path
+from typing import BinaryIO
 
 from rexecd import __version__
-from rexecd.errors import (
-    Conflict,
-    InvalidRequest,
-    RexecError,
-    SessionExpired,
-)
+from rexecd.config import Config
 from rexecd.models import (
     ContainerCreate,
     ContainerOut,
-    ContainerRecord,
     Event,
+    ExecRequest,
+    ExecStreamStart,
+    FileInfo,
+    FileList,
     Health,
+    ImageInfo,
+    ImageRemoved,
+    ImportResult,
+    LocalImage,
     PortForwardCreate,
     PortForwardOut,
+    PruneOut,
+    PullOut,
+    Role,
     SettingsPatch,
+    Stats,
     VolumeList,
     utcnow,
 )
-from rexecd.runtime.images import ImageRecord
+from rexecd.runtime.container import Runtime
+from rexecd.runtime.images import ImageStore
+from rexecd.runtime.storage import Storage
 from rexecd.service import quotas
 from rexecd.service.auth import Principal
-from rexecd.service.catalog import Resolved
-from rexecd.service.core import _Reporter
+from rexecd.service.containerlogs import ContainerLogs
+from rexecd.service.events import EventBus
+from rexecd.service.execstream import StreamProcess
+from rexecd.service.exits import ProcessExits
+from rexecd.service.homes import homes_for
+from rexecd.service.hostside import HostSide
 from rexecd.service.imageops import ImageOps
-from rexecd.service.inside import InsideOps
-from rexecd.service.interface import ProgressFn
-from rexecd.service.names import generate_name
-from rexecd.service.reconcile import DaemonLife
+from rexecd.service.initguard import InitGuard
+from rexecd.service.inside import CpuMeter, Inside
+from rexecd.service.interface import FileDownload, ProgressFn, TerminalProcess
+from rexecd.service.lifecycle import Lifecycle
+from rexecd.service.limits import CgroupPolicy
+from rexecd.service.operations import ContainerOps
+from rexecd.service.optional import ContainerNetwork, Forwarder, NoForwarder, NoNetwork
+from rexecd.service.portforwards import PortForwards
+from rexecd.service.progress import Background
+from rexecd.service.publisher import Publisher
+from rexecd.service.reconcile import Reconciler
+from rexecd.service.records import Records
+from rexecd.service.registry import Puller
 from rexecd.service.roles import RoleBuilds
+from rexecd.service.states import State
+from rexecd.service.store import Store
 from rexecd.service.storethread import in_store_thread
+from rexecd.service.tenantthreads import TenantThreads
+from rexecd.service.terminals import TerminalRegistry, TerminalSession
+from rexecd.service.volumes import KeptVolumes
+from rexecd.service.watch import Watcher
 
-log = logging.getLogger(__name__)
 
+class ContainerManager:
+    """The real ``ContainerService``: wiring, then one line per public method."""
 
-class ContainerManager(InsideOps, DaemonLife, ImageOps, RoleBuilds):
-    """The real ``ContainerService``: the rules of every container operation."""
+    def __init__(
+        self,
+        cfg: Config,
+        store: Store,
+        runtime: Runtime,
+        images: ImageStore,
+        events: EventBus | None = None,
+        network: ContainerNetwork | None = None,
+        storage: Storage | None = None,
+        *,
+        forwarder: Forwarder | None = None,
+        no_cgroups_reason: str = "",
+    ) -> None:
+        # The only place that asks whether an optional feature is there: the parts
+        # get a null object instead (``optional``, ``homes``).
+        self.cfg, self.store, self.runtime = cfg, store, runtime
+        net = network if network is not None else NoNetwork()
+        self.homes = homes_for(cfg, store, runtime, storage)
+        self.volumes = KeptVolumes(cfg, store, self.homes)
+        self.port_forwards = PortForwards(cfg, store, forwarder or NoForwarder())
+        self.bg = Background()
+        self.records = Records(store)
+        self.publisher = Publisher(cfg, store, events or EventBus(), self.bg)
+        self.policy = CgroupPolicy(cfg, store, runtime, self.homes, no_cgroups_reason)
+        self.host = HostSide(cfg, store, runtime, net, self.homes, self.port_forwards)
+        self.logs = ContainerLogs(cfg.state_dir, cfg.logs.max_bytes)
+        self.terminals = TerminalRegistry(
+            cfg.terminal.scrollback_bytes, float(cfg.terminal.idle_timeout_s)
+        )
+        # Exec and terminal processes are awaited on the loop, never in a worker thread.
+        self.exits = ProcessExits(runtime)
+        self.threads = TenantThreads()
+        self.cpu = CpuMeter()
+        self.watcher = Watcher(
+            runtime,
+            self.records,
+            self.publisher,
+            self.host,
+            self.logs,
+            InitGuard(store),
+            self.bg,
+            forget_run=(self.cpu.forget, self.threads.close),
+        )
+        self.lifecycle = Lifecycle(
+            cfg, store, runtime, images, net, self.host, self.policy, self.records,
+            self.publisher, self.watcher, self.logs, self.terminals,
+        )  # fmt: skip
+        self.puller = Puller(cfg.registries, images)
+        self.imageops = ImageOps(cfg, images, self.puller, self.publisher)
+        self.role_builds = RoleBuilds(
+            cfg, runtime, images, self.records, self.publisher, self.lifecycle, self.homes,
+            self.policy, self.exits,
+        )  # fmt: skip
+        self.ops = ContainerOps(
+            cfg, store, runtime, images, self.records, self.publisher, self.policy,
+            self.lifecycle, self.host, self.homes, self.imageops, self.role_builds, self.volumes,
+            self.port_forwards, self.threads, self.logs,
+        )  # fmt: skip
+        self.inside = Inside(
+            cfg, runtime, self.records, self.exits, self.logs, self.terminals, self.homes,
+            self.threads, self.cpu,
+        )  # fmt: skip
+        self.reconciler = Reconciler(
+            cfg, store, runtime, images, net, self.homes, self.host, self.records,
+            self.publisher, self.watcher, self.lifecycle, self.port_forwards, self.volumes,
+            self.bg,
+        )  # fmt: skip
 
-    # ------------------------------------------------------------ queries
+    # ------------------------------------------------------------ daemon
+
+    def limits_missing(self) -> str | None:
+        return self.policy.missing()
+
+    def degraded(self) -> str | None:
+        return self.policy.degraded()
+
+    async def start_up(self) -> None:
+        await self.reconciler.start_up()
+
+    def housekeeping(self, now: datetime) -> dict[str, int]:
+        return self.reconciler.housekeeping(now)
+
+    async def expire_sessions(self, now: datetime) -> list[str]:
+        return await self.reconciler.expire_sessions(now)
+
+    async def shut_down(self) -> None:
+        """Stop watching; running containers are left alone for the next daemon."""
+        self.reconciler.closing = True
+        for task in list(self.ops.creating.values()):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(task), 30)
+        self.watcher.unwatch_all()
+        await self.terminals.close_all()
+        await self.puller.close()
+        self.bg.cancel_all()
+        self.threads.close_all()
+        self.publisher.close()
+
+    def log_path(self, cid: str) -> Path:
+        return self.role_builds.log_path(cid)
+
+    # ------------------------------------------------------------ queries and events
 
     async def list_containers(self, p: Principal) -> list[ContainerOut]:
         recs = await in_store_thread(self.store.list_containers, p.user_id)
         now = utcnow()
         return [r.to_out(now) for r in recs]
 
+    def container_limit(self, p: Principal) -> int:
+        return quotas.container_limit(self.cfg, p.tier)
+
     async def get_container(self, p: Principal, ref: str) -> ContainerOut:
-        return (await self._find(p, ref)).to_out()
+        return (await self.records.find(p, ref)).to_out()
 
     async def health(self) -> Health:
         counts = await in_store_thread(self.store.container_counts)
@@ -71,274 +207,52 @@ class ContainerManager(InsideOps, DaemonLife, ImageOps, RoleBuilds):
         return Health(
             status="ok" if degraded is None else "degraded",
             containers_total=sum(counts.values()),
-            containers_running=counts.get("running", 0),
+            containers_running=counts.get(State.RUNNING, 0),
             cgroup=f"v{drv.version}" if drv is not None else "none",
             version=__version__,
             reason=degraded,
         )
 
     def subscribe(self, p: Principal) -> AsyncIterator[Event]:
-        return self.events.subscribe(p.user_id)
+        return self.publisher.subscribe(p.user_id)
 
-    # ------------------------------------------------------------ create
+    # ------------------------------------------------------------ container operations
 
     async def create_container(
         self, p: Principal, req: ContainerCreate, progress: ProgressFn | None = None
     ) -> ContainerOut:
-        self._require_limits()
-        report = _Reporter(progress)
-        resolved, image = await asyncio.to_thread(self._resolve, req)
-        if req.role is not None and req.role not in {r.id for r in self.cfg.roles}:
-            raise InvalidRequest(
-                f"unknown role {req.role!r}", supported_roles=[r.id for r in self.cfg.roles]
-            )
-        resources = quotas.resources_for_create(self.cfg, p.tier, req)
-        now = utcnow()
-        rec = ContainerRecord(
-            user_id=p.user_id,
-            name=req.name or await self._free_name(p),
-            # What the user asked for, as Rexec reports it ("debian", "busybox"); the
-            # lease written once the image is there pins what it resolved to.
-            image=req.custom_image if req.image == "custom" and req.custom_image else req.image,
-            role=req.role,
-            resources=resources,
-            environment=dict(req.environment),
-            labels=dict(req.labels),
-            network_mode=req.network_mode or self.cfg.network.mode_default,
-            created_at=now,
-            last_used_at=now,
-            expires_at=quotas.session_expiry(self.cfg, p.tier, now),
-        )
-        await in_store_thread(self.store.insert_container_checked, rec, self.container_limit(p))
-        # Only now: the first frame starts the SSE answer, so a refusal above (image,
-        # quota, name taken) still reaches a stream client as a plain JSON error.
-        await report("validating", "request validated", 5, container_id=rec.id)
-        self._publish("created", rec)
-        task = asyncio.ensure_future(self._finish_create(rec, image, resolved, report))
-        self._creating[rec.db_id] = task
-        db_id = rec.db_id
-
-        def forget(_t: asyncio.Task[None]) -> None:
-            self._creating.pop(db_id, None)
-
-        task.add_done_callback(forget)
-        return rec.to_out(async_=True)
-
-    async def _free_name(self, p: Principal) -> str:
-        taken = {r.name for r in await in_store_thread(self.store.list_containers, p.user_id)}
-        return generate_name(taken=taken)
+        return await self.ops.create_container(p, req, progress)
 
     async def wait_ready(self, p: Principal, ref: str, timeout: float) -> ContainerOut:
-        rec = await self._find(p, ref)
-        task = self._creating.get(rec.db_id)
-        if task is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(task), timeout)
-        return (await self._find(p, ref)).to_out()
-
-    async def _finish_create(
-        self,
-        rec: ContainerRecord,
-        image: ImageRecord | None,
-        resolved: Resolved,
-        report: _Reporter,
-    ) -> None:
-        async with self._lock(rec.db_id):
-            try:
-                if image is None:
-                    image = await self._pull_for(rec, resolved, report)
-                else:
-                    await report(
-                        "pulling", f"image {image.ref} is present", 20, container_id=rec.id
-                    )
-                # From here on the container keeps this image's layers, whatever later
-                # happens to its name (re-pull, re-tag, removal).
-                await asyncio.to_thread(self.images.pin, rec.id, image)
-                await report(
-                    "creating", "preparing the container's storage", 40, container_id=rec.id
-                )
-                with_role = await self._with_role(rec, image, report)
-                if with_role is not image:
-                    # The role's layer too, for as long as the container exists.
-                    await asyncio.to_thread(self.images.pin, rec.id, with_role)
-                rec = await self._launch(rec, with_role, report)
-            except Exception as exc:  # recorded and reported, never lost
-                if not isinstance(exc, RexecError):
-                    log.exception("create of %s failed", rec.id)
-                message = exc.message if isinstance(exc, RexecError) else "internal error"
-                rec = await self._update(
-                    rec.db_id, status="error", error_message=message, pid=None, pid_start_time=None
-                )
-                self._publish("updated", rec)
-                await report(
-                    "starting",
-                    f"create failed: {message}",
-                    100,
-                    error=message,
-                    container_id=rec.id,
-                    container=rec.to_out(),
-                )
-                return
-        await report(
-            "ready",
-            "container is running",
-            100,
-            complete=True,
-            container_id=rec.id,
-            container=rec.to_out(),
-        )
-
-    # ------------------------------------------------------------ lifecycle
+        return await self.ops.wait_ready(p, ref, timeout)
 
     async def start_container(self, p: Principal, ref: str) -> ContainerOut:
-        rec = await self._find(p, ref)
-        async with self._lock(rec.db_id):
-            rec = await self._find(p, ref)
-            if rec.status == "running":
-                raise Conflict("container is already running", status=rec.status)
-            if rec.status in ("creating", "configuring"):
-                raise Conflict("container is still being created", status=rec.status)
-            self._require_limits()  # before the expiry below is renewed
-            if rec.status == "expired":
-                exp = quotas.session_expiry(self.cfg, p.tier, rec.created_at)
-                if exp is not None and exp <= utcnow():
-                    raise SessionExpired(
-                        "container session expired: delete it or upgrade the tier",
-                        tier=p.tier,
-                    )
-                rec = await self._update(rec.db_id, expires_at=exp)
-            image = await asyncio.to_thread(self._image_of, rec)
-            rec = await self._launch(rec, image)
-        return rec.to_out()
+        return await self.ops.start_container(p, ref)
 
     async def stop_container(self, p: Principal, ref: str, timeout: float | None) -> ContainerOut:
-        rec = await self._find(p, ref)
-        async with self._lock(rec.db_id):
-            rec = await self._find(p, ref)
-            if rec.status != "running":
-                raise Conflict("container is not running", status=rec.status)
-            rec = await self._halt(rec, self._timeout(timeout))
-        return rec.to_out()
-
-    def _timeout(self, timeout: float | None) -> float:
-        if timeout is None:
-            return float(self.cfg.stop_timeout_s)
-        if timeout < 0:
-            raise InvalidRequest("timeout must not be negative")
-        return min(float(timeout), 300.0)
+        return await self.ops.stop_container(p, ref, timeout)
 
     async def restart_container(self, p: Principal, ref: str) -> ContainerOut:
-        rec = await self._find(p, ref)
-        async with self._lock(rec.db_id):
-            rec = await self._find(p, ref)
-            if rec.status in ("creating", "configuring"):
-                raise Conflict("container is still being created", status=rec.status)
-            if rec.status == "expired":
-                raise SessionExpired(
-                    "container session expired: delete it or upgrade the tier",
-                    tier=p.tier,
-                )
-            # Before the halt: a restart that cannot start again must not stop it.
-            self._require_limits()
-            if rec.status == "running":
-                rec = await self._halt(rec, float(self.cfg.stop_timeout_s))
-            image = await asyncio.to_thread(self._image_of, rec)
-            rec = await self._launch(rec, image)
-        return rec.to_out()
+        return await self.ops.restart_container(p, ref)
 
     async def delete_container(self, p: Principal, ref: str, volumes: bool) -> ContainerOut:
-        rec = await self._find(p, ref)
-        task = self._creating.get(rec.db_id)
-        if task is not None:
-            with contextlib.suppress(Exception):
-                await task
-        async with self._lock(rec.db_id):
-            rec = await self._find(p, ref)
-            if rec.status == "running":
-                rec = await self._halt(rec, float(self.cfg.stop_timeout_s))
-            await asyncio.to_thread(self._remove, rec, volumes, p.tier)
-            self._locks.pop(rec.db_id, None)
-        self._publish("deleted", rec)
-        return rec.to_out()
-
-    def _remove(self, rec: ContainerRecord, volumes: bool, tier: str) -> None:
-        self._release(rec)
-        self.runtime.remove(rec.id)
-        self.images.unpin(rec.id)
-        self.log_path(rec.id).unlink(missing_ok=True)
-        if volumes:
-            self.volumes.destroy(rec.user_id, rec.name)
-            self.store.delete_volume(rec.user_id, rec.name)
-        elif (
-            self.storage is not None
-            and (vol := self.storage.volume(rec.user_id, rec.name)).image.exists()
-        ):
-            # The container's root goes; /home/user stays for the same name.
-            self.storage.wipe_root(vol)
-            self.storage.release(vol)
-        self.store.delete_container(rec.db_id)
-        self.logs.remove(rec.id)
-        if not volumes:
-            # Kept now: within the tier's cap, or the least recently used kept go.
-            removed = self.volumes.keep(rec.user_id, tier, rec.name, rec.resources.disk_mb)
-            if removed:
-                log.info("kept-volume cap of user %s: removed %s", rec.user_id, removed)
+        return await self.ops.delete_container(p, ref, volumes)
 
     async def update_settings(
         self, p: Principal, ref: str, patch: SettingsPatch
     ) -> tuple[ContainerOut, bool]:
-        """cpu and memory change live; the disk grows online where the storage can (else
-        at the next start); a rename of a running container with quota'd storage restarts
-        it, since its volume is mounted under its name."""
-        rec = await self._find(p, ref)
-        restarted = False
-        async with self._lock(rec.db_id):
-            rec = await self._find(p, ref)
-            res = quotas.resources_for_update(self.cfg, p.tier, rec.resources, patch)
-            if self.storage is not None and res.disk_mb < rec.resources.disk_mb:
-                raise InvalidRequest(
-                    "disk_mb can only grow: a volume cannot be shrunk without moving the "
-                    "user's data",
-                    disk_mb=rec.resources.disk_mb,
-                )
-            fields: dict[str, Any] = {"resources": res}
-            old = rec
-            renaming = patch.name is not None and patch.name != rec.name
-            if renaming:
-                assert patch.name is not None
-                fields["name"] = patch.name
-                taken = await in_store_thread(self.store.find_container, p.user_id, patch.name)
-                if taken is not None and taken.name == patch.name:
-                    raise Conflict("container with this name already exists", name=patch.name)
-                if await asyncio.to_thread(self._volume_exists, p.user_id, patch.name):
-                    raise Conflict(
-                        "a kept /home/user volume already has this name", name=patch.name
-                    )
-            restart = renaming and rec.status == "running" and self.storage is not None
-            if restart:
-                self._require_limits()
-                rec = await self._halt(rec, float(self.cfg.stop_timeout_s))
-            elif rec.status == "running":
-                cg = self.runtime.cgroup(rec.id)
-                if cg is not None:
-                    # The whole policy, io included: apply() lifts whatever it is not given.
-                    limits = await asyncio.to_thread(self._limits, rec, res)
-                    await asyncio.to_thread(cg.apply, limits)
-                if res.disk_mb > old.resources.disk_mb:
-                    await asyncio.to_thread(self._grow_disk, rec, res.disk_mb)
-            rec = await self._update(rec.db_id, **fields)
-            if renaming:
-                # The volume is found by (user, name): it follows the container's name,
-                # or the next start would mount an empty /home/user.
-                await asyncio.to_thread(self._move_volume, old, rec)
-            if restart:
-                image = await asyncio.to_thread(self._image_of, rec)
-                rec = await self._launch(rec, image)
-                restarted = True
-            self._publish("updated", rec)
-        return rec.to_out(), restarted
+        return await self.ops.update_settings(p, ref, patch)
 
-    # ------------------------------------------------------------ volumes
+    async def add_port_forward(
+        self, p: Principal, ref: str, req: PortForwardCreate
+    ) -> PortForwardOut:
+        return await self.ops.add_port_forward(p, ref, req)
+
+    async def list_port_forwards(self, p: Principal, ref: str) -> list[PortForwardOut]:
+        return await self.ops.list_port_forwards(p, ref)
+
+    async def delete_port_forward(self, p: Principal, ref: str, forward_id: str) -> PortForwardOut:
+        return await self.ops.delete_port_forward(p, ref, forward_id)
 
     async def list_volumes(self, p: Principal) -> VolumeList:
         return await asyncio.to_thread(self.volumes.listing, p.user_id, p.tier)
@@ -346,54 +260,72 @@ class ContainerManager(InsideOps, DaemonLife, ImageOps, RoleBuilds):
     async def delete_volume(self, p: Principal, name: str) -> None:
         await asyncio.to_thread(self.volumes.remove, p.user_id, name)
 
-    # ------------------------------------------------------------ port forwards
+    # ------------------------------------------------------------ inside a container
 
-    async def add_port_forward(
-        self, p: Principal, ref: str, req: PortForwardCreate
-    ) -> PortForwardOut:
-        rec = await self._find(p, ref)
-        # Under the container's lock: a stop between the running check and the nft
-        # element would leave a forward to an address the container no longer has.
-        async with self._lock(rec.db_id):
-            rec = await self._find(p, ref)
-            return await asyncio.to_thread(self.port_forwards.add, rec, p.tier, req)
+    async def exec(self, p: Principal, ref: str, req: ExecRequest) -> tuple[int, dict[str, object]]:
+        return await self.inside.exec(p, ref, req)
 
-    async def list_port_forwards(self, p: Principal, ref: str) -> list[PortForwardOut]:
-        rec = await self._find(p, ref)
-        return await asyncio.to_thread(self.port_forwards.for_container, rec)
+    async def open_exec_stream(self, p: Principal, ref: str, req: ExecStreamStart) -> StreamProcess:
+        return await self.inside.open_exec_stream(p, ref, req)
 
-    async def delete_port_forward(self, p: Principal, ref: str, forward_id: str) -> PortForwardOut:
-        rec = await self._find(p, ref)
-        async with self._lock(rec.db_id):
-            return await asyncio.to_thread(self.port_forwards.remove, rec, forward_id)
+    async def open_logs(self, p: Principal, ref: str, follow: bool) -> AsyncIterator[bytes]:
+        return await self.inside.open_logs(p, ref, follow)
 
-    def _grow_disk(self, rec: ContainerRecord, disk_mb: int) -> None:
-        vol = self._vol(rec)
-        if vol is None or self.storage is None:
-            return
-        try:
-            self.storage.resize(vol, disk_mb)
-        except Conflict as exc:
-            # No online grow here (e.g. no CAP_SYS_RESOURCE): ensure() grows it offline
-            # at the next start, from the size now recorded.
-            log.info("disk of %s grows at its next start: %s", rec.name, exc.message)
+    async def stats(self, p: Principal, ref: str) -> Stats:
+        return await self.inside.stats(p, ref)
 
-    def _volume_exists(self, user_id: str, name: str) -> bool:
-        if self.storage is not None:
-            return self.storage.volume(user_id, name).image.exists()
-        return self.volumes.plain_dir(user_id, name).exists()
+    async def list_files(self, p: Principal, ref: str, path: str) -> FileList:
+        return await self.inside.list_files(p, ref, path)
 
-    def _move_volume(self, old: ContainerRecord, new: ContainerRecord) -> None:
-        if self.storage is not None:
-            self.storage.rename(old.user_id, old.name, new.name)
-            dst = self.storage.volume(new.user_id, new.name).image
-            if not dst.exists():
-                return
-        else:
-            src, dst = self._volume_dir(old), self._volume_dir(new)
-            if not src.exists():
-                return
-            # A running container's bind mount follows the directory it was made from.
-            os.rename(src, dst)
-        self.store.delete_volume(old.user_id, old.name)
-        self.store.upsert_volume(new.user_id, new.name, str(dst), new.resources.disk_mb)
+    async def open_file(self, p: Principal, ref: str, path: str) -> FileDownload:
+        return await self.inside.open_file(p, ref, path)
+
+    async def upload_file(
+        self,
+        p: Principal,
+        ref: str,
+        directory: str,
+        filename: str,
+        chunks: AsyncIterator[bytes],
+        max_bytes: int,
+    ) -> FileInfo:
+        return await self.inside.upload_file(p, ref, directory, filename, chunks, max_bytes)
+
+    async def delete_file(self, p: Principal, ref: str, path: str) -> None:
+        await self.inside.delete_file(p, ref, path)
+
+    async def make_dir(self, p: Principal, ref: str, path: str) -> FileInfo:
+        return await self.inside.make_dir(p, ref, path)
+
+    async def open_terminal(self, p: Principal, ref: str, cols: int, rows: int) -> TerminalProcess:
+        return await self.inside.open_terminal(p, ref, cols, rows)
+
+    async def terminal_session(
+        self, p: Principal, ref: str, session_id: str, new: bool, cols: int, rows: int
+    ) -> tuple[TerminalSession, bool]:
+        return await self.inside.terminal_session(p, ref, session_id, new, cols, rows)
+
+    # ------------------------------------------------------------ images and roles
+
+    async def list_images(self) -> list[ImageInfo]:
+        return await self.imageops.list_images()
+
+    def roles(self) -> list[Role]:
+        return self.imageops.roles()
+
+    async def import_image(
+        self, src: BinaryIO, name: str | None, rootfs: bool = False
+    ) -> ImportResult:
+        return await self.imageops.import_image(src, name, rootfs)
+
+    async def pull_image(self, reference: str, name: str | None) -> PullOut:
+        return await self.imageops.pull_image(reference, name)
+
+    async def list_local_images(self) -> list[LocalImage]:
+        return await self.imageops.list_local_images()
+
+    async def remove_image(self, ref: str) -> ImageRemoved:
+        return await self.imageops.remove_image(ref)
+
+    async def prune_images(self, all_unused: bool) -> PruneOut:
+        return await self.imageops.prune_images(all_unused)

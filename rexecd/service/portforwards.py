@@ -7,7 +7,7 @@ import secrets
 import threading
 import uuid
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 from rexecd.config import Config
 from rexecd.errors import (
@@ -21,13 +21,10 @@ from rexecd.errors import (
     RuntimeUnavailable,
 )
 from rexecd.models import ContainerRecord, PortForwardCreate, PortForwardOut, PortProtocol, utcnow
-from rexecd.service import quotas
+from rexecd.service import quotas, states
+from rexecd.service.optional import Forwarder
+from rexecd.service.states import State
 from rexecd.service.store import PortForwardRecord, Store
-
-if TYPE_CHECKING:
-    # Only for types: importing the network package pulls in pyroute2, which the
-    # daemon loads only when networking is enabled.
-    from rexecd.runtime.network import PortForwarder
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +54,7 @@ class PortForwards:
     the container's lock held, so a stop never races an add.
     """
 
-    def __init__(self, cfg: Config, store: Store, forwarder: PortForwarder | None) -> None:
+    def __init__(self, cfg: Config, store: Store, forwarder: Forwarder) -> None:
         self.cfg = cfg
         self.store = store
         self.forwarder = forwarder
@@ -67,8 +64,10 @@ class PortForwards:
 
     def add(self, rec: ContainerRecord, tier: str, req: PortForwardCreate) -> PortForwardOut:
         """Forward a host port (``req.host_port``, or a free one of the range) to ``rec``."""
-        forwarder = self._require_forwarder()
-        if rec.status != "running" or rec.pid is None:
+        if not self.cfg.network.enabled:
+            # First, as ever: with networking off no container has an address either.
+            raise RuntimeUnavailable("port forwarding needs container networking, which is off")
+        if states.of(rec) is not State.RUNNING or rec.pid is None:
             raise ContainerNotRunning("container is not running", status=rec.status)
         if rec.ip_address is None:
             raise NoNetwork("container has no network (network_mode none): nothing to forward to")
@@ -95,7 +94,7 @@ class PortForwards:
             candidates = [wanted] if wanted is not None else self._free_ports(lo, hi, taken)
             for port in candidates:
                 try:
-                    forwarder.add(port, rec.ip_address, req.container_port, proto)
+                    self.forwarder.add(port, rec.ip_address, req.container_port, proto)
                 except Conflict:
                     # Bound by a host process (or a stale nft element): the runtime's
                     # message may name another tenant's address, so it is not passed on.
@@ -138,8 +137,7 @@ class PortForwards:
             row = self.store.get_port_forward(forward_id)
             if row is None or row.container_db_id != rec.db_id:
                 raise PortForwardNotFound("port forward not found")
-            if self.forwarder is not None:
-                self.forwarder.remove(row.host_port, row.protocol)
+            self.forwarder.remove(row.host_port, row.protocol)
             self.store.delete_port_forward(row.id)
         return _out(rec, row)
 
@@ -166,13 +164,16 @@ class PortForwards:
             wanted: dict[tuple[str, int], tuple[str, int, PortForwardRecord]] = {}
             for row in self.store.list_port_forwards():
                 c = by_db_id.get(row.container_db_id)
-                if c is None or c.id not in live or c.status != "running" or not c.ip_address:
+                if (
+                    c is None
+                    or c.id not in live
+                    or states.of(c) is not State.RUNNING
+                    or not c.ip_address
+                ):
                     self.store.delete_port_forward(row.id)
                     changed.append(f"dropped record {row.host_port}/{row.protocol}")
                     continue
                 wanted[(row.protocol, row.host_port)] = (c.ip_address, row.container_port, row)
-            if self.forwarder is None:
-                return changed
             have: dict[tuple[str, int], tuple[str, int]] = {
                 (f.proto, f.host_port): (f.container_ip, f.container_port)
                 for f in self.forwarder.list()
@@ -201,11 +202,6 @@ class PortForwards:
 
     # -- internals ---------------------------------------------------------------------
 
-    def _require_forwarder(self) -> PortForwarder:
-        if self.forwarder is None:
-            raise RuntimeUnavailable("port forwarding needs container networking, which is off")
-        return self.forwarder
-
     @staticmethod
     def _taken(port: int, proto: str) -> Conflict:
         return Conflict(
@@ -232,8 +228,6 @@ class PortForwards:
                 return
 
     def _remove_element(self, port: int, proto: str) -> None:
-        if self.forwarder is None:
-            return
         try:
             self.forwarder.remove(port, proto)
         except RexecError as exc:

@@ -33,13 +33,21 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from rexecd.config import RoleConfig
+from rexecd.config import Config, RoleConfig
 from rexecd.errors import RoleInstallFailed
 from rexecd.models import ContainerRecord
-from rexecd.runtime.container import ImageView
-from rexecd.runtime.images import ImageRecord
+from rexecd.runtime.container import ImageView, Runtime
+from rexecd.runtime.images import ImageRecord, ImageStore
 from rexecd.runtime.images.diff import write_diff
-from rexecd.service.core import ManagerCore, _Reporter, _Started
+from rexecd.service.exits import ProcessExits
+from rexecd.service.homes import Homes
+from rexecd.service.lifecycle import Lifecycle, Started
+from rexecd.service.limits import CgroupPolicy
+from rexecd.service.oneshot import image_view
+from rexecd.service.progress import Reporter
+from rexecd.service.publisher import Publisher
+from rexecd.service.records import Records
+from rexecd.service.states import State
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +177,7 @@ def install_script(role: RoleConfig, mirrors: Mapping[Any, list[str]]) -> str:
     lines = [
         "set -eu",
         f"echo 'rexecd: installing role {role.id}'",
-        't=$(mktemp -d /tmp/rexecd-role.XXXXXX)',
+        "t=$(mktemp -d /tmp/rexecd-role.XXXXXX)",
         "trap 'rm -rf \"$t\"' EXIT",
     ]
     install: dict[str, list[str]] = {m: p for m, p in role.install.items() if p}
@@ -202,8 +210,26 @@ def install_script(role: RoleConfig, mirrors: Mapping[Any, list[str]]) -> str:
 # --- the build ---------------------------------------------------------------------------
 
 
-class RoleBuilds(ManagerCore):
+class RoleBuilds:
     """The manager's role side: the cached layer of a pair, or the one build making it."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        runtime: Runtime,
+        images: ImageStore,
+        records: Records,
+        publisher: Publisher,
+        lifecycle: Lifecycle,
+        homes: Homes,
+        policy: CgroupPolicy,
+        exits: ProcessExits,
+    ) -> None:
+        self.cfg, self.runtime, self.images = cfg, runtime, images
+        self.records, self.publisher, self.lifecycle = records, publisher, lifecycle
+        self.homes, self.policy, self.exits = homes, policy, exits
+        # Builds in progress, by cache key: their lock and how many creates wait.
+        self._builds: dict[str, tuple[asyncio.Lock, list[int]]] = {}
 
     def _role_of(self, rec: ContainerRecord) -> RoleConfig | None:
         for role in self.cfg.roles:
@@ -215,8 +241,8 @@ class RoleBuilds(ManagerCore):
         """The container's log: what its role install printed (``rexec logs`` reads it)."""
         return self.runtime.state_dir / "logs" / f"{cid}.log"
 
-    async def _with_role(
-        self, rec: ContainerRecord, base: ImageRecord, report: _Reporter
+    async def with_role(
+        self, rec: ContainerRecord, base: ImageRecord, report: Reporter
     ) -> ImageRecord:
         """The image ``rec`` starts from: ``base`` with its role's layer, built now if
         no earlier container of the pair built it (one build per pair at a time)."""
@@ -230,7 +256,7 @@ class RoleBuilds(ManagerCore):
                 rec, report, f"role {role.id}: cached layer, nothing to install", ROLE_TO
             )
             return cached
-        entry = self._role_builds.setdefault(key, (asyncio.Lock(), [0]))
+        entry = self._builds.setdefault(key, (asyncio.Lock(), [0]))
         lock, users = entry
         users[0] += 1
         try:
@@ -245,14 +271,14 @@ class RoleBuilds(ManagerCore):
         finally:
             users[0] -= 1
             if users[0] == 0:
-                self._role_builds.pop(key, None)
+                self._builds.pop(key, None)
 
     async def _build(
-        self, rec: ContainerRecord, base: ImageRecord, role: RoleConfig, key: str, report: _Reporter
+        self, rec: ContainerRecord, base: ImageRecord, role: RoleConfig, key: str, report: Reporter
     ) -> ImageRecord:
-        self._require_limits()
-        rec = await self._update(rec.db_id, status="configuring")
-        self._publish("updated", rec)
+        self.policy.require()
+        rec = await self.records.move(rec.db_id, State.CONFIGURING)
+        self.publisher.publish("updated", rec)
         await self._role_progress(
             rec, report, f"role {role.id}: installing on {base.ref} (first use)", ROLE_FROM
         )
@@ -260,8 +286,8 @@ class RoleBuilds(ManagerCore):
         script = install_script(role, self.cfg.packages.mirrors)
         logs = self.log_path(rec.id)
         await asyncio.to_thread(logs.parent.mkdir, mode=0o700, exist_ok=True)
-        view = await asyncio.to_thread(self._view, base)
-        st = _Started()
+        view = await asyncio.to_thread(image_view, self.images, base)
+        st = Started()
         try:
             status, tail = await self._run_build(rec, role, view, st, script, logs, report)
             if status != 0:
@@ -285,7 +311,7 @@ class RoleBuilds(ManagerCore):
             )
         finally:
             # The container itself starts on a fresh upper dir over the cached layer.
-            await asyncio.to_thread(self._wipe_root, rec)
+            await asyncio.to_thread(self.homes.wipe_root, rec)
         took = time.monotonic() - started
         log.info("role %s on %s built in %.1fs (%s)", role.id, base.ref, took, rec.id[:12])
         await self._role_progress(rec, report, f"role {role.id}: installed in {took:.1f}s", ROLE_TO)
@@ -296,10 +322,10 @@ class RoleBuilds(ManagerCore):
         rec: ContainerRecord,
         role: RoleConfig,
         view: ImageView,
-        st: _Started,
+        st: Started,
         script: str,
         logs: Path,
-        report: _Reporter,
+        report: Reporter,
     ) -> tuple[int | None, str]:
         """Run the install script in ``rec``'s build container until it exits (status,
         None if it did not finish in time) with the tail of its output; everything of
@@ -308,7 +334,7 @@ class RoleBuilds(ManagerCore):
         try:
             null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                await self._start_init(
+                await self.lifecycle.start_init(
                     rec,
                     view,
                     st,
@@ -327,7 +353,8 @@ class RoleBuilds(ManagerCore):
         finally:
             # Whatever the install left running (a daemon a package started) goes too.
             await asyncio.to_thread(self.runtime.kill_cgroup, rec.id)
-            await asyncio.to_thread(self._undo_start, rec, st.attached)
+            # Its run goes; its id range and mounted volume (the upper dir) stay.
+            await asyncio.to_thread(st.undo.run, keep_data=True)
             with contextlib.suppress(OSError):
                 os.close(rfd)
 
@@ -338,7 +365,7 @@ class RoleBuilds(ManagerCore):
         pid: int,
         rfd: int,
         logs: Path,
-        report: _Reporter,
+        report: Reporter,
     ) -> tuple[int | None, str]:
         """Copy the build's output to its log (appended, capped) and to ``configuring``
         frames until it exits; its status (None: timed out) and the log's tail."""
@@ -387,9 +414,9 @@ class RoleBuilds(ManagerCore):
         return status, tail.decode("utf-8", "replace").strip()
 
     async def _role_progress(
-        self, rec: ContainerRecord, report: _Reporter, message: str, pct: int
+        self, rec: ContainerRecord, report: Reporter, message: str, pct: int
     ) -> None:
-        await self._stage_progress(rec, report, "configuring", message, pct)
+        await self.publisher.stage(rec, report, "configuring", message, pct)
 
 
 def _last_line(chunk: bytes) -> str:

@@ -15,30 +15,26 @@ Synchronous: the manager calls it in worker threads.
 from __future__ import annotations
 
 import logging
-import shutil
 from datetime import datetime, timedelta
-from pathlib import Path
 
 from rexecd.config import Config
 from rexecd.errors import Conflict, NotFound, RexecError
 from rexecd.models import VolumeList, VolumeOut, utcnow
-from rexecd.runtime.storage import Storage
 from rexecd.service import quotas
+from rexecd.service.homes import Homes
 from rexecd.service.store import Store, VolumeRecord
 
 log = logging.getLogger(__name__)
 
-MiB = 1024 * 1024
-
 
 class KeptVolumes:
-    """The volumes part of the manager, over the store and the storage method (None:
-    plain directories under ``STATE/volumes``, without a size limit)."""
+    """The volumes part of the manager, over the store and where volumes live
+    (``homes``: quota'd volumes, or plain directories under ``STATE/volumes``)."""
 
-    def __init__(self, cfg: Config, store: Store, storage: Storage | None) -> None:
+    def __init__(self, cfg: Config, store: Store, homes: Homes) -> None:
         self.cfg = cfg
         self.store = store
-        self.storage = storage
+        self.homes = homes
 
     # -- the owner's view ---------------------------------------------------------------
 
@@ -66,22 +62,13 @@ class KeptVolumes:
         return VolumeOut(
             name=v.name,
             disk_mb=v.size_mb,
-            used_bytes=self._used_bytes(v),
+            used_bytes=self.homes.used_bytes(v.user_id, v.name),
             created_at=v.created_at,
             last_used_at=v.last_used,
             in_use=not kept,
             container_id=v.container_id,
             expires_at=v.last_used + timedelta(days=days) if kept and days else None,
         )
-
-    def _used_bytes(self, v: VolumeRecord) -> int | None:
-        if self.storage is None:
-            return None
-        try:
-            return self.storage.space(self.storage.volume(v.user_id, v.name))[0]
-        except RexecError as exc:
-            log.warning("usage of volume %s/%s: %s", v.user_id, v.name, exc.message)
-            return None
 
     # -- bounds ---------------------------------------------------------------------------
 
@@ -148,14 +135,7 @@ class KeptVolumes:
 
     def destroy(self, user_id: str, name: str) -> None:
         """Delete the data of the volume of (user, name), whatever holds it; idempotent."""
-        if self.storage is not None:
-            self.storage.destroy(user_id, name)
-        else:
-            shutil.rmtree(self.plain_dir(user_id, name), ignore_errors=True)
-
-    def plain_dir(self, user_id: str, name: str) -> Path:
-        """Where /home/user lives without a storage method."""
-        return self.cfg.state_dir / "volumes" / user_id / name
+        self.homes.destroy(user_id, name)
 
     def _finish_removal(self, rec: VolumeRecord, why: str) -> None:
         # A failed destroy leaves the claim in place: start-up tries again, and no
@@ -182,18 +162,15 @@ class KeptVolumes:
                 log.warning("removing volume %s/%s: %s", rec.user_id, rec.name, exc.message)
                 continue
             touched.append(f"{rec.user_id}/{rec.name}")
-        if self.storage is None:
-            return touched
         known = {(v.user_id, v.name) for v in self.store.list_volumes()}
-        for user_id, name in self.storage.stored():
+        for user_id, name in self.homes.stored():
             if (user_id, name) in known or self.store.get_user(user_id) is None:
                 continue
-            vol = self.storage.volume(user_id, name)
             try:
-                limit = self.storage.space(vol)[1]
+                where, size_mb = self.homes.describe(user_id, name)
             except RexecError as exc:
                 log.warning("volume %s/%s: %s", user_id, name, exc.message)
                 continue
-            self.store.upsert_volume(user_id, name, str(vol.image), limit // MiB)
+            self.store.upsert_volume(user_id, name, str(where), size_mb)
             touched.append(f"{user_id}/{name}")
         return touched

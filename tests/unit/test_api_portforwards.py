@@ -24,6 +24,7 @@ from rexecd.models import (
 from rexecd.runtime.network.models import PortForward
 from rexecd.service import auth
 from rexecd.service.auth import Principal
+from rexecd.service.optional import NoForwarder
 from rexecd.service.portforwards import PortForwards
 from rexecd.service.ratelimit import RateLimiter
 from rexecd.service.store import Store
@@ -76,10 +77,10 @@ class ForwardingService(FakeService):
     """The fake service with real port-forward rules: containers are stored too, since
     forwards reference them, and stopping one releases its forwards like the manager."""
 
-    def __init__(self, cfg: Config, store: Store, forwarder: FakeForwarder | None) -> None:
+    def __init__(self, cfg: Config, store: Store, forwarder: FakeForwarder | NoForwarder) -> None:
         super().__init__()
         self.store = store
-        self.forwards = PortForwards(cfg, store, forwarder)  # type: ignore[arg-type]
+        self.forwards = PortForwards(cfg, store, forwarder)
         self._next_ip = 2
 
     def add(self, user_id: str, name: str, status: ContainerStatus = "running") -> ContainerRecord:
@@ -114,7 +115,7 @@ async def pf_harness(
 ) -> AsyncIterator[tuple[Harness, ForwardingService, FakeForwarder]]:
     cfg = Config(
         state_dir=tmp_path / "state",
-        network=NetworkConfig(port_forward_min=lo, port_forward_max=hi),
+        network=NetworkConfig(enabled=networking, port_forward_min=lo, port_forward_max=hi),
     )
     limiter = RateLimiter(
         RateLimitsConfig(create_per_min=1000, ops_per_min=1000, read_per_min=1000)
@@ -127,7 +128,7 @@ async def pf_harness(
             "bob": auth.create_token(store, "bob")[0],
             "guest": auth.create_token(store, "gina", tier="guest")[0],
         }
-        service = ForwardingService(cfg, store, forwarder if networking else None)
+        service = ForwardingService(cfg, store, forwarder if networking else NoForwarder())
         app = make_app(service, store, cfg, limiter, version="1.2.3", build="abc")
         async with TestClient(TestServer(app)) as client:
             yield Harness(client, service, store, cfg, limiter, tokens), service, forwarder

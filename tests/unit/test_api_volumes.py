@@ -20,6 +20,7 @@ from rexecd.config import Config, RateLimitsConfig
 from rexecd.models import ContainerRecord, ContainerStatus, VolumeList
 from rexecd.service import auth
 from rexecd.service.auth import Principal
+from rexecd.service.homes import PlainHomes
 from rexecd.service.ratelimit import RateLimiter
 from rexecd.service.store import Store
 from rexecd.service.volumes import KeptVolumes
@@ -34,7 +35,8 @@ class VolumeService(FakeService):
     def __init__(self, cfg: Config, store: Store) -> None:
         super().__init__()
         self.store = store
-        self.volumes = KeptVolumes(cfg, store, None)
+        self.homes = PlainHomes(cfg, store, None)  # type: ignore[arg-type]
+        self.volumes = KeptVolumes(cfg, store, self.homes)
 
     def add(self, user_id: str, name: str, status: ContainerStatus = "running") -> ContainerRecord:
         rec = super().add(user_id, name, status)
@@ -43,7 +45,7 @@ class VolumeService(FakeService):
         return rec
 
     def keep(self, user_id: str, name: str) -> None:
-        home = self.volumes.plain_dir(user_id, name)
+        home = self.homes.plain_dir(user_id, name)
         home.mkdir(parents=True, exist_ok=True)
         self.store.upsert_volume(user_id, name, str(home), 2048)
 
@@ -117,11 +119,11 @@ async def test_delete_rules(tmp_path: Path) -> None:
             assert "error" in await resp.json()
         resp = await h.client.delete("/api/volumes/kept", headers=h.headers("alice-ro"))
         assert resp.status == 403
-        assert svc.volumes.plain_dir(h.user_id(), "kept").exists()
+        assert svc.homes.plain_dir(h.user_id(), "kept").exists()
         resp = await h.client.delete("/api/volumes/kept", headers=h.headers())
         assert resp.status == 200
         assert await resp.json() == {"message": "volume deleted", "name": "kept"}
-        assert not svc.volumes.plain_dir(h.user_id(), "kept").exists()
+        assert not svc.homes.plain_dir(h.user_id(), "kept").exists()
         assert h.store.get_volume(h.user_id("bob"), "bobs") is not None
         resp = await h.client.get("/api/volumes", headers=h.headers("alice-ro"))
         assert [v["name"] for v in (await resp.json())["volumes"]] == ["busy"]

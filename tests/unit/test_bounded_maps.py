@@ -106,22 +106,25 @@ async def test_watch_state_of_a_container_goes_when_it_stops(tmp_path: Path) -> 
                     memory_mb=512, cpu_shares=1000, disk_mb=2048, network_mbps=10
                 ),
             )
+            watcher = manager.watcher
             for _ in range(3):  # three runs of one container
-                manager._watch(rec)
-                manager._cpu_prev[rec.db_id] = (1.0, 100)  # what a stats call leaves
-                assert rec.db_id in manager._oom_seen
-                manager._unwatch(rec.db_id)
+                watcher.watch(rec)
+                manager.cpu.percent(rec.db_id, 100)  # what a stats call leaves
+                await manager.threads.run(rec.db_id, int)  # what an exec's user lookup leaves
+                assert rec.db_id in watcher.oom_seen
+                watcher.unwatch(rec.db_id)
             leftovers = [
                 table
                 for table in (
-                    manager._inits,
-                    manager._oom_fds,
-                    manager._oom_seen,
-                    manager._cpu_prev,
+                    watcher.inits,
+                    watcher.oom_fds,
+                    watcher.oom_seen,
+                    manager.cpu.prev,
                 )
                 if rec.db_id in table
             ]
             assert leftovers == []
+            assert len(manager.threads) == 0
     finally:
         proc.kill()
         proc.wait()

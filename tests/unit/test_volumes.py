@@ -16,6 +16,7 @@ from rexecd.errors import Conflict, NotFound, RuntimeFailure
 from rexecd.models import ContainerRecord, ContainerResources, utcnow
 from rexecd.runtime.storage import Storage, Volume
 from rexecd.runtime.storage.volume import Layout
+from rexecd.service.homes import PlainHomes, QuotaHomes
 from rexecd.service.manager import ContainerManager
 from rexecd.service.store import Store
 from rexecd.service.volumes import KeptVolumes
@@ -104,7 +105,8 @@ def world(tmp_path: Path) -> Iterator[World]:
     with Store(cfg.state_dir) as store:
         storage = MemoryStorage(tmp_path)
         uid = store.create_user("alice", "free").id
-        yield World(cfg, store, storage, KeptVolumes(cfg, store, storage), uid)
+        homes = QuotaHomes(storage, store, None)  # type: ignore[arg-type]
+        yield World(cfg, store, storage, KeptVolumes(cfg, store, homes), uid)
 
 
 def ago(days: float) -> datetime:
@@ -220,8 +222,9 @@ def test_recover_records_volumes_the_store_lost(world: World) -> None:
 
 
 def test_plain_directories_without_a_storage_method(world: World, tmp_path: Path) -> None:
-    kv = KeptVolumes(world.cfg, world.store, None)
-    home = kv.plain_dir(world.uid, "a")
+    homes = PlainHomes(world.cfg, world.store, None)  # type: ignore[arg-type]
+    kv = KeptVolumes(world.cfg, world.store, homes)
+    home = homes.plain_dir(world.uid, "a")
     home.mkdir(parents=True)
     (home / "f").write_text("x")
     world.store.upsert_volume(world.uid, "a", str(home), 100)
