@@ -78,10 +78,8 @@ def _print_import(rec: ImageRecord) -> None:
 
 
 def _cmd_image_import(a: argparse.Namespace) -> int:
-    from rexecd.config import load_config
-
     # The config's images.unpack limits hold for an import by hand too.
-    store = _images(a, load_config(Path(a.config) if a.config else _default_config()))
+    store = _images(a, _tool_config(a))
     if a.rootfs is not None:
         if a.file is not None or not a.name:
             raise InvalidRequest("rexecd image import --rootfs FILE --name NAME:TAG (no FILE)")
@@ -98,10 +96,9 @@ def _cmd_image_pull(a: argparse.Namespace) -> int:
     import asyncio
 
     from rexecd.client.progress import ProgressBar
-    from rexecd.config import load_config
     from rexecd.service.registry import Puller, PullProgress
 
-    cfg = load_config(Path(a.config) if a.config else _default_config())
+    cfg = _tool_config(a)
     bar = ProgressBar()
 
     def show(p: PullProgress) -> None:
@@ -142,6 +139,14 @@ def _cmd_image_pull(a: argparse.Namespace) -> int:
 def _default_config() -> Path | None:
     path = Path("/etc/rexecd/rexecd.yaml")
     return path if path.exists() else None
+
+
+def _tool_config(a: argparse.Namespace) -> Config:
+    """The config an image command works under (``--config``, else the installed one),
+    loaded without the daemon's "which file" line: the command's output is its answer."""
+    from rexecd.config import load_config
+
+    return load_config(Path(a.config) if a.config else _default_config(), announce=False)
 
 
 def _cmd_image_ls(a: argparse.Namespace) -> int:

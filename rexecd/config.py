@@ -756,15 +756,17 @@ def _parse(text: str, origin: str) -> Config:
     return _validate(data)
 
 
-def load_config(path: Path | None) -> Config:
+def load_config(path: Path | None, *, announce: bool = True) -> Config:
     """Load ``path``; without a path, the embedded default. A missing file is an error.
 
     A key absent from the file takes the built-in default of that key (the same
     value default.yaml spells out); a tier, being one unit, must be given whole.
-    Which file was used is logged, so a mistyped ``--config`` does not go unnoticed.
+    Which file was used is logged (``announce``), so a mistyped ``--config`` does not go
+    unnoticed by a daemon; a one-shot tool whose output is its answer passes False.
     """
+    say = log.info if announce else log.debug
     if path is None:
-        log.info("config: no file given, using the embedded default")
+        say("config: no file given, using the embedded default")
         return _parse(default_config_text(), "embedded default.yaml")
     if not path.exists():
         # A mistyped --config must not start a daemon on defaults it was not meant to use.
@@ -773,7 +775,7 @@ def load_config(path: Path | None) -> Config:
         text = path.read_text("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from None
-    log.info("config: using %s", path)
+    say("config: using %s", path)
     return _parse(text, str(path))
 
 
