@@ -204,6 +204,8 @@ class FakeNamespace:
         self._do("redirect_all", index=index, **args)
         self._link(index)
         self._link(to_index)
+        if self.qdiscs.get((index, 0xFFFFFFF1), {}).get("handle") != parent:
+            raise NetlinkError(errno.EINVAL, "Invalid argument: no qdisc at the filter's parent")
         self.filters.append({"index": index, **args})
 
 
