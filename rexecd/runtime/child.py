@@ -10,6 +10,10 @@ interpreter could be the host's Python binary (the runc CVE-2019-5736 class). Of
 spawner's descriptors it keeps none: stdio is what the caller passed, a PTY, or the
 container's own /dev/null. Any failure is sent to the caller as
 ``ChildError(step, errno, message)``; nothing here ever returns.
+
+The namespace and mount steps (``join_namespaces``, ``build_root``) make their system
+calls through a ``Kernel`` (``kernel.HOST`` here), which unit tests replace with a
+recording fake.
 """
 
 from __future__ import annotations

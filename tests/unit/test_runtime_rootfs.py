@@ -20,6 +20,7 @@ from rexecd.runtime.spec import (
     DEFAULT_MASKED_PATHS,
     BindMount,
     ContainerSpec,
+    ExecSpec,
     ProcessSpec,
     RootfsSpec,
     UsernsSpec,
@@ -220,6 +221,18 @@ def test_namespaces_with_userns_join_the_owned_ones_and_unshare_mount_and_cgroup
         # Mount and cgroup namespaces stay owned by the host's user namespace.
         Call("unshare", (n.CLONE_NEWNS | n.CLONE_NEWCGROUP,)),
     ]
+
+
+def test_an_exec_joins_every_namespace_of_the_container_and_closes_its_pidfd() -> None:
+    k = FakeKernel(tree=["/proc/4242"])
+    pidfd = k.open("/proc/4242", 0)
+    body = ExecSpec(container_pid=4242, process=ProcessSpec(args=["/bin/true"]))
+    child.join_namespaces(k, body, child._Step(), pidfd)
+    everything_but_pid = (
+        n.CLONE_NEWNS | n.CLONE_NEWUTS | n.CLONE_NEWIPC | n.CLONE_NEWNET | n.CLONE_NEWCGROUP
+    )
+    assert k.calls == [Call("setns", (pidfd, everything_but_pid))]
+    assert k.open_fds() == {}
 
 
 def test_volumes_are_bound_after_masking_and_readonly_ones_remounted() -> None:
