@@ -10,6 +10,10 @@ interpreter could be the host's Python binary (the runc CVE-2019-5736 class). Of
 spawner's descriptors it keeps none: stdio is what the caller passed, a PTY, or the
 container's own /dev/null. Any failure is sent to the caller as
 ``ChildError(step, errno, message)``; nothing here ever returns.
+
+The namespace and mount steps (``join_namespaces``, ``build_root``) make their system
+calls through a ``Kernel`` (``kernel.HOST`` here), which unit tests replace with a
+recording fake.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import prctl
 
 from rexecd import _native as n
 from rexecd.runtime import capabilities, rootfs, sync, userns
+from rexecd.runtime.kernel import HOST, Kernel
 from rexecd.runtime.spec import ContainerSpec, ExecSpec, ProcessSpec
 
 NEW_CONTAINER_NS = (
@@ -117,6 +122,7 @@ def enter(
     step: _Step,
     pidfd: int = -1,
     nsfds: userns.UsernsFds | None = None,
+    k: Kernel = HOST,
 ) -> None:
     """First steps of every child: the spawner has already placed it in the right pid
     namespace (pid 1 of a fresh one for a container, the container's for an exec).
@@ -139,6 +145,18 @@ def enter(
     _take_stdio(stdio)
     step.name = "cgroup join"
     _join_cgroup(body.cgroup_procs)
+    join_namespaces(k, body, step, pidfd, nsfds)
+
+
+def join_namespaces(
+    k: Kernel,
+    body: ContainerSpec | ExecSpec,
+    step: _Step,
+    pidfd: int = -1,
+    nsfds: userns.UsernsFds | None = None,
+) -> None:
+    """Unshare a new container's namespaces (joining the user-owned ones first), or
+    join a running container's through ``pidfd`` (which this closes)."""
     if isinstance(body, ContainerSpec):
         flags = NEW_CONTAINER_NS & ~n.CLONE_NEWPID
         if nsfds is not None:
@@ -148,20 +166,20 @@ def enter(
                 (nsfds.uts, n.CLONE_NEWUTS),
                 (nsfds.ipc, n.CLONE_NEWIPC),
             ):
-                n.setns(fd, kind)
+                k.setns(fd, kind)
             flags &= ~userns.OWNED_NS
         step.name = "unshare namespaces"
-        n.unshare(flags)
+        k.unshare(flags)
     else:
         # ``pidfd`` was opened by the spawner, which already joined the pid namespace.
         step.name = "join container namespaces"
         try:
-            n.setns(pidfd, NEW_CONTAINER_NS & ~n.CLONE_NEWPID)
+            k.setns(pidfd, NEW_CONTAINER_NS & ~n.CLONE_NEWPID)
             if body.join_userns:
                 step.name = "join user namespace"
                 userns.join(pidfd)
         finally:
-            os.close(pidfd)
+            k.close(pidfd)
 
 
 def _loopback_up() -> None:
@@ -239,33 +257,22 @@ def container_init(
     stdio: list[int],
     init_fd: int,
     nsfds: userns.UsernsFds | None = None,
+    k: Kernel = HOST,
 ) -> NoReturn:
     """A new container's pid 1, from fork until it execs rexec-init."""
     step = _Step()
     try:
-        enter(spec, stdio, step, nsfds=nsfds)
+        enter(spec, stdio, step, nsfds=nsfds, k=k)
         os.umask(0)
         step.name = "setsid"
         os.setsid()
         step.name = "loopback up"
         _loopback_up()
         step.name = "sethostname"
-        n.sethostname(spec.hostname)
+        k.sethostname(spec.hostname)
         last = capabilities.last_cap()
         sync.send(sock, sync.Ready())
-        step.name = "mount rootfs"
-        rootfd = rootfs.mount_root(spec, nsfds.user if nsfds is not None else -1)
-        step.name = "mount /dev"
-        rootfs.mount_dev(rootfd, spec.userns.base if spec.userns is not None else 0)
-        step.name = "mount /proc and /sys"
-        rootfs.mount_proc_sys(rootfd)
-        step.name = "mask paths"
-        rootfs.mask_paths(rootfd, spec.masked_paths, spec.readonly_paths)
-        step.name = "bind mounts"
-        rootfs.bind_mounts(rootfd, spec.mounts)
-        os.close(rootfd)
-        step.name = "pivot_root"
-        rootfs.pivot(spec.rootfs.target)
+        build_root(k, spec, step, nsfds)
         step.name = "stdio"
         _null_stdio(len(stdio))
         if spec.wait_for_go:
@@ -284,6 +291,25 @@ def container_init(
         os.execve(init_fd, ["rexec-init", *spec.process.args], _env_dict(spec.process.env))
     except BaseException as exc:
         _fail(sock, step.name, exc)
+
+
+def build_root(
+    k: Kernel, spec: ContainerSpec, step: _Step, nsfds: userns.UsernsFds | None = None
+) -> None:
+    """Every mount of a new container, in order, ending with ``spec``'s root pivoted in."""
+    step.name = "mount rootfs"
+    rootfd = rootfs.mount_root(k, spec, nsfds.user if nsfds is not None else -1)
+    step.name = "mount /dev"
+    rootfs.mount_dev(k, rootfd, spec.userns.base if spec.userns is not None else 0)
+    step.name = "mount /proc and /sys"
+    rootfs.mount_proc_sys(k, rootfd)
+    step.name = "mask paths"
+    rootfs.mask_paths(k, rootfd, spec.masked_paths, spec.readonly_paths)
+    step.name = "bind mounts"
+    rootfs.bind_mounts(k, rootfd, spec.mounts)
+    k.close(rootfd)
+    step.name = "pivot_root"
+    rootfs.pivot(k, spec.rootfs.target)
 
 
 def _env_dict(env: list[str]) -> dict[str, str]:

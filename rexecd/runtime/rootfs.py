@@ -5,6 +5,9 @@ unshared CLONE_NEWNS), a new pid namespace for /proc, and a new network namespac
 for /sys. Every mount target is resolved inside the new root with openat2
 (RESOLVE_IN_ROOT) and mounted through /proc/self/fd, so a symlink in the image can
 never redirect a mount onto the host.
+
+Every system call goes through the ``Kernel`` each function is handed (``kernel.HOST``
+in the spawner's child), so unit tests can record the mount sequence without root.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from rexecd import _native as n
+from rexecd.runtime.kernel import Kernel
 from rexecd.runtime.spec import BindMount, ContainerSpec
 
 _IN_ROOT = n.RESOLVE_IN_ROOT | n.RESOLVE_NO_MAGICLINKS
@@ -44,14 +48,16 @@ def _fdpath(fd: int) -> str:
 
 
 @contextmanager
-def _opened(fd: int) -> Iterator[int]:
+def _opened(k: Kernel, fd: int) -> Iterator[int]:
     try:
         yield fd
     finally:
-        os.close(fd)
+        k.close(fd)
 
 
-def open_dir_in_root(rootfd: int, rel: str, *, create: bool, strict: bool = False) -> int:
+def open_dir_in_root(
+    k: Kernel, rootfd: int, rel: str, *, create: bool, strict: bool = False
+) -> int:
     """An O_PATH fd of directory ``rel`` resolved inside ``rootfd``, created if missing.
 
     ``strict`` refuses symlinks anywhere on the path (used for /proc, /sys and /dev,
@@ -60,17 +66,17 @@ def open_dir_in_root(rootfd: int, rel: str, *, create: bool, strict: bool = Fals
     resolve = _IN_ROOT | (n.RESOLVE_NO_SYMLINKS if strict else 0)
     rel = rel.strip("/") or "."
     try:
-        return n.openat2(rootfd, rel, os.O_PATH | os.O_DIRECTORY, resolve=resolve)
+        return k.openat2(rootfd, rel, os.O_PATH | os.O_DIRECTORY, resolve=resolve)
     except FileNotFoundError:
         if not create or rel == ".":
             raise
     parent, _, name = rel.rpartition("/")
-    with _opened(open_dir_in_root(rootfd, parent, create=True, strict=strict)) as pfd:
+    with _opened(k, open_dir_in_root(k, rootfd, parent, create=True, strict=strict)) as pfd:
         try:
-            os.mkdir(name, 0o755, dir_fd=pfd)
+            k.mkdirat(pfd, name, 0o755)
         except FileExistsError:
             pass
-        return n.openat2(
+        return k.openat2(
             pfd, name, os.O_PATH | os.O_DIRECTORY, resolve=n.RESOLVE_BENEATH | n.RESOLVE_NO_SYMLINKS
         )
 
@@ -91,119 +97,118 @@ def _overlay_options(spec: ContainerSpec, fds: dict[str, int]) -> str:
     return opts
 
 
-def mount_root(spec: ContainerSpec, userns_fd: int = -1) -> int:
+def mount_root(k: Kernel, spec: ContainerSpec, userns_fd: int = -1) -> int:
     """Make every mount private, mount the overlay root; returns an O_PATH fd of it.
 
     With ``userns_fd`` the image layers are idmapped through that user namespace (the
     upper and work dirs already belong to its range), so the one shared copy of each
     layer shows its root-owned files as owned by the container's root."""
-    n.mount(None, "/", None, n.MS_REC | n.MS_PRIVATE)
+    k.mount(None, "/", None, n.MS_REC | n.MS_PRIVATE)
     r = spec.rootfs
     fds: dict[str, int] = {}
     try:
         if userns_fd >= 0:
-            from rexecd.runtime import userns
-
-            fds.update(userns.idmap_layers(r.lowerdirs, userns_fd))
+            fds.update(k.idmap_layers(r.lowerdirs, userns_fd))
         for path in (*r.lowerdirs, r.upperdir, r.workdir):
             if path not in fds:
-                fds[path] = os.open(path, os.O_PATH | os.O_DIRECTORY)
-        n.mount("overlay", r.target, "overlay", 0, _overlay_options(spec, fds))
+                fds[path] = k.open(path, os.O_PATH | os.O_DIRECTORY)
+        k.mount("overlay", r.target, "overlay", 0, _overlay_options(spec, fds))
     finally:
         for fd in fds.values():
-            os.close(fd)
-    return os.open(r.target, os.O_PATH | os.O_DIRECTORY)
+            k.close(fd)
+    return k.open(r.target, os.O_PATH | os.O_DIRECTORY)
 
 
-def mount_dev(rootfd: int, id_base: int = 0) -> None:
+def mount_dev(k: Kernel, rootfd: int, id_base: int = 0) -> None:
     """/dev as a small tmpfs with the safe device nodes, its own devpts, shm and mqueue.
 
     ``id_base`` is the host id of the container's root (0 without a user namespace):
     what /dev holds is owned by it, as it would be by root without one."""
     owner = f",uid={id_base},gid={id_base}" if id_base else ""
-    with _opened(open_dir_in_root(rootfd, "dev", create=True, strict=True)) as dfd:
-        n.mount(
+    with _opened(k, open_dir_in_root(k, rootfd, "dev", create=True, strict=True)) as dfd:
+        k.mount(
             "tmpfs",
             _fdpath(dfd),
             "tmpfs",
             n.MS_NOSUID | n.MS_STRICTATIME,
             f"mode=755,size=65536k{owner}",
         )
-    with _opened(n.openat2(rootfd, "dev", os.O_DIRECTORY | os.O_RDONLY, resolve=_IN_ROOT)) as dev:
+    dev_flags = os.O_DIRECTORY | os.O_RDONLY
+    with _opened(k, k.openat2(rootfd, "dev", dev_flags, resolve=_IN_ROOT)) as dev:
         for name, major, minor in DEVICES:
-            n.mknodat(dev, name, stat.S_IFCHR | 0o666, major, minor)
-            os.chmod(name, 0o666, dir_fd=dev)
+            k.mknodat(dev, name, stat.S_IFCHR | 0o666, major, minor)
+            k.fchmodat(dev, name, 0o666)
         for name, target in _DEV_LINKS:
-            os.symlink(target, name, dir_fd=dev)
+            k.symlinkat(target, dev, name)
         for sub in ("pts", "shm", "mqueue"):
-            os.mkdir(sub, 0o755, dir_fd=dev)
+            k.mkdirat(dev, sub, 0o755)
         if id_base:
             for name in [d[0] for d in DEVICES] + [link[0] for link in _DEV_LINKS]:
-                os.chown(name, id_base, id_base, dir_fd=dev, follow_symlinks=False)
+                k.fchownat(dev, name, id_base, id_base, follow=False)
             for sub in ("pts", "shm", "mqueue"):
-                os.chown(sub, id_base, id_base, dir_fd=dev)
-        with _opened(n.openat2(dev, "pts", os.O_PATH, resolve=n.RESOLVE_BENEATH)) as fd:
-            n.mount(
+                k.fchownat(dev, sub, id_base, id_base, follow=True)
+        with _opened(k, k.openat2(dev, "pts", os.O_PATH, resolve=n.RESOLVE_BENEATH)) as fd:
+            k.mount(
                 "devpts",
                 _fdpath(fd),
                 "devpts",
                 n.MS_NOSUID | n.MS_NOEXEC,
                 f"newinstance,ptmxmode=0666,mode=0620,gid={id_base + 5}",
             )
-        with _opened(n.openat2(dev, "shm", os.O_PATH, resolve=n.RESOLVE_BENEATH)) as fd:
-            n.mount(
+        with _opened(k, k.openat2(dev, "shm", os.O_PATH, resolve=n.RESOLVE_BENEATH)) as fd:
+            k.mount(
                 "shm", _fdpath(fd), "tmpfs", _NOSUID_NODEV_NOEXEC, f"mode=1777,size=65536k{owner}"
             )
-        with _opened(n.openat2(dev, "mqueue", os.O_PATH, resolve=n.RESOLVE_BENEATH)) as fd:
-            n.mount("mqueue", _fdpath(fd), "mqueue", _NOSUID_NODEV_NOEXEC)
+        with _opened(k, k.openat2(dev, "mqueue", os.O_PATH, resolve=n.RESOLVE_BENEATH)) as fd:
+            k.mount("mqueue", _fdpath(fd), "mqueue", _NOSUID_NODEV_NOEXEC)
 
 
-def mount_proc_sys(rootfd: int) -> None:
+def mount_proc_sys(k: Kernel, rootfd: int) -> None:
     """A /proc of the container's pid namespace and a read-only /sys of its net namespace."""
-    with _opened(open_dir_in_root(rootfd, "proc", create=True, strict=True)) as fd:
-        n.mount("proc", _fdpath(fd), "proc", _NOSUID_NODEV_NOEXEC)
-    with _opened(open_dir_in_root(rootfd, "sys", create=True, strict=True)) as fd:
-        n.mount("sysfs", _fdpath(fd), "sysfs", _NOSUID_NODEV_NOEXEC | n.MS_RDONLY)
+    with _opened(k, open_dir_in_root(k, rootfd, "proc", create=True, strict=True)) as fd:
+        k.mount("proc", _fdpath(fd), "proc", _NOSUID_NODEV_NOEXEC)
+    with _opened(k, open_dir_in_root(k, rootfd, "sys", create=True, strict=True)) as fd:
+        k.mount("sysfs", _fdpath(fd), "sysfs", _NOSUID_NODEV_NOEXEC | n.MS_RDONLY)
 
 
-def _open_existing(rootfd: int, path: str) -> int | None:
+def _open_existing(k: Kernel, rootfd: int, path: str) -> int | None:
     try:
-        return n.openat2(rootfd, path.lstrip("/"), os.O_PATH | os.O_NOFOLLOW, resolve=_IN_ROOT)
+        return k.openat2(rootfd, path.lstrip("/"), os.O_PATH | os.O_NOFOLLOW, resolve=_IN_ROOT)
     except FileNotFoundError:
         return None
 
 
-def mask_paths(rootfd: int, masked: list[str], readonly: list[str]) -> None:
+def mask_paths(k: Kernel, rootfd: int, masked: list[str], readonly: list[str]) -> None:
     """Hide ``masked`` (files behind /dev/null, dirs behind an empty read-only tmpfs) and
     make ``readonly`` read-only; paths the kernel does not have are skipped."""
-    with _opened(n.openat2(rootfd, "dev/null", os.O_PATH, resolve=_IN_ROOT)) as null:
+    with _opened(k, k.openat2(rootfd, "dev/null", os.O_PATH, resolve=_IN_ROOT)) as null:
         # Our own node on the /dev tmpfs mounted just before; were it anything else (an
         # image's symlink to a proc file), each mask would bind that file instead: a
         # writable alias of it (runc CVE-2025-31133).
-        st = os.fstat(null)
-        if not stat.S_ISCHR(st.st_mode) or st.st_rdev != os.makedev(1, 3):
+        st = k.fstat(null)
+        if not stat.S_ISCHR(st.mode) or st.rdev != os.makedev(1, 3):
             raise OSError(errno.EINVAL, "/dev/null is not the null device", "/dev/null")
         for path in masked:
-            fd = _open_existing(rootfd, path)
+            fd = _open_existing(k, rootfd, path)
             if fd is None:
                 continue
-            with _opened(fd):
-                if stat.S_ISDIR(os.fstat(fd).st_mode):
-                    n.mount("tmpfs", _fdpath(fd), "tmpfs", n.MS_RDONLY, "size=0")
+            with _opened(k, fd):
+                if stat.S_ISDIR(k.fstat(fd).mode):
+                    k.mount("tmpfs", _fdpath(fd), "tmpfs", n.MS_RDONLY, "size=0")
                 else:
-                    n.mount(_fdpath(null), _fdpath(fd), None, n.MS_BIND)
+                    k.mount(_fdpath(null), _fdpath(fd), None, n.MS_BIND)
     for path in readonly:
-        fd = _open_existing(rootfd, path)
+        fd = _open_existing(k, rootfd, path)
         if fd is None:
             continue
-        with _opened(fd):
-            n.mount(_fdpath(fd), _fdpath(fd), None, n.MS_BIND | n.MS_REC)
+        with _opened(k, fd):
+            k.mount(_fdpath(fd), _fdpath(fd), None, n.MS_BIND | n.MS_REC)
         # Re-resolve: the bind above stacked a new mount over the old dentry.
-        fd2 = _open_existing(rootfd, path)
+        fd2 = _open_existing(k, rootfd, path)
         if fd2 is None:
             continue
-        with _opened(fd2):
-            n.mount(
+        with _opened(k, fd2):
+            k.mount(
                 None,
                 _fdpath(fd2),
                 None,
@@ -211,31 +216,31 @@ def mask_paths(rootfd: int, masked: list[str], readonly: list[str]) -> None:
             )
 
 
-def bind_mounts(rootfd: int, mounts: list[BindMount]) -> None:
+def bind_mounts(k: Kernel, rootfd: int, mounts: list[BindMount]) -> None:
     """Bind host directories (volumes) into the root at targets resolved inside it,
     and host files (lxcfs's) over files of the container's fresh /proc."""
     for m in mounts:
-        with _opened(_bind_target(rootfd, m)) as fd:
-            n.mount(m.source, _fdpath(fd), None, n.MS_BIND | n.MS_REC)
+        with _opened(k, _bind_target(k, rootfd, m)) as fd:
+            k.mount(m.source, _fdpath(fd), None, n.MS_BIND | n.MS_REC)
         if m.readonly:
             # Re-resolve: the fd above names the dentry under the new mount, and a
             # remount through it would change the mount beneath (the container's root).
-            with _opened(_bind_target(rootfd, m)) as fd:
-                n.mount(None, _fdpath(fd), None, n.MS_BIND | n.MS_REMOUNT | n.MS_RDONLY)
+            with _opened(k, _bind_target(k, rootfd, m)) as fd:
+                k.mount(None, _fdpath(fd), None, n.MS_BIND | n.MS_REMOUNT | n.MS_RDONLY)
 
 
-def _bind_target(rootfd: int, m: BindMount) -> int:
+def _bind_target(k: Kernel, rootfd: int, m: BindMount) -> int:
     if m.target.startswith("/proc/"):
         # Over a file the kernel's proc made: it must exist, and no symlink counts.
-        return n.openat2(
+        return k.openat2(
             rootfd, m.target.lstrip("/"), os.O_PATH, resolve=_IN_ROOT | n.RESOLVE_NO_SYMLINKS
         )
-    return open_dir_in_root(rootfd, m.target, create=True)
+    return open_dir_in_root(k, rootfd, m.target, create=True)
 
 
-def pivot(target: str) -> None:
+def pivot(k: Kernel, target: str) -> None:
     """Make ``target`` the root and detach the old one, leaving no path to the host."""
-    os.chdir(target)
-    n.pivot_root(".", ".")
-    n.umount2(".", n.MNT_DETACH)
-    os.chdir("/")
+    k.chdir(target)
+    k.pivot_root(".", ".")
+    k.umount2(".", n.MNT_DETACH)
+    k.chdir("/")

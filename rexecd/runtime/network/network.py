@@ -14,7 +14,6 @@ from rexecd.errors import Conflict, NotFound, RuntimeFailure
 
 from . import etcfiles, shaping, veth
 from .bridge import (
-    Link,
     bridge_index,
     check_overlap,
     delete_bridge,
@@ -39,7 +38,7 @@ from .naming import (
     ifb_ifname,
     is_our_name,
 )
-from .netlink import ContainerNetns, host_session
+from .netlink import Link, Netlink, NetlinkOpener, Pyroute2Opener
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +68,14 @@ class Network:
     bridge and its sets, which keeps the group allocation race-free.
     """
 
-    def __init__(self, cfg: NetworkConfig) -> None:
+    def __init__(self, cfg: NetworkConfig, netlink: NetlinkOpener | None = None) -> None:
         check_ifname(cfg.bridge)
         check_table(cfg.nft_table)
         self.cfg = cfg
         self.ipam = Ipam(cfg.subnet)
         self._gateway = ipaddress.IPv4Interface(f"{self.ipam.gateway}/{self.ipam.prefixlen}")
         self.firewall = firewall_for(cfg)
+        self._netlink: NetlinkOpener = netlink or Pyroute2Opener()
         self._lock = threading.Lock()
 
     # -- host ------------------------------------------------------------------------
@@ -90,9 +90,9 @@ class Network:
         groups, forwards) are kept.
         """
         bridge = self.cfg.bridge
-        with self._lock, host_session() as ipr:
-            check_overlap(ipr, bridge, self.ipam.network)
-            ensure_bridge(ipr, bridge, self._gateway, bridge_mac(bridge))
+        with self._lock, self._netlink.host() as nl:
+            check_overlap(nl, bridge, self.ipam.network)
+            ensure_bridge(nl, bridge, self._gateway, bridge_mac(bridge))
             # ip_forward is global and stays on at teardown: other daemons on the host
             # may rely on it, and it was most likely on before us anyway.
             write_sysctl("net/ipv4/ip_forward", "1")
@@ -105,9 +105,9 @@ class Network:
 
     def teardown_host(self) -> None:
         """Remove every container link of ours, the bridge and both nft tables. Idempotent."""
-        with self._lock, host_session() as ipr:
-            self._sweep(ipr, set())
-            delete_bridge(ipr, self.cfg.bridge)
+        with self._lock, self._netlink.host() as nl:
+            self._sweep(nl, set())
+            delete_bridge(nl, self.cfg.bridge)
             self.firewall.remove()
 
     # -- containers ------------------------------------------------------------------
@@ -130,11 +130,16 @@ class Network:
         mac = container_mac(bridge, container_id)
         alias = LinkTag(bridge, container_id, ip, group).encode()
         port = Port(host, mac, ip)
-        with self._lock, host_session() as ipr, ContainerNetns(pid) as ns, ExitStack() as undo:
-            br = self._require_bridge(ipr)
-            if get_link(ipr, host) is not None:
+        with (
+            self._lock,
+            self._netlink.host() as nl,
+            self._netlink.netns(pid) as ns,
+            ExitStack() as undo,
+        ):
+            br = self._require_bridge(nl)
+            if get_link(nl, host) is not None:
                 raise Conflict(f"container {container_id} is already attached ({host})")
-            ports = self._ports(ipr, br)
+            ports = self._ports(nl, br)
             for link in ports:
                 tag = LinkTag.decode(link.alias)
                 if tag is not None and tag.ip == ip:
@@ -142,19 +147,19 @@ class Network:
             devgroup = self._devgroup(ports, group) if group is not None else 0
             # Undo runs last-in first-out: the nft elements go after the veth, so the
             # group element is seen memberless and goes too.
-            undo.callback(self._best_effort, "nft delete", self._forget_port, ipr, br, port)
+            undo.callback(self._best_effort, "nft delete", self._forget_port, nl, br, port)
             # Registered before the pair exists: a failure inside create_pair after
             # the link was made must remove it too; deleting an absent link is a no-op.
-            undo.callback(self._best_effort, "veth del", veth.delete, ipr, host)
-            idx = veth.create_pair(ipr, host, br, ns, mac, devgroup, alias, group is None)
+            undo.callback(self._best_effort, "veth del", veth.delete, nl, host)
+            idx = veth.create_pair(nl, host, br, ns, mac, devgroup, alias, group is None)
             veth.configure_container(ns, ip, self.ipam.prefixlen, self.gateway())
             if mbps is not None:
-                undo.callback(self._best_effort, "ifb del", shaping.delete_ifb, ipr, ifb)
-                shaping.apply(ipr, host, ifb, alias, mbps)
+                undo.callback(self._best_effort, "ifb del", shaping.delete_ifb, nl, ifb)
+                shaping.apply(nl, host, ifb, alias, mbps)
             self.firewall.add_port(port, devgroup)
             # Up last: until the firewall knows the port, the bridge would carry no
             # frame from it anyway (fail closed), but there is no reason to try.
-            veth.set_up(ipr, idx, host)
+            veth.set_up(nl, idx, host)
             undo.pop_all()
         return Attachment(
             container_id=container_id,
@@ -172,24 +177,24 @@ class Network:
         check_container_id(container_id)
         bridge = self.cfg.bridge
         host = host_ifname(bridge, container_id)
-        with self._lock, host_session() as ipr:
-            br = bridge_index(ipr, bridge)
-            link = get_link(ipr, host)
+        with self._lock, self._netlink.host() as nl:
+            br = bridge_index(nl, bridge)
+            link = get_link(nl, host)
             ours = link is not None and br is not None and link.master == br
             tag = LinkTag.decode(link.alias) if link is not None and ours else None
             if ours:
-                veth.delete(ipr, host)
-            self._delete_ifb(ipr, ifb_ifname(bridge, container_id))
+                veth.delete(nl, host)
+            self._delete_ifb(nl, ifb_ifname(bridge, container_id))
             if link is None or tag is None or tag.container_id != container_id:
                 # The pair is gone (the netns died and took it along): find what the
                 # firewall still holds for this port by listing it.
                 state = self.firewall.state()
                 ips = {p.ip for p in state.ports if p.ifname == host}
-                self._prune_firewall(ipr, br, state, {host}, ips)
+                self._prune_firewall(nl, br, state, {host}, ips)
                 return
             # The tag says exactly which elements this port has; only the port
             # forwards need listing.
-            live_groups = {port.group for port in self._ports(ipr, br)}
+            live_groups = {port.group for port in self._ports(nl, br)}
             state = self.firewall.state(bridge=False)
             if not state.present:
                 return  # our tables are gone (teardown_host): so are their elements
@@ -207,21 +212,21 @@ class Network:
         shaping.check_mbps(mbps)
         host = host_ifname(self.cfg.bridge, container_id)
         ifb = ifb_ifname(self.cfg.bridge, container_id)
-        with self._lock, host_session() as ipr:
-            link = self._our_port(ipr, host, container_id)
+        with self._lock, self._netlink.host() as nl:
+            link = self._our_port(nl, host, container_id)
             if mbps is None:
-                shaping.remove(ipr, host, ifb)
+                shaping.remove(nl, host, ifb)
             else:
-                shaping.apply(ipr, host, ifb, link.alias or "", mbps)
+                shaping.apply(nl, host, ifb, link.alias or "", mbps)
 
     def attachments(self) -> list[Attachment]:
         """What is attached now, read back from the kernel (for re-adoption after restart)."""
         out: list[Attachment] = []
-        with self._lock, host_session() as ipr:
-            br = bridge_index(ipr, self.cfg.bridge)
+        with self._lock, self._netlink.host() as nl:
+            br = bridge_index(nl, self.cfg.bridge)
             if br is None:
                 return out
-            for link in self._ports(ipr, br):
+            for link in self._ports(nl, br):
                 tag = LinkTag.decode(link.alias)
                 if tag is None:
                     continue
@@ -233,7 +238,7 @@ class Network:
                         prefixlen=self.ipam.prefixlen,
                         gateway=self.gateway(),
                         mac=container_mac(self.cfg.bridge, tag.container_id),
-                        mbps=shaping.rate_mbps(ipr, link.index),
+                        mbps=shaping.rate_mbps(nl, link.index),
                         group=tag.group,
                     )
                 )
@@ -246,8 +251,8 @@ class Network:
         names our bridge, are considered: other daemons' links are never touched.
         Returns what was removed (link names, then ``nft ...`` descriptions).
         """
-        with self._lock, host_session() as ipr:
-            return self._sweep(ipr, live_ids)
+        with self._lock, self._netlink.host() as nl:
+            return self._sweep(nl, live_ids)
 
     @staticmethod
     def write_etc_files(
@@ -258,27 +263,27 @@ class Network:
 
     # -- internals -------------------------------------------------------------------
 
-    def _require_bridge(self, ipr: Any) -> int:
-        br = bridge_index(ipr, self.cfg.bridge)
+    def _require_bridge(self, nl: Netlink) -> int:
+        br = bridge_index(nl, self.cfg.bridge)
         if br is None:
             raise RuntimeFailure("bridge", f"{self.cfg.bridge} does not exist (setup_host first)")
         return br
 
-    def _our_port(self, ipr: Any, host: str, container_id: str) -> Link:
-        br = self._require_bridge(ipr)
-        link = get_link(ipr, host)
+    def _our_port(self, nl: Netlink, host: str, container_id: str) -> Link:
+        br = self._require_bridge(nl)
+        link = get_link(nl, host)
         if link is None or link.master != br:
             raise NotFound(f"container {container_id} is not attached")
         return link
 
     @staticmethod
-    def _ports(ipr: Any, br: int | None) -> list[Link]:
+    def _ports(nl: Netlink, br: int | None) -> list[Link]:
         """Our container veths: our name pattern and enslaved to our bridge."""
         if br is None:
             return []
         return [
             link
-            for link in list_links(ipr)
+            for link in list_links(nl)
             if link.kind == "veth"
             and link.master == br
             and link.name.startswith(VETH_PREFIX)
@@ -291,11 +296,11 @@ class Network:
         tag = LinkTag.decode(link.alias)
         return is_our_name(link.name) and tag is not None and tag.bridge == self.cfg.bridge
 
-    def _delete_ifb(self, ipr: Any, name: str) -> bool:
-        link = get_link(ipr, name)
+    def _delete_ifb(self, nl: Netlink, name: str) -> bool:
+        link = get_link(nl, name)
         if link is None or not self._our_ifb(link):
             return False
-        return shaping.delete_ifb(ipr, name)
+        return shaping.delete_ifb(nl, name)
 
     @staticmethod
     def _devgroup(ports: list[Link], group: str) -> int:
@@ -311,12 +316,12 @@ class Network:
             number += 1
         return number
 
-    def _forget_port(self, ipr: Any, br: int, port: Port) -> None:
-        self._prune_firewall(ipr, br, self.firewall.state(), {port.ifname}, {port.ip})
+    def _forget_port(self, nl: Netlink, br: int, port: Port) -> None:
+        self._prune_firewall(nl, br, self.firewall.state(), {port.ifname}, {port.ip})
 
     def _prune_firewall(
         self,
-        ipr: Any,
+        nl: Netlink,
         br: int | None,
         state: FirewallState,
         gone: set[str] | None,
@@ -327,7 +332,7 @@ class Network:
         ``gone``/``gone_ips`` name a departing container; None means "every element
         without a live port" (reconcile). Group elements without a member always go.
         """
-        live = self._ports(ipr, br)
+        live = self._ports(nl, br)
         live_names = {link.name for link in live}
         live_groups = {link.group for link in live}
         if gone is None:
@@ -348,20 +353,20 @@ class Network:
             + [f"nft forward {proto}/{port}" for proto, port in sorted(forwards)]
         )
 
-    def _sweep(self, ipr: Any, live_ids: set[str]) -> list[str]:
+    def _sweep(self, nl: Netlink, live_ids: set[str]) -> list[str]:
         bridge = self.cfg.bridge
         keep = {host_ifname(bridge, cid) for cid in live_ids} | {
             ifb_ifname(bridge, cid) for cid in live_ids
         }
-        br = bridge_index(ipr, bridge)
+        br = bridge_index(nl, bridge)
         removed: list[str] = []
-        for link in self._ports(ipr, br):
-            if link.name not in keep and veth.delete(ipr, link.name):
+        for link in self._ports(nl, br):
+            if link.name not in keep and veth.delete(nl, link.name):
                 removed.append(link.name)
-        for link in list_links(ipr):
-            if self._our_ifb(link) and link.name not in keep and shaping.delete_ifb(ipr, link.name):
+        for link in list_links(nl):
+            if self._our_ifb(link) and link.name not in keep and shaping.delete_ifb(nl, link.name):
                 removed.append(link.name)
-        removed.extend(self._prune_firewall(ipr, br, self.firewall.state(), None, None))
+        removed.extend(self._prune_firewall(nl, br, self.firewall.state(), None, None))
         return removed
 
     @staticmethod

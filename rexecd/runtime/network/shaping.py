@@ -6,12 +6,11 @@ from typing import Any
 
 from rexecd.errors import InvalidRequest, RuntimeFailure
 
-from .netlink import EINVAL, ENODEV, delete_link, failure, is_missing, link_index, translate
+from .netlink import EINVAL, ENODEV, TC_H_ROOT, Netlink, delete_link, failure, is_missing, translate
 
 # tbf's 32-bit rate field counts bytes per second; above this it would wrap.
 MAX_MBPS = 34_000
 _INGRESS = 0xFFFF0000
-_TC_H_ROOT = 0xFFFFFFFF
 _TC_H_INGRESS = 0xFFFFFFF1
 _ETH_P_ALL = 0x0003
 # Queue up to this much delay before tbf drops: enough for TCP to find the rate,
@@ -31,22 +30,21 @@ def tbf_params(mbps: int) -> dict[str, Any]:
     return {"rate": f"{mbps}mbit", "burst": max(bytes_per_s // 100, 16_384), "latency": _LATENCY}
 
 
-def _set_tbf(ipr: Any, index: int, ifname: str, mbps: int) -> None:
+def _set_tbf(nl: Netlink, index: int, ifname: str, mbps: int) -> None:
     with translate("tc tbf", ifname):
-        ipr.tc("replace", "tbf", index, 0x10000, **tbf_params(mbps))
+        nl.replace_tbf(index, 0x10000, **tbf_params(mbps))
 
 
-def _del_qdisc(ipr: Any, index: int, ifname: str, parent: int) -> None:
-    # No kind: pyroute2 would want the tbf rate parameters even to delete one.
+def _del_qdisc(nl: Netlink, index: int, ifname: str, parent: int) -> None:
     try:
-        ipr.tc("del", index=index, parent=parent)
+        nl.del_qdisc(index, parent)
     except Exception as exc:
         # EINVAL: the kernel's answer for "no such root qdisc" on a noqueue device.
         if not is_missing(exc, EINVAL):
             raise failure("tc del", ifname, exc) from exc
 
 
-def apply(ipr: Any, veth: str, ifb: str, ifb_alias: str, mbps: int) -> bool:
+def apply(nl: Netlink, veth: str, ifb: str, ifb_alias: str, mbps: int) -> bool:
     """Shape ``veth`` both ways at ``mbps``; returns True when the IFB was created.
 
     Inbound (host -> container) leaves the host veth: its root tbf shapes it. Outbound
@@ -55,64 +53,50 @@ def apply(ipr: Any, veth: str, ifb: str, ifb_alias: str, mbps: int) -> bool:
     hands it back to the veth's receive path (and so to the bridge).
     """
     check_mbps(mbps)
-    veth_idx = link_index(ipr, veth)
+    veth_idx = nl.link_index(veth)
     if veth_idx is None:
         raise RuntimeFailure("tc", f"{veth}: no such device", ENODEV)
-    _set_tbf(ipr, veth_idx, veth, mbps)
-    ifb_idx = link_index(ipr, ifb)
+    _set_tbf(nl, veth_idx, veth, mbps)
+    ifb_idx = nl.link_index(ifb)
     created = ifb_idx is None
     if ifb_idx is None:
         with translate("ifb add", ifb):
-            ipr.link("add", ifname=ifb, kind="ifb")
-            ifb_idx = link_index(ipr, ifb)
+            nl.add_ifb(ifb)
+            ifb_idx = nl.link_index(ifb)
             if ifb_idx is None:
                 raise OSError(ENODEV, "created but not found")
-            ipr.link("set", index=ifb_idx, ifalias=ifb_alias, state="up")
-    _set_tbf(ipr, ifb_idx, ifb, mbps)
+            nl.set_link(ifb_idx, alias=ifb_alias, up=True)
+    _set_tbf(nl, ifb_idx, ifb, mbps)
     if created:
         # A fresh IFB means the redirect (if any) points at a dead ifindex: rebuild it.
-        _del_qdisc(ipr, veth_idx, veth, parent=_TC_H_INGRESS)
+        _del_qdisc(nl, veth_idx, veth, parent=_TC_H_INGRESS)
         with translate("tc ingress", veth):
-            ipr.tc("add", "ingress", veth_idx, _INGRESS)
-            ipr.tc(
-                "add-filter",
-                "u32",
+            nl.add_ingress(veth_idx, _INGRESS)
+            nl.redirect_all(
                 veth_idx,
                 parent=_INGRESS,
                 prio=1,
                 protocol=_ETH_P_ALL,
-                target=0x10001,
-                keys=["0x0/0x0+0"],
-                action={
-                    "kind": "mirred",
-                    "direction": "egress",
-                    "action": "redirect",
-                    "ifindex": ifb_idx,
-                },
+                classid=0x10001,
+                to_index=ifb_idx,
             )
     return created
 
 
-def remove(ipr: Any, veth: str, ifb: str) -> bool:
+def remove(nl: Netlink, veth: str, ifb: str) -> bool:
     """Drop shaping from ``veth`` and delete its IFB; returns True if the IFB existed."""
-    veth_idx = link_index(ipr, veth)
+    veth_idx = nl.link_index(veth)
     if veth_idx is not None:
-        _del_qdisc(ipr, veth_idx, veth, parent=_TC_H_INGRESS)
-        _del_qdisc(ipr, veth_idx, veth, parent=_TC_H_ROOT)
-    return delete_ifb(ipr, ifb)
+        _del_qdisc(nl, veth_idx, veth, parent=_TC_H_INGRESS)
+        _del_qdisc(nl, veth_idx, veth, parent=TC_H_ROOT)
+    return delete_ifb(nl, ifb)
 
 
-def delete_ifb(ipr: Any, ifb: str) -> bool:
-    return delete_link(ipr, link_index(ipr, ifb), ifb, "ifb del")
+def delete_ifb(nl: Netlink, ifb: str) -> bool:
+    return delete_link(nl, nl.link_index(ifb), ifb, "ifb del")
 
 
-def rate_mbps(ipr: Any, index: int) -> int | None:
+def rate_mbps(nl: Netlink, index: int) -> int | None:
     """The tbf rate on a link's root in Mbit/s, or None when it is not shaped."""
-    for msg in ipr.get_qdiscs(index=index):
-        if msg.get_attr("TCA_KIND") != "tbf" or msg["parent"] != _TC_H_ROOT:
-            continue
-        opts = msg.get_attr("TCA_OPTIONS")
-        parms = opts.get_attr("TCA_TBF_PARMS") if opts is not None else None
-        if parms is not None:
-            return round(int(parms["rate"]) * 8 / 1_000_000)
-    return None
+    rate = nl.root_tbf_rate(index)
+    return None if rate is None else round(rate * 8 / 1_000_000)

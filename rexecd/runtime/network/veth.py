@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import ipaddress
-from typing import Any
 
-from rexecd.errors import RuntimeFailure
-
-from .netlink import ENODEV, ContainerNetns, failure, is_missing, link_index, translate
+from .netlink import ENODEV, Netlink, Netns, delete_link, translate
 
 CONTAINER_IFNAME = "eth0"
 
 
 def create_pair(
-    ipr: Any,
+    nl: Netlink,
     host: str,
     bridge_idx: int,
-    ns: ContainerNetns,
+    ns: Netns,
     mac: str,
     group: int,
     alias: str,
@@ -30,67 +27,51 @@ def create_pair(
     down until the caller has installed its firewall elements.
     """
     with translate("veth add", host):
-        ipr.link(
-            "add",
-            ifname=host,
-            kind="veth",
+        nl.add_veth(
+            host,
             master=bridge_idx,
             group=group,
-            peer={"ifname": CONTAINER_IFNAME, "net_ns_fd": ns.fd, "address": mac},
+            peer=CONTAINER_IFNAME,
+            peer_netns_fd=ns.fd,
+            peer_mac=mac,
         )
-        idx = link_index(ipr, host)
+        idx = nl.link_index(host)
         if idx is None:
             raise OSError(ENODEV, "created but not found")
     with translate("veth tag", host):
-        ipr.link("set", index=idx, ifalias=alias)
+        nl.set_link(idx, alias=alias)
         # An isolated port cannot exchange frames with another isolated port, whatever
         # the firewall says: the default for a container without a group.
-        ipr.brport("set", index=idx, isolated=1 if isolated else 0)
-    return int(idx)
+        nl.set_isolated(idx, isolated)
+    return idx
 
 
-def configure_container(ns: ContainerNetns, ip: str, prefixlen: int, gateway: str) -> None:
+def configure_container(ns: Netns, ip: str, prefixlen: int, gateway: str) -> None:
     """lo up, eth0 addressed and up, default route via the gateway."""
     ipaddress.IPv4Address(ip)
     with ns.session() as nsr:
         with translate("netns lo", f"lo in netns of pid {ns.pid}"):
-            lo = link_index(nsr, "lo")
+            lo = nsr.link_index("lo")
             if lo is None:
                 raise OSError(ENODEV, "no loopback")
-            nsr.link("set", index=lo, state="up")
+            nsr.set_link(lo, up=True)
         what = f"{CONTAINER_IFNAME} in netns of pid {ns.pid}"
         with translate("netns eth0", what):
-            eth0 = link_index(nsr, CONTAINER_IFNAME)
+            eth0 = nsr.link_index(CONTAINER_IFNAME)
             if eth0 is None:
                 raise OSError(ENODEV, "peer missing")
-            nsr.addr("add", index=eth0, address=ip, prefixlen=prefixlen)
-            nsr.link("set", index=eth0, state="up")
+            nsr.add_addr(eth0, ip, prefixlen)
+            nsr.set_link(eth0, up=True)
         with translate("netns route", f"default via {gateway} in netns of pid {ns.pid}"):
-            nsr.route("add", dst="0.0.0.0/0", gateway=gateway, oif=eth0)
+            nsr.add_default_route(gateway, eth0)
 
 
-def set_up(ipr: Any, idx: int, host: str) -> None:
+def set_up(nl: Netlink, idx: int, host: str) -> None:
     with translate("veth up", host):
-        ipr.link("set", index=idx, state="up")
+        nl.set_link(idx, up=True)
 
 
-def delete(ipr: Any, host: str) -> bool:
+def delete(nl: Netlink, host: str) -> bool:
     """Delete the host side (the peer dies with it); False when it was already gone,
     for instance because the container's netns died and took the pair along."""
-    idx = link_index(ipr, host)
-    if idx is None:
-        return False
-    try:
-        ipr.link("del", index=idx)
-    except Exception as exc:
-        if is_missing(exc):
-            return False
-        raise failure("veth del", host, exc) from exc
-    return True
-
-
-def require(ipr: Any, host: str) -> int:
-    idx = link_index(ipr, host)
-    if idx is None:
-        raise RuntimeFailure("veth", f"{host}: no such device", ENODEV)
-    return idx
+    return delete_link(nl, nl.link_index(host), host, "veth del")
