@@ -66,7 +66,7 @@ from rexecd.service.interface import FileDownload, ProgressFn, TerminalProcess
 from rexecd.service.lifecycle import Lifecycle
 from rexecd.service.limits import CgroupPolicy
 from rexecd.service.operations import ContainerOps
-from rexecd.service.optional import ContainerNetwork, Forwarder, NoForwarder, NoNetwork
+from rexecd.service.optional import ContainerNetwork, Forwarder, NullForwarder, NullNetwork
 from rexecd.service.portforwards import PortForwards
 from rexecd.service.progress import Background
 from rexecd.service.publisher import Publisher
@@ -102,10 +102,10 @@ class ContainerManager:
         # The only place that asks whether an optional feature is there: the parts
         # get a null object instead (``optional``, ``homes``).
         self.cfg, self.store, self.runtime = cfg, store, runtime
-        net = network if network is not None else NoNetwork()
+        net = network if network is not None else NullNetwork()
         self.homes = homes_for(cfg, store, runtime, storage)
         self.volumes = KeptVolumes(cfg, store, self.homes)
-        self.port_forwards = PortForwards(cfg, store, forwarder or NoForwarder())
+        self.port_forwards = PortForwards(cfg, store, forwarder or NullForwarder())
         self.bg = Background()
         self.records = Records(store)
         self.publisher = Publisher(cfg, store, events or EventBus(), self.bg)

@@ -1,9 +1,9 @@
 """The daemon's optional host features as typed contracts, each with a do-nothing
 implementation for a daemon configured without it: container networking
-(``ContainerNetwork``/``NoNetwork``) and the port forwarder (``Forwarder``/
-``NoForwarder``). The parts of the manager call them without asking whether the
+(``ContainerNetwork``/``NullNetwork``) and the port forwarder (``Forwarder``/
+``NullForwarder``). The parts of the manager call them without asking whether the
 feature is on (only the address lease follows ``network.enabled``, the setting the
-daemon chose the implementation by); a forward is refused by ``NoForwarder`` (503).
+daemon chose the implementation by); a forward is refused by ``NullForwarder`` (503).
 Storage has its own pair in ``homes``.
 """
 
@@ -39,7 +39,7 @@ class ContainerNetwork(Protocol):
     ) -> None: ...
 
 
-class NoNetwork:
+class NullNetwork:
     """Networking off: containers get a loopback only, so there is nothing to set up,
     attach or sweep."""
 
@@ -75,7 +75,7 @@ class Forwarder(Protocol):
     def list(self) -> list[PortForward]: ...
 
 
-class NoForwarder:
+class NullForwarder:
     """Networking off: no forward can be added (503), none exists to remove."""
 
     def add(

@@ -24,7 +24,7 @@ from rexecd.models import (
 from rexecd.runtime.network.models import PortForward
 from rexecd.service import auth
 from rexecd.service.auth import Principal
-from rexecd.service.optional import NoForwarder
+from rexecd.service.optional import NullForwarder
 from rexecd.service.portforwards import PortForwards
 from rexecd.service.ratelimit import RateLimiter
 from rexecd.service.store import Store
@@ -77,7 +77,7 @@ class ForwardingService(FakeService):
     """The fake service with real port-forward rules: containers are stored too, since
     forwards reference them, and stopping one releases its forwards like the manager."""
 
-    def __init__(self, cfg: Config, store: Store, forwarder: FakeForwarder | NoForwarder) -> None:
+    def __init__(self, cfg: Config, store: Store, forwarder: FakeForwarder | NullForwarder) -> None:
         super().__init__()
         self.store = store
         self.forwards = PortForwards(cfg, store, forwarder)
@@ -128,7 +128,7 @@ async def pf_harness(
             "bob": auth.create_token(store, "bob")[0],
             "guest": auth.create_token(store, "gina", tier="guest")[0],
         }
-        service = ForwardingService(cfg, store, forwarder if networking else NoForwarder())
+        service = ForwardingService(cfg, store, forwarder if networking else NullForwarder())
         app = make_app(service, store, cfg, limiter, version="1.2.3", build="abc")
         async with TestClient(TestServer(app)) as client:
             yield Harness(client, service, store, cfg, limiter, tokens), service, forwarder
