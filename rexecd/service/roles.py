@@ -72,9 +72,15 @@ def installs_nothing(role: RoleConfig) -> bool:
     return not any(role.install.values()) and not role.setup
 
 
-def role_key(base: ImageRecord, role: RoleConfig) -> str:
-    """The cache key of ``role`` installed on ``base``: what the install depends on."""
-    doc = {
+def role_key(
+    base: ImageRecord, role: RoleConfig, mirrors: Mapping[Any, list[str]] | None = None
+) -> str:
+    """The cache key of ``role`` installed on ``base``: what the install depends on,
+    the package mirrors included. A layer built through a mirror an admin has since
+    replaced (a broken or compromised one) is then never served again: the next create
+    builds afresh through the new one."""
+    used = {m: list((mirrors or {}).get(_MIRROR_OF.get(m, m)) or []) for m in role.install}
+    doc: dict[str, object] = {
         "v": SCRIPT_VERSION,
         "base": {"digest": base.digest, "layers": base.layers},
         "role": {
@@ -83,6 +89,9 @@ def role_key(base: ImageRecord, role: RoleConfig) -> str:
             "setup": role.setup,
         },
     }
+    # Only when some apply: keys built without mirrors stay what they were.
+    if through := {m: used[m] for m in sorted(used) if used[m]}:
+        doc["mirrors"] = through
     raw = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(raw).hexdigest()
 
@@ -249,7 +258,7 @@ class RoleBuilds:
         role = self._role_of(rec)
         if role is None or installs_nothing(role):
             return base
-        key = role_key(base, role)
+        key = role_key(base, role, self.cfg.packages.mirrors)
         cached = await asyncio.to_thread(self.images.role_image, key)
         if cached is not None:
             await self._role_progress(

@@ -93,6 +93,22 @@ def test_key_depends_on_base_content_and_install_definition_only() -> None:
     assert role_key(base(), role(name="Other", description="x", packages=[])) == k
     swapped = role(install={"apk": ["python3"], "apt": ["python3"]})
     assert role_key(base(), swapped) == k
+
+
+def test_key_changes_with_the_mirrors_the_role_installs_through() -> None:
+    # An admin who replaces a broken or compromised mirror must not keep getting layers
+    # built through the old one: a mirror change is a new key, so a fresh build.
+    k = role_key(base(), role(), {})
+    old = role_key(base(), role(), {"apt": ["http://old.example/debian"]})
+    new = role_key(base(), role(), {"apt": ["http://new.example/debian"]})
+    assert len({k, old, new}) == 3
+    # A mirror for a manager the role does not use changes nothing.
+    assert role_key(base(), role(install={"apt": ["x"]}), {"pacman": ["http://m"]}) == role_key(
+        base(), role(install={"apt": ["x"]}), {}
+    )
+    # yum installs through dnf's mirror.
+    yum = role(install={"yum": ["x"]})
+    assert role_key(base(), yum, {"dnf": ["http://m"]}) != role_key(base(), yum, {})
     # The image's name is not part of it: a re-tag keeps the cache, a re-pull does not.
     renamed = base().model_copy(update={"name": "mine", "tag": "x"})
     assert role_key(renamed, role()) == k
