@@ -355,3 +355,23 @@ def test_available(fake: FakeV1) -> None:
         "memsw": True,
         "kill": False,
     }
+
+
+def test_subtree_dirs_leaf_nested_and_missing(tmp_path: Path) -> None:
+    """A leaf (no subdirectory: link count 2 where the file system counts them) is
+    returned without listing its files; nested cgroups come deepest first either way."""
+    from rexecd.runtime.cgroups._files import subtree_dirs
+
+    leaf = tmp_path / "leaf"
+    leaf.mkdir()
+    (leaf / "cgroup.procs").write_text("")
+    assert subtree_dirs(leaf) == [leaf]
+    top = tmp_path / "top"
+    (top / "a" / "b").mkdir(parents=True)
+    (top / "c").mkdir()
+    (top / "cgroup.procs").write_text("")
+    got = subtree_dirs(top)
+    assert sorted(got) == sorted([top, top / "a", top / "a" / "b", top / "c"])
+    assert got.index(top / "a" / "b") < got.index(top / "a") < got.index(top)
+    assert got[-1] == top
+    assert subtree_dirs(tmp_path / "absent") == []
