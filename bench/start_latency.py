@@ -4,8 +4,13 @@ long-lived process (as the daemon does it: spawn, exec, reap, clean up, cgroup
 included) side by side with `crun run` and `runc run` on the same busybox rootfs.
 
 Run as root: .venv/bin/python bench/start_latency.py [--runs 100] [--seccomp-cost]
-[--userns-cost]
+[--userns-cost] [--phases]
 Results: a table on stdout and bench/results/start_latency.json.
+
+--phases also prints where the time of a start goes (medians per phase, upper on tmpfs,
+default profile): the spawner and its children write each set-up step's start time to
+the file named by REXECD_START_TRACE (see rexecd/runtime/spawner.py), and the bench
+adds its own marks (start, exec'd, reaped, removed) on the same monotonic clock.
 
 rexecd runs with its default seccomp profile, as the daemon does. --seccomp-cost also
 runs it unconfined, alternating the two profiles run by run in the same spawner so
@@ -37,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 from rexecd.runtime.cgroups import CgroupLimits, open_driver  # noqa: E402
 from rexecd.runtime.container import Runtime  # noqa: E402
 from rexecd.runtime.images import ImageStore  # noqa: E402
-from rexecd.runtime.spawner import Spawner  # noqa: E402
+from rexecd.runtime.spawner import TRACE_ENV, Spawner  # noqa: E402
 from rexecd.runtime.userns import IdRanges  # noqa: E402
 from rexecd.service.oneshot import image_view  # noqa: E402
 
@@ -57,11 +62,39 @@ def summary(samples: list[float]) -> dict[str, float]:
 Variant = tuple[str, bool, bool]
 RANGES = IdRanges(base=1_000_000, size=65536, count=64)
 
+# --phases: each phase ends at the first mark of its list that a start has (a trace
+# step's name, spaces as underscores; "b:" marks are the bench's own).
+PHASES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("dirs, spec, cgroup create, request sent", ("request",)),
+    ("spawner: decode, fork", ("fork",)),
+    ("fork until the child runs", ("child",)),
+    ("child: signals, dumpable, keyring, stdio", ("cgroup_join",)),
+    ("child: cgroup join", ("unshare_namespaces",)),
+    ("child: unshare, setsid, loopback, hostname, Ready", ("mount_rootfs",)),
+    ("child: overlay root", ("mount_/dev",)),
+    ("child: /dev", ("mount_/proc_and_/sys",)),
+    ("child: /proc, /sys", ("mask_paths",)),
+    ("child: masked and read-only paths", ("bind_mounts",)),
+    ("child: bind mounts, pivot_root, stdio", ("capabilities",)),
+    ("child: capabilities, user, no_new_privs, fds", ("seccomp",)),
+    ("child: seccomp filters", ("execve",)),
+    ("execve until the caller sees it", ("b:execd",)),
+    ("rexec-init, /bin/true, exit, reaped", ("b:reaped",)),
+    ("remove: cgroup, directories", ("b:removed",)),
+)
+
 
 def bench_rexecd(
-    state: Path, run_dir: Path, runs: int, ephemeral: bool, variants: list[Variant]
+    state: Path,
+    run_dir: Path,
+    runs: int,
+    ephemeral: bool,
+    variants: list[Variant],
+    marks: dict[str, list[tuple[str, int]]] | None = None,
 ) -> dict[Variant, list[float]]:
-    """``runs`` starts per variant, the variants taking turns run by run."""
+    """``runs`` starts per variant, the variants taking turns run by run. With
+    ``marks``, the bench's own marks of each counted start of the first variant go
+    there, by container id."""
     store = ImageStore(state / "images")
     view = image_view(store, store.get("busybox:latest"))
     parent = f"rexecd-bench-{uuid.uuid4().hex[:6]}"
@@ -78,6 +111,7 @@ def bench_rexecd(
             for profile, own_userns, spare in variants:
                 rt, sp = runtimes[spare], spawners[spare]
                 t0 = time.perf_counter()
+                begin = time.monotonic_ns()
                 cid = uuid.uuid4().hex * 2
                 dirs = rt.dirs(cid, ephemeral=ephemeral)
                 # As the daemon does: a leased range (the lease is a database row).
@@ -87,13 +121,22 @@ def bench_rexecd(
                     cid, "bench", view, dirs, args=["/bin/true"], seccomp=profile, userns=rng
                 )
                 pid = rt.start(spec, CgroupLimits(memory_bytes=256 << 20, cpu_millicores=1000))
+                execd = time.monotonic_ns()
                 status = sp.wait(pid, timeout=10)
+                reaped = time.monotonic_ns()
                 rt.remove(cid, ephemeral=ephemeral)
                 dt = (time.perf_counter() - t0) * 1000
                 if status != 0:
                     raise SystemExit(f"rexecd run {i} ({profile}) exited {status}")
                 if i >= 5:  # warm-up runs are not counted
                     times[(profile, own_userns, spare)].append(dt)
+                    if marks is not None and (profile, own_userns, spare) == variants[0]:
+                        marks[cid] = [
+                            ("b:begin", begin),
+                            ("b:execd", execd),
+                            ("b:reaped", reaped),
+                            ("b:removed", time.monotonic_ns()),
+                        ]
     finally:
         for sp in spawners.values():
             sp.close()
@@ -185,6 +228,28 @@ def bench_peer(tool: str, rootfs: Path, work: Path, runs: int) -> list[float] | 
     return times
 
 
+def phase_table(trace: Path, marks: dict[str, list[tuple[str, int]]]) -> dict[str, float]:
+    """Median ms of each phase over the starts that both the trace and ``marks`` have."""
+    spans: dict[str, list[float]] = {name: [] for name, _ in PHASES}
+    spans["total"] = []
+    for line in trace.read_text().splitlines():
+        tag, *fields = line.split()
+        if tag not in marks:
+            continue
+        at = dict(marks[tag])
+        for field in fields:
+            name, _, ns = field.rpartition("=")
+            at.setdefault(name, int(ns))
+        prev = at["b:begin"]
+        for phase, ends in PHASES:
+            end = next((at[e] for e in ends if e in at), None)
+            if end is not None:
+                spans[phase].append((end - prev) / 1e6)
+                prev = end
+        spans["total"].append((at["b:removed"] - at["b:begin"]) / 1e6)
+    return {k: round(statistics.median(v), 3) for k, v in spans.items() if v}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--runs", type=int, default=100)
@@ -199,6 +264,11 @@ def main() -> None:
         action="store_true",
         help="also run rexecd with the default profile in a user namespace, and unconfined "
         "without one, interleaved",
+    )
+    ap.add_argument(
+        "--phases",
+        action="store_true",
+        help="also print where the time of a start goes (a trace of each set-up step)",
     )
     args = ap.parse_args()
     variants: list[Variant] = [("default", False, True)]
@@ -216,14 +286,23 @@ def main() -> None:
             rec = store.import_archive(Path(args.image))
             rootfs = store.layer_paths(rec)[0]
             results: dict[str, object] = {}
+            marks: dict[str, list[tuple[str, int]]] | None = None
+            trace = work / "start.trace"
+            if args.phases:
+                marks = {}
+                os.environ[TRACE_ENV] = str(trace)  # read by the spawners started next
             places = ((True, "upper on tmpfs, like --rm"), (False, "upper on the state disk"))
             for ephemeral, where in places:
-                by_variant = bench_rexecd(state, run_dir, args.runs, ephemeral, variants)
+                by_variant = bench_rexecd(
+                    state, run_dir, args.runs, ephemeral, variants, marks if ephemeral else None
+                )
                 for (profile, own_userns, spare), times in by_variant.items():
                     label = "" if profile == "default" else f", seccomp {profile}"
                     if own_userns:
                         label += ", own userns" + ("" if spare else ", no spare")
                     results[f"rexecd ({where}{label})"] = times
+            os.environ.pop(TRACE_ENV, None)
+            phases = phase_table(trace, marks) if marks is not None else None
             for tool in ("crun", "runc"):
                 results[f"{tool} run"] = bench_peer(tool, rootfs, work, args.runs)
         finally:
@@ -242,6 +321,11 @@ def main() -> None:
         s["ratio_vs_crun"] = ratio if ratio is not None else float("nan")
         report[name] = s
         print(f"{name:58} {s['median_ms']:>10} {s['p95_ms']:>10} {ratio if ratio else '-':>8}")
+    if phases is not None:
+        print(f"\n{'phase of a start (upper on tmpfs, default profile)':58} {'median ms':>10}")
+        for name, ms in phases.items():
+            print(f"{name:58} {ms:>10}")
+        report["phases_ms"] = phases
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)
     (out / "start_latency.json").write_text(json.dumps(report, indent=2))

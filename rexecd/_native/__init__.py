@@ -165,6 +165,17 @@ def join_session_keyring(name: str | None = None) -> int:
     return int(_check(lib.rx_join_session_keyring(_b(name)), "keyctl join session keyring"))
 
 
+def capbset_drop_except(keep: int, last: int) -> None:
+    """prctl(PR_CAPBSET_DROP) of every capability 0..``last`` whose bit is not set in
+    ``keep``; needs CAP_SETPCAP."""
+    _check(lib.rx_capbset_drop_except(keep, last), "capbset drop")
+
+
+def clear_inheritable() -> None:
+    """capset(2) with the inheritable set emptied, permitted and effective as they are."""
+    _check(lib.rx_clear_inheritable(), "capset inheritable")
+
+
 def fstatfs_type(fd: int, path: str) -> int:
     """fstatfs(2)'s ``f_type`` (a ``*_MAGIC`` of linux/magic.h): which kind of file system
     holds the open file ``fd`` (an ``O_PATH`` fd will do). Raises OSError naming ``path``."""

@@ -52,6 +52,8 @@ ffibuilder.cdef(
                      const uint64_t *datum_a, const uint64_t *datum_b);
     int rx_scmp_export(void *ctx, int fd, int pfc);
     int rx_seccomp_install(const void *prog, unsigned int size);
+    int rx_capbset_drop_except(uint64_t keep, int last);
+    int rx_clear_inheritable(void);
     """
 )
 
@@ -77,7 +79,9 @@ ffibuilder.set_source(
     #include <sys/sysmacros.h>
     #include <sys/syscall.h>
     #include <sys/mman.h>
+    #include <linux/capability.h>
     #include <linux/keyctl.h>
+    #include <sys/prctl.h>
     #include <sys/vfs.h>
     #include <linux/filter.h>
     #include <linux/openat2.h>
@@ -206,6 +210,26 @@ ffibuilder.set_source(
     }
     int rx_scmp_export(void *ctx, int fd, int pfc) {
         return rx_scmp_rc(pfc ? seccomp_export_pfc(ctx, fd) : seccomp_export_bpf(ctx, fd));
+    }
+    /* The capability drop before every execve, in one call: python-prctl took 0.3 ms
+     * for it (a wrapper call per capability, libcap for the inheritable set). */
+    int rx_capbset_drop_except(uint64_t keep, int last) {
+        int cap;
+        for (cap = 0; cap <= last; cap++)
+            if ((cap > 63 || !(keep & (1ULL << cap)))
+                && prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0)
+                return -1;
+        return 0;
+    }
+    int rx_clear_inheritable(void) {
+        struct __user_cap_header_struct hdr = {_LINUX_CAPABILITY_VERSION_3, 0};
+        struct __user_cap_data_struct data[_LINUX_CAPABILITY_U32S_3];
+        int i;
+        if (syscall(SYS_capget, &hdr, data) < 0)
+            return -1;
+        for (i = 0; i < _LINUX_CAPABILITY_U32S_3; i++)
+            data[i].inheritable = 0;
+        return (int)syscall(SYS_capset, &hdr, data);
     }
     int rx_seccomp_install(const void *prog, unsigned int size) {
         struct sock_fprog fprog;

@@ -35,7 +35,7 @@ from rexecd.runtime.spec import (
     UsernsSpec,
 )
 from rexecd.runtime.userns import IdRanges
-from rexecd.runtime.users import resolve_user
+from rexecd.runtime.users import Identity, resolve_user
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,8 @@ KILL_WAIT_S = 10.0
 # say) must not hold a daemon thread for good.
 EXEC_HANDSHAKE_S = 30.0
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# Image users resolved, kept per Runtime (see Runtime.image_user); forgotten when full.
+MAX_CACHED_USERS = 512
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,8 @@ class Runtime:
         self.seccomp = seccomp or SeccompFilters()
         self._spawner = spawner
         self._spawner_lock = threading.Lock()
+        self._users: dict[tuple[str, tuple[Path, ...]], Identity] = {}
+        self._users_lock = threading.Lock()
         for d in (state_dir / "containers", run_dir / "containers"):
             d.mkdir(parents=True, exist_ok=True)
             os.chmod(d, 0o700)
@@ -168,7 +172,7 @@ class Runtime:
             argv: list[str] = []  # idle: the container is entered through exec/terminals
         else:
             argv = list(image.entrypoint or []) + (list(args) or list(image.cmd or []))
-        ident = resolve_user(user if user is not None else image.user, image.layers)
+        ident = self.image_user(user if user is not None else image.user, image.layers)
         proc_env = merge_env(
             image.env, [f"HOME={ident.home}", f"HOSTNAME={hostname}", *(env or [])]
         )
@@ -187,7 +191,7 @@ class Runtime:
                 cwd=workdir or image.working_dir or "/",
                 uid=ident.uid,
                 gid=ident.gid,
-                additional_gids=ident.additional_gids,
+                additional_gids=list(ident.additional_gids),
                 capabilities=self.capabilities(),
                 tty=tty,
                 seccomp=self.seccomp.programs(seccomp),
@@ -195,6 +199,23 @@ class Runtime:
             mounts=list(mounts or []),
             userns=userns,
         )
+
+    def image_user(self, user: str, layers: list[Path]) -> Identity:
+        """``resolve_user`` of an image's own layers, read once per user and layer set:
+        a layer directory is named by its content's digest and never changes, and
+        reading /etc/passwd and /etc/group through the layers cost a start 0.3 ms. (A
+        running container's root is the tenant's to change: an exec resolves it anew.)"""
+        key = (user, tuple(layers))
+        with self._users_lock:
+            hit = self._users.get(key)
+        if hit is not None:
+            return hit
+        ident = resolve_user(user, layers)
+        with self._users_lock:
+            if len(self._users) >= MAX_CACHED_USERS:
+                self._users.clear()
+            self._users[key] = ident
+        return ident
 
     def create_dirs(self, dirs: ContainerDirs, userns: UsernsSpec | None = None) -> None:
         """The container's directories; with ``userns`` the upper and work dirs belong to
@@ -390,12 +411,41 @@ class Runtime:
         cg = self.cgroup(cid)
         if cg is not None:
             cg.destroy()
-        shutil.rmtree(self.run_dir / "containers" / cid, ignore_errors=True)
+        _remove_tree(self.run_dir / "containers" / cid)
 
     def remove(self, cid: str, ephemeral: bool = False) -> None:
         """Remove everything of a stopped container, its data included."""
         self.release(cid)
-        shutil.rmtree(self.dirs(cid, ephemeral).base, ignore_errors=True)
+        _remove_tree(self.dirs(cid, ephemeral).base)
+
+
+# What a container's directories hold when its processes wrote nothing (see dirs()),
+# deepest first.
+_EMPTY_LAYOUT = ("rootfs", "work/work", "work", "upper")
+
+
+def _remove_tree(base: Path) -> None:
+    """``shutil.rmtree(base)``, which costs 0.3 ms a directory in Python, after trying
+    the plain rmdir of each directory a container that wrote nothing leaves: where
+    one is missing that is fine, where one is not empty rmtree does the rest. No path
+    here is the tenant's: base and its entries are ours (only their contents are the
+    container's), and rmdir follows no link in the last component."""
+    for rel in _EMPTY_LAYOUT:
+        try:
+            os.rmdir(base / rel)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            break
+    else:
+        try:
+            os.rmdir(base)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            pass
+    shutil.rmtree(base, ignore_errors=True)
 
 
 def has_own_userns(pid: int) -> bool:

@@ -36,6 +36,11 @@ log = logging.getLogger(__name__)
 
 # The pause in requests after which the spawner makes its spare user namespace holder.
 SPARE_IDLE_S = 0.02
+# A file the spawner appends one line per child to, when set in its environment: the
+# monotonic time (ns) at which each set-up step began, from the request's arrival to
+# execve (``bench/start_latency.py --phases`` reads it). Off by default.
+TRACE_ENV = "REXECD_START_TRACE"
+_TRACE_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
 
 # ---------------------------------------------------------------- server side
 
@@ -60,6 +65,8 @@ class _Server:
     def __init__(self, ctrl: socket.socket, spare: bool = True) -> None:
         self.ctrl = ctrl
         self.init_fd = load_init_memfd()
+        trace = os.environ.get(TRACE_ENV)
+        self.trace_fd = os.open(trace, _TRACE_FLAGS, 0o600) if trace else -1
         capabilities.last_cap()  # cached for every child
         self.own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         self.pid = os.getpid()
@@ -72,6 +79,7 @@ class _Server:
         self.spare: userns.Holder | None = None
         self.userns_seen = False
         self.last_request = 0.0
+        self.received = 0
         self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
@@ -95,6 +103,7 @@ class _Server:
                     pass
                 self.reap()
             if self.ctrl.fileno() in ready:
+                self.received = time.monotonic_ns()
                 msg, fds = sync.recv(self.ctrl)
                 if msg is None:
                     self.drop_holders()
@@ -223,6 +232,12 @@ class _Server:
             n.setns(pidfd, n.CLONE_NEWPID)
         else:
             raise ValueError(f"unknown op {req.op!r}")
+        if self.trace_fd >= 0:
+            child.trace(
+                self.trace_fd,
+                body.id if isinstance(body, ContainerSpec) else f"exec-{req.rid}",
+                [("request", self.received), ("fork", time.monotonic_ns())],
+            )
         try:
             pid = os.fork()
         except OSError:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import socket
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, is_dataclass
 from typing import Any
 
 MAX_MSG = 1 << 20
@@ -104,8 +104,22 @@ _TYPES: dict[str, type[Any]] = {
 }
 
 
+def plain(obj: object) -> dict[str, Any]:
+    """A dataclass's fields as they stand, nested ones left to json's ``default`` hook:
+    no copy of the values (``dataclasses.asdict`` deep-copies every leaf, 0.3 ms for a
+    container spec, twice per start)."""
+    if not is_dataclass(obj) or isinstance(obj, type):
+        raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+    return dict(vars(obj))
+
+
+def dumps(obj: object) -> str:
+    """Compact JSON of ``obj``, dataclasses (nested too) as objects of their fields."""
+    return json.dumps(obj, separators=(",", ":"), default=plain)
+
+
 def encode(msg: Message) -> bytes:
-    return json.dumps(asdict(msg), separators=(",", ":")).encode()
+    return dumps(msg).encode()
 
 
 def decode(raw: bytes) -> Message:

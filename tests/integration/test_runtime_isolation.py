@@ -375,3 +375,36 @@ def _zombie_or_gone(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] == "Z"
     except FileNotFoundError:
         return True
+
+
+def test_start_trace_writes_steps_and_leaks_no_fd(
+    tmp_path: Path, busybox_layer: Path, cgroup_parent: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With REXECD_START_TRACE set, each child appends its steps' times (the spawner's
+    first, in order) and the container still holds nothing but its stdio."""
+    from rexecd.runtime.spawner import TRACE_ENV
+
+    trace = tmp_path / "start.trace"
+    monkeypatch.setenv(TRACE_ENV, str(trace))
+    sp = Spawner()
+    monkeypatch.delenv(TRACE_ENV)
+    rt = make_runtime(tmp_path / "state", tmp_path / "run", cgroup_parent, sp)
+    try:
+        res = run(rt, image(busybox_layer), "ls /proc/1/fd; echo ---; ls /proc/self/fd")
+        init_fds, cmd_fds = res.out.split("---")
+        assert set(init_fds.split()) == {"0", "1", "2"}
+        # ls's own directory fd is the one more.
+        assert len(set(cmd_fds.split()) - {"0", "1", "2"}) <= 1
+        lines = trace.read_text().splitlines()
+        assert len(lines) == 1
+        tag, *fields = lines[0].split()
+        assert re.fullmatch(r"[0-9a-f]{64}", tag)  # the container id
+        names = [f.rpartition("=")[0] for f in fields]
+        times = [int(f.rpartition("=")[2]) for f in fields]
+        assert names[:3] == ["request", "fork", "child"]
+        assert {"cgroup_join", "mount_rootfs", "seccomp", "exec_init"} <= set(names)
+        assert names[-1] == "execve"
+        assert times == sorted(times)
+        assert trace.stat().st_mode & 0o777 == 0o600
+    finally:
+        sp.close()

@@ -176,14 +176,38 @@ def test_create_writes_every_hierarchy(fake: FakeV1) -> None:
     assert d.list() == ["c1"]
 
 
-def test_defaults(fake: FakeV1) -> None:
-    driver(fake).create("c1", CgroupLimits())
+def test_defaults(fake: FakeV1, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new cgroup keeps the kernel's defaults where the limits ask for none (nothing
+    written there); a live update back to no limits writes them out."""
+    writes: list[str] = []
+    real = v1.write
+
+    def recording(path: Path, value: str, step: str | None = None) -> None:
+        writes.append(path.name)
+        real(path, value, step)
+
+    monkeypatch.setattr(v1, "write", recording)
+    cg = driver(fake).create("c1", CgroupLimits())
+    assert set(writes) == {"devices.deny", "devices.allow", "pids.max"}
     c = fake.root / "{}" / "rexecd" / "c1"
+    assert (Path(str(c).format("cpu")) / "cpu.shares").read_text() == "1024"
+    assert (Path(str(c).format("memory")) / "memory.limit_in_bytes").read_text() == UNLIMITED
+    assert (Path(str(c).format("pids")) / "pids.max").read_text() == "512"
+    cg.apply(CgroupLimits(memory_bytes=1 << 30, cpu_millicores=500))
+    cg.apply(CgroupLimits())
     assert (Path(str(c).format("cpu")) / "cpu.cfs_quota_us").read_text() == "-1"
     assert (Path(str(c).format("cpu")) / "cpu.shares").read_text() == "1024"
     assert (Path(str(c).format("memory")) / "memory.limit_in_bytes").read_text() == "-1"
-    assert (Path(str(c).format("pids")) / "pids.max").read_text() == "512"
     assert (Path(str(c).format("blkio")) / "blkio.bfq.weight").read_text() == "100"
+
+
+def test_create_writes_the_limits_asked_for(fake: FakeV1) -> None:
+    limits = CgroupLimits(memory_bytes=1 << 30, cpu_millicores=500, cpu_weight=200)
+    driver(fake).create("c1", limits)
+    c = fake.root / "{}" / "rexecd" / "c1"
+    assert (Path(str(c).format("cpu")) / "cpu.cfs_quota_us").read_text() == "50000"
+    assert (Path(str(c).format("cpu")) / "cpu.shares").read_text() == "2048"
+    assert (Path(str(c).format("memory")) / "memory.limit_in_bytes").read_text() == str(1 << 30)
 
 
 def test_cpu_shares_mapping() -> None:
@@ -355,3 +379,23 @@ def test_available(fake: FakeV1) -> None:
         "memsw": True,
         "kill": False,
     }
+
+
+def test_subtree_dirs_leaf_nested_and_missing(tmp_path: Path) -> None:
+    """A leaf (no subdirectory: link count 2 where the file system counts them) is
+    returned without listing its files; nested cgroups come deepest first either way."""
+    from rexecd.runtime.cgroups._files import subtree_dirs
+
+    leaf = tmp_path / "leaf"
+    leaf.mkdir()
+    (leaf / "cgroup.procs").write_text("")
+    assert subtree_dirs(leaf) == [leaf]
+    top = tmp_path / "top"
+    (top / "a" / "b").mkdir(parents=True)
+    (top / "c").mkdir()
+    (top / "cgroup.procs").write_text("")
+    got = subtree_dirs(top)
+    assert sorted(got) == sorted([top, top / "a", top / "a" / "b", top / "c"])
+    assert got.index(top / "a" / "b") < got.index(top / "a") < got.index(top)
+    assert got[-1] == top
+    assert subtree_dirs(tmp_path / "absent") == []

@@ -148,3 +148,111 @@ async def test_event_bus_drops_a_stalled_subscriber() -> None:
         drained += 1
     assert drained < QUEUE_BOUND  # ended instead of growing without bound
     await asyncio.sleep(0)
+
+
+def test_spec_to_dict_is_asdict_without_shared_lists() -> None:
+    """to_dict (no deep copy of each string) gives what dataclasses.asdict gives, and
+    its lists are the caller's own: changing them leaves the spec alone."""
+    from dataclasses import asdict
+
+    from rexecd.runtime.spec import BindMount, UsernsSpec
+
+    spec = ContainerSpec(
+        id="c1",
+        hostname="h",
+        rootfs=RootfsSpec(lowerdirs=["/l1", "/l2"], upperdir="/u", workdir="/w", target="/t"),
+        process=ProcessSpec(args=["sh"], env=["A=1"], seccomp=["AAAA", "BBBB"]),
+        mounts=[BindMount("/s", "/d", readonly=True)],
+        userns=UsernsSpec(100_000, 65_536),
+    )
+    data = spec.to_dict()
+    assert data == asdict(spec)
+    data["rootfs"]["lowerdirs"].append("/evil")
+    data["process"]["env"].append("B=2")
+    data["mounts"][0]["readonly"] = False
+    assert spec.rootfs.lowerdirs == ["/l1", "/l2"]
+    assert spec.process.env == ["A=1"]
+    assert spec.mounts[0].readonly
+
+
+def test_sync_encode_is_the_fields_as_json() -> None:
+    from dataclasses import asdict
+
+    body = _spec().to_dict()
+    for msg in (
+        sync.Request(op="run", rid=7, body=body),
+        sync.Reply(rid=7, pid=None, error="x"),
+        sync.ChildError(step="mount", errno=2, message="m"),
+        sync.Holder(pid=3, reaped=True),
+    ):
+        raw = sync.encode(msg)
+        assert raw == json_compact(asdict(msg))
+        assert sync.decode(raw) == msg
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        sync.encode(sync.Request(op="run", rid=1, body={"x": object()}))
+
+
+def json_compact(data: object) -> bytes:
+    import json
+
+    return json.dumps(data, separators=(",", ":")).encode()
+
+
+def test_runtime_resolves_an_image_user_once_per_layer_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typing import Any, cast
+
+    from rexecd.runtime import container
+    from rexecd.runtime.users import Identity
+
+    calls: list[tuple[str, list[Path]]] = []
+
+    def fake(user: str, layers: list[Path]) -> Identity:
+        calls.append((user, layers))
+        return Identity(uid=len(calls), gid=1, additional_gids=[5], home="/")
+
+    monkeypatch.setattr(container, "resolve_user", fake)
+    rt = container.Runtime(tmp_path / "s", tmp_path / "r", None, cast(Any, object()))
+    a, b = [tmp_path / "a"], [tmp_path / "a", tmp_path / "b"]
+    first = rt.image_user("u", a)
+    assert rt.image_user("u", list(a)) == first
+    assert len(calls) == 1
+    assert rt.image_user("u", b).uid == 2  # another layer set
+    assert rt.image_user("v", a).uid == 3  # another user
+    assert len(calls) == 3
+
+
+def test_remove_tree_empty_layout_and_tenant_files(tmp_path: Path) -> None:
+    """The plain rmdirs take a container that wrote nothing; anything else falls to
+    rmtree, which follows no link out of the tree."""
+    from rexecd.runtime.container import _remove_tree
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("x")
+    for name, wrote in (("empty", False), ("used", True)):
+        base = tmp_path / name
+        for rel in ("upper", "work/work", "rootfs"):
+            (base / rel).mkdir(parents=True)
+        if wrote:
+            (base / "upper" / "file").write_text("data")
+            (base / "upper" / "link").symlink_to(outside)
+            (base / "upper" / "dir").mkdir()
+        _remove_tree(base)
+        assert not base.exists()
+    assert (outside / "keep").read_text() == "x"
+    _remove_tree(tmp_path / "absent")  # nothing there: no error
+
+
+def test_drop_bounding_keeps_exactly_the_named_caps(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rexecd.runtime import capabilities
+
+    got: list[tuple[int, int]] = []
+    monkeypatch.setattr(
+        capabilities.n, "capbset_drop_except", lambda keep, last: got.append((keep, last))
+    )
+    capabilities.drop_bounding(["chown", "net_bind_service", "kill"], 40)
+    assert got == [((1 << 0) | (1 << 10) | (1 << 5), 40)]
+    with pytest.raises(ValueError, match="unknown capability"):
+        capabilities.drop_bounding(["nonsense"], 40)
