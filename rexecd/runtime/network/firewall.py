@@ -163,6 +163,9 @@ class Firewall:
             "iifname . ether saddr . ip saddr != @ports drop",
             f"add rule bridge {t} prerouting iifname @names ether type arp "
             "iifname . ether saddr . arp saddr ip != @ports drop",
+            # The ARP sender MAC too: the host believes it over the frame's source.
+            f"add rule bridge {t} prerouting iifname @names ether type arp "
+            "iifname . arp saddr ether . arp saddr ip != @ports drop",
             # IPv4 only: no IPv6 (incl. link-local), no raw ethertypes between tenants.
             f"add rule bridge {t} prerouting iifname @names ether type != {{ ip, arp }} drop",
             f"add chain bridge {t} forward "
@@ -186,6 +189,9 @@ class Firewall:
             # container use it to reach the host's loopback services.
             f"add rule inet {t} prerouting iifname {br} ip daddr 127.0.0.0/8 drop",
             f"add rule inet {t} prerouting iifname {br} ip saddr != {net} drop",
+            # Link-local is never routed (RFC 3927); a host route to it is a cloud's
+            # metadata service handing out the host's credentials.
+            f"add rule inet {t} prerouting iifname {br} ip daddr 169.254.0.0/16 drop",
             f"add rule inet {t} prerouting iifname {br} meta nfproto ipv6 drop",
             f"add chain inet {t} input "
             "{ type filter hook input priority filter; policy accept; }",

@@ -1,0 +1,152 @@
+"""Integration: a container root with CAP_NET_RAW (Docker's default set; a packet socket
+works in a default rexecd container) forging frames on the bridge.
+
+Each test stands a throwaway netns on the test's own bridge in for the container and
+writes raw Ethernet frames from it. What it must not do: move a neighbour's MAC to its
+own port through a frame the bridge learns from outside the nft prerouting hook (the
+IEEE link-local group addresses), teach the host a neighbour's MAC for its own address
+with a forged ARP sender, or reach a link-local service (a cloud metadata endpoint)
+that the host can route to. All frames stay on the test's bridge; the link-local
+"metadata service" lives in a namespace the test makes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from .network_env import PY, Env, Sleeper, network_env
+
+# Writes argv[2:] frames of "dst src type payload" hex from eth0, three times each.
+INJECT = r"""
+import socket, sys
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind(("eth0", 0))
+for frame in sys.argv[1:]:
+    for _ in range(3):
+        s.send(bytes.fromhex(frame))
+"""
+
+LLDP = "88cc"
+ARP = "0806"
+
+
+@pytest.fixture
+def env() -> Iterator[Env]:
+    with network_env() as e:
+        yield e
+
+
+def mac_hex(mac: str) -> str:
+    return mac.replace(":", "")
+
+
+def ip_hex(ip: str) -> str:
+    return "".join(f"{int(part):02x}" for part in ip.split("."))
+
+
+def inject(where: Sleeper, *frames: str) -> None:
+    out = where.run(PY, "-c", INJECT, *frames)
+    assert out.returncode == 0, out.stderr
+
+
+def fdb_port(bridge: str, mac: str) -> str | None:
+    """The bridge port the bridge's forwarding database sends ``mac`` to."""
+    out = subprocess.run(
+        ["bridge", "fdb", "show", "br", bridge], capture_output=True, text=True, check=True
+    ).stdout
+    for line in out.splitlines():
+        fields = line.split()
+        if fields and fields[0] == mac and "dev" in fields:
+            return fields[fields.index("dev") + 1]
+    return None
+
+
+@pytest.mark.parametrize("group", ["0e", "02", "03"])
+def test_link_local_frame_cannot_take_a_neighbours_mac(env: Env, group: str) -> None:
+    """The bridge learns source MACs of frames sent to 01:80:c2:00:00:0X before (LLDP,
+    0x0e) or without passing the nft prerouting hook that checks them; a forged one
+    would move a neighbour's MAC to the attacker's port and its traffic with it."""
+    attacker, victim = env.sleeper(), env.sleeper()
+    env.net.attach("lla", attacker.pid, env.ip(2), None, group="alice")
+    vic = env.net.attach("llv", victim.pid, env.ip(3), None, group="bob")
+    assert vic.mac
+    env.server(victim, "0.0.0.0", 7000)
+    assert env.probe(None, env.ip(3), 7000), "host -> victim before the forged frame"
+    assert fdb_port(env.cfg.bridge, vic.mac) == vic.host_ifname
+    frame = f"0180c20000{group}{mac_hex(vic.mac)}{LLDP}" + "00" * 46
+    inject(attacker, frame)
+    # Once more through the bridge: the frames above were processed by the time the
+    # host's own connection goes out.
+    assert env.probe(None, env.ip(3), 7000), "host -> victim went to the attacker's port"
+    assert fdb_port(env.cfg.bridge, vic.mac) == vic.host_ifname
+
+
+def test_arp_sender_mac_must_be_the_ports_own(env: Env) -> None:
+    """An ARP request for the gateway whose Ethernet source and sender IP are the
+    attacker's own but whose sender MAC is a neighbour's: the host would send the
+    attacker's traffic (its downloads, its port forwards) to the neighbour's port."""
+    attacker, victim = env.sleeper(), env.sleeper()
+    att = env.net.attach("arpa", attacker.pid, env.ip(2), None, group="alice")
+    vic = env.net.attach("arpv", victim.pid, env.ip(3), None, group="bob")
+    assert att.mac and vic.mac
+    env.server(attacker, "0.0.0.0", 7000)
+    # No entry for the attacker yet: a request to one of the host's addresses creates it
+    # from the sender fields (an existing one is only replaced after its locktime).
+    subprocess.run(["ip", "neigh", "flush", "dev", env.cfg.bridge], check=True)
+    arp = (
+        "0001" + "0800" + "06" + "04" + "0001"
+        + mac_hex(vic.mac) + ip_hex(env.ip(2))
+        + "00" * 6 + ip_hex(env.net.gateway())
+    )  # fmt: skip
+    inject(attacker, "ff" * 6 + mac_hex(att.mac) + ARP + arp + "00" * 18)
+    assert env.probe(None, env.ip(2), 7000), "host -> attacker went to the victim's port"
+    neigh = subprocess.run(
+        ["ip", "neigh", "show", env.ip(2), "dev", env.cfg.bridge],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert vic.mac not in neigh, neigh
+
+
+@contextlib.contextmanager
+def link_local_service(env: Env) -> Iterator[str]:
+    """An echo server on a random 169.254/16 address in a namespace of the test's own,
+    routed from the host as a cloud VM routes its metadata endpoint."""
+    ns = env.sleeper()
+    addr = f"169.254.{secrets.randbelow(250) + 1}.{secrets.randbelow(250) + 1}"
+    host_if, peer_if = f"rtm{secrets.token_hex(4)}", f"rtp{secrets.token_hex(4)}"
+    subprocess.run(
+        ["ip", "link", "add", host_if, "type", "veth", "peer", "name", peer_if,
+         "netns", str(ns.pid)],
+        check=True,
+    )  # fmt: skip
+    try:
+        subprocess.run(["ip", "link", "set", host_if, "up"], check=True)
+        subprocess.run(["ip", "route", "add", f"{addr}/32", "dev", host_if], check=True)
+        for argv in (
+            ("ip", "addr", "add", f"{addr}/32", "dev", peer_if),
+            ("ip", "link", "set", peer_if, "up"),
+            ("ip", "route", "add", "default", "dev", peer_if),
+        ):
+            out = ns.run(*argv)
+            assert out.returncode == 0, out.stderr
+        env.server(ns, addr, 80)
+        yield addr
+    finally:
+        subprocess.run(["ip", "link", "del", host_if], capture_output=True)
+
+
+def test_link_local_addresses_are_not_routed_for_containers(env: Env) -> None:
+    """169.254.169.254 answers the host's cloud credentials on most clouds; a container
+    must not reach it (nor any link-local address) through the host's routes."""
+    c = env.sleeper()
+    env.net.attach("md", c.pid, env.ip(2), None, group="alice")
+    with link_local_service(env) as addr:
+        assert env.probe(None, addr, 80), "the host reaches the service it routes"
+        assert not env.probe(c, addr, 80), f"a container reached {addr} through the host"
