@@ -573,6 +573,9 @@ class TerminalConfig(_Section):
     idle_timeout_s: PositiveInt = 600
     # API.md promises at least 64 KiB of scrollback on reconnect.
     scrollback_bytes: int = Field(default=262144, ge=65536)
+    # Live sessions per container: each holds a PTY master, a pidfd and its scrollback
+    # in the daemon, whose memory no container cgroup pays for.
+    max_sessions: int = Field(default=16, ge=1)
 
 
 class HttpConfig(_Section):
