@@ -395,6 +395,9 @@ class ConcurrencyConfig(_Section):
     exec_per_user: PositiveInt = 16
     # Every file endpoint, a download counted until its last byte is sent.
     file_ops_per_user: PositiveInt = 4
+    # Open GET /api/containers/events sockets: each is a subscriber every event of the
+    # user is queued for (up to 1024), held in the daemon for as long as it is open.
+    event_streams_per_user: PositiveInt = 16
 
 
 class CatalogueImage(_Section):

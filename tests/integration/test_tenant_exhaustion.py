@@ -8,16 +8,26 @@ container's pids limit (512) was the only bound (about 130 MiB of daemon memory)
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+import contextlib
+from collections.abc import AsyncIterator, Iterator
 
+import aiohttp
 import pytest
 
 from rexecd.config import Config
 from tests.integration.daemon import Daemon
-from tests.integration.daemon_fixtures import ApiClient, cleaning, running_daemon, unique
+from tests.integration.daemon_fixtures import (
+    ApiClient,
+    apoll,
+    cleaning,
+    running_daemon,
+    unique,
+)
 from tests.integration.terminal_client import terminal
 
 MAX_SESSIONS = Config().terminal.max_sessions
+MAX_EVENT_STREAMS = Config().concurrency.event_streams_per_user
+EVENTS = "/api/containers/events"
 EXTRA = 8
 
 
@@ -63,3 +73,53 @@ async def test_terminal_sessions_per_container_are_capped(daemon: Daemon) -> Non
         await c.wait_status(name, "running")
         frame = await open_detached(daemon, token, name, "after-restart")
         assert frame["type"] == "shell_ready", frame
+
+
+@contextlib.asynccontextmanager
+async def event_sockets(d: Daemon, token: str, n: int) -> AsyncIterator[list[object]]:
+    """``n`` event sockets of ``token``'s user, each past its list frame."""
+    url = d.url.replace("http://", "ws://") + EVENTS
+    async with aiohttp.ClientSession() as http, contextlib.AsyncExitStack() as stack:
+        socks: list[object] = []
+        for _ in range(n):
+            ws = await stack.enter_async_context(
+                http.ws_connect(url, headers={"Authorization": f"Bearer {token}"})
+            )
+            assert (await ws.receive_json(timeout=10))["type"] == "list"
+            socks.append(ws)
+        yield socks
+
+
+async def test_event_sockets_per_user_are_capped(daemon: Daemon) -> None:
+    alice = daemon.token(unique("events"), tier="guest")
+    bob = daemon.token(unique("events"), tier="guest")
+    async with ApiClient(daemon, alice) as a, ApiClient(daemon, bob) as b:
+        async with event_sockets(daemon, alice, MAX_EVENT_STREAMS):
+            one_more = await a.get(EVENTS, headers=_upgrade())
+            assert one_more.status == 429, one_more.body
+            assert one_more["code"] == "concurrency_limited", one_more.body
+            # Another user's sockets are not counted against alice's.
+            async with event_sockets(daemon, bob, 1):
+                pass
+
+        # Closed sockets give their slots back, once the server has seen them close.
+        async def room() -> bool:
+            try:
+                async with event_sockets(daemon, alice, MAX_EVENT_STREAMS):
+                    return True
+            except aiohttp.WSServerHandshakeError as exc:
+                assert exc.status == 429, exc
+                return False
+
+        await apoll(room, what="alice's event socket slots back")
+        assert (await b.get("/api/containers")).status == 200
+
+
+def _upgrade() -> dict[str, str]:
+    """Headers of a WebSocket upgrade, for a request made as plain HTTP."""
+    return {
+        "Connection": "Upgrade",
+        "Upgrade": "websocket",
+        "Sec-WebSocket-Version": "13",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+    }
