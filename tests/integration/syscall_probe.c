@@ -5,7 +5,7 @@
  * argument names one attempt; one line per argument is printed: "NAME=OK" or
  * "NAME=<errno name>" (EPERM, ENOSYS, ...). It never stops at a failure.
  *
- *   keyctl add_key request_key bpf io_uring userfaultfd perf clone3 clone-newuser
+ *   keyctl add_key request_key bpf io_uring io_setup userfaultfd perf clone3 clone-newuser
  *   unshare-user unshare-net setns fsopen open_tree clock_settime
  *   tiocsti tiocsti-high tioclinux     on fd 0, which the test makes a terminal
  *   inject:TEXT                        TIOCSTI every byte of TEXT into fd 0
@@ -115,6 +115,13 @@ static void probe(const char *a) {
     } else if (!strcmp(a, "io_uring")) {
         char params[120] = {0};
         report(a, syscall(SYS_io_uring_setup, 1, params));
+    } else if (!strcmp(a, "io_setup")) {
+        /* One event: the test must not take the host's AIO contexts itself. */
+        unsigned long ctx = 0;
+        long rc = syscall(SYS_io_setup, 1, &ctx);
+        if (rc == 0)
+            syscall(SYS_io_destroy, ctx);
+        report(a, rc);
     } else if (!strcmp(a, "userfaultfd"))
         report(a, syscall(SYS_userfaultfd, O_CLOEXEC | UFFD_USER_MODE_ONLY));
     else if (!strcmp(a, "perf")) {
