@@ -249,7 +249,8 @@ def test_unconfined_profile_runs_without_a_filter(
     res = run(
         runtime,
         image(busybox_layer, probe_lower),
-        "grep Seccomp: /proc/self/status; probe keyctl clone3 unshare-user io_uring io_setup setflags:/x",
+        "grep Seccomp: /proc/self/status; "
+        "probe keyctl clone3 unshare-user io_uring io_setup setflags:/x",
         seccomp="unconfined",
     )
     assert "Seccomp:\t0" in res.out
