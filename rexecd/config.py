@@ -163,6 +163,10 @@ class NetworkConfig(_Section):
     # own keeps forwards clear of the ephemeral ports (32768+) and of well-known ones.
     port_forward_min: int = Field(default=20000, ge=1, le=65535)
     port_forward_max: int = Field(default=29999, ge=1, le=65535)
+    # Connections (conntrack entries) one container may hold open through the host at
+    # once; new ones past it are dropped. The host's table is one for everyone (262144
+    # entries by default), and an unanswered UDP packet holds an entry for 30 s.
+    max_flows_per_container: int = Field(default=4096, ge=16)
 
     @field_validator("gateway_tcp_ports", "gateway_udp_ports")
     @classmethod

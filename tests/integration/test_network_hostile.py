@@ -1,13 +1,16 @@
 """Integration: a container root with CAP_NET_RAW (Docker's default set; a packet socket
-works in a default rexecd container) forging frames on the bridge.
+works in a default rexecd container) forging frames on the bridge, and a container
+filling the host's connection tracking table.
 
 Each test stands a throwaway netns on the test's own bridge in for the container and
 writes raw Ethernet frames from it. What it must not do: move a neighbour's MAC to its
 own port through a frame the bridge learns from outside the nft prerouting hook (the
 IEEE link-local group addresses), teach the host a neighbour's MAC for its own address
 with a forged ARP sender, or reach a link-local service (a cloud metadata endpoint)
-that the host can route to. All frames stay on the test's bridge; the link-local
-"metadata service" lives in a namespace the test makes.
+that the host can route to, or hold more than its share of the host's conntrack table
+(one for every container and the host: when it is full, new connections of everyone
+are dropped). All frames stay on the test's bridge; the "metadata service" and the
+"internet" live in namespaces the test makes.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from .network_env import PY, Env, Sleeper, network_env
+from .network_env import PY, Env, Sleeper, network_env, wait_ready
 
 # Writes argv[2:] frames of "dst src type payload" hex from eth0, three times each.
 INJECT = r"""
@@ -115,11 +118,10 @@ def test_arp_sender_mac_must_be_the_ports_own(env: Env) -> None:
 
 
 @contextlib.contextmanager
-def link_local_service(env: Env) -> Iterator[str]:
-    """An echo server on a random 169.254/16 address in a namespace of the test's own,
-    routed from the host as a cloud VM routes its metadata endpoint."""
+def routed_namespace(env: Env, addr: str) -> Iterator[Sleeper]:
+    """A namespace of the test's own holding ``addr``, routed from the host through a
+    veth: a service beyond the host, as far as a container can tell."""
     ns = env.sleeper()
-    addr = f"169.254.{secrets.randbelow(250) + 1}.{secrets.randbelow(250) + 1}"
     host_if, peer_if = f"rtm{secrets.token_hex(4)}", f"rtp{secrets.token_hex(4)}"
     subprocess.run(
         ["ip", "link", "add", host_if, "type", "veth", "peer", "name", peer_if,
@@ -136,10 +138,19 @@ def link_local_service(env: Env) -> Iterator[str]:
         ):
             out = ns.run(*argv)
             assert out.returncode == 0, out.stderr
-        env.server(ns, addr, 80)
-        yield addr
+        yield ns
     finally:
         subprocess.run(["ip", "link", "del", host_if], capture_output=True)
+
+
+@contextlib.contextmanager
+def link_local_service(env: Env) -> Iterator[str]:
+    """An echo server on a random 169.254/16 address, routed from the host as a cloud
+    VM routes its metadata endpoint."""
+    addr = f"169.254.{secrets.randbelow(250) + 1}.{secrets.randbelow(250) + 1}"
+    with routed_namespace(env, addr) as ns:
+        env.server(ns, addr, 80)
+        yield addr
 
 
 def test_link_local_addresses_are_not_routed_for_containers(env: Env) -> None:
@@ -150,3 +161,53 @@ def test_link_local_addresses_are_not_routed_for_containers(env: Env) -> None:
     with link_local_service(env) as addr:
         assert env.probe(None, addr, 80), "the host reaches the service it routes"
         assert not env.probe(c, addr, 80), f"a container reached {addr} through the host"
+
+
+# Answers every datagram; prints "ready" once bound.
+UDP_ECHO = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], int(sys.argv[2])))
+print("ready", flush=True)
+while True:
+    data, peer = s.recvfrom(64)
+    s.sendto(data, peer)
+"""
+
+# Opens argv[3] UDP flows (one socket, so one source port, each) to argv[1]:argv[2],
+# sends once on each and prints how many were answered (waiting up to argv[4] seconds
+# from the last answer for the rest).
+UDP_FLOWS = r"""
+import select, socket, sys, time
+socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(int(sys.argv[3]))]
+for s in socks:
+    s.setblocking(False)
+    s.sendto(b"x", (sys.argv[1], int(sys.argv[2])))
+answered, wait = set(), float(sys.argv[4])
+deadline = time.monotonic() + wait
+while len(answered) < len(socks) and time.monotonic() < deadline:
+    ready, _, _ = select.select([s for s in socks if s not in answered], [], [], 0.2)
+    for s in ready:
+        s.recv(64)
+        answered.add(s)
+        deadline = time.monotonic() + wait
+print(len(answered))
+"""
+
+FLOW_CAP = 64
+
+
+def test_a_container_holds_at_most_its_share_of_host_flows() -> None:
+    with network_env(max_flows=FLOW_CAP) as env:
+        c = env.sleeper()
+        env.net.attach("flows", c.pid, env.ip(2), None, group="alice")
+        addr = f"192.0.2.{secrets.randbelow(250) + 1}"  # TEST-NET-1, routed to our netns
+        with routed_namespace(env, addr) as outside:
+            proc = outside.popen(PY, "-c", UDP_ECHO, addr, "5353")
+            env.procs.append(proc)
+            wait_ready(proc)
+            out = c.run(PY, "-c", UDP_FLOWS, addr, "5353", str(FLOW_CAP * 4), "2")
+            assert out.returncode == 0, out.stderr
+            answered = int(out.stdout)
+            # Its first flows work; past the cap, new ones are dropped at the host.
+            assert FLOW_CAP // 2 <= answered <= FLOW_CAP, answered

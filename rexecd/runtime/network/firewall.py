@@ -126,6 +126,7 @@ class Firewall:
         bridge_mac: str,
         gateway_tcp_ports: tuple[int, ...] = (),
         gateway_udp_ports: tuple[int, ...] = (),
+        max_flows: int = 4096,
     ) -> None:
         check_table(table)
         check_ifname(bridge)
@@ -135,6 +136,7 @@ class Firewall:
         self.gateway = gateway
         self.bridge_mac = bridge_mac
         self.gateway_ports = {"tcp": gateway_tcp_ports, "udp": gateway_udp_ports}
+        self.max_flows = max_flows
 
     # -- whole tables ---------------------------------------------------------------
 
@@ -142,6 +144,12 @@ class Firewall:
         """The base ruleset. ``add`` keeps existing sets and maps (and so the elements of
         running containers); chains are flushed and refilled, so re-running is idempotent."""
         t, br, net, gw = self.table, f'"{self.bridge}"', self.subnet, self.gateway
+        # The host's conntrack table is one for every container (and the host): past
+        # max_flows entries of its own, a container's new connections are dropped.
+        flow_cap = (
+            f"add rule inet {t} {{chain}} iifname {br} ct state new "
+            f"add @flows {{{{ ip saddr ct count over {self.max_flows} }}}} drop"
+        )
         allowed = [
             f"add rule inet {t} input iifname {br} ip daddr {gw} {proto} dport "
             f"{{ {', '.join(str(p) for p in sorted(ports))} }} accept"
@@ -178,6 +186,7 @@ class Firewall:
             f"add rule bridge {t} forward iifname @names drop",
             # ---- inet family: routed traffic and the host itself ---------------------
             f"add table inet {t}",
+            f"add set inet {t} flows {{ type ipv4_addr; size 65535; flags dynamic; }}",
             *(
                 f"add map inet {t} {p}_forwards {{ type inet_service : ipv4_addr . inet_service; }}"
                 for p in PROTOCOLS
@@ -196,6 +205,7 @@ class Firewall:
             f"add chain inet {t} input "
             "{ type filter hook input priority filter; policy accept; }",
             f"flush chain inet {t} input",
+            flow_cap.format(chain="input"),
             f"add rule inet {t} input iifname {br} ct state established,related accept",
             *allowed,
             f"add rule inet {t} input iifname {br} ip daddr {gw} icmp type echo-request accept",
@@ -205,6 +215,7 @@ class Firewall:
             f"add chain inet {t} forward "
             "{ type filter hook forward priority filter; policy accept; }",
             f"flush chain inet {t} forward",
+            flow_cap.format(chain="forward"),
             f"add rule inet {t} forward oifname {br} ct state established,related accept",
             # With br_netfilter on, frames bridged between two ports also pass here
             # (in and out = the bridge); the bridge table already judged them. Frames
@@ -327,4 +338,5 @@ def firewall_for(cfg: NetworkConfig) -> Firewall:
         bridge_mac(cfg.bridge),
         gateway_tcp_ports=cfg.gateway_tcp_ports,
         gateway_udp_ports=cfg.gateway_udp_ports,
+        max_flows=cfg.max_flows,
     )
