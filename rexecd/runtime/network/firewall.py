@@ -286,6 +286,9 @@ class Firewall:
         elems: list[str] = []
         for port in ports:
             elems.extend(self._port_elements(port))
+            # The flow count of its address (made by the flow-cap rule): the next
+            # container given the address starts from its own connections.
+            elems.append(f"inet {self.table} flows {{ {port.ip} }}")
         elems.extend(f'bridge {self.table} names {{ "{n}" }}' for n in names)
         elems.extend(self._group_element(g) for g in groups if g)
         script = [f"add element {e}\ndelete element {e}\n" for e in elems]
