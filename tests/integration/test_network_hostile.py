@@ -16,13 +16,16 @@ are dropped). All frames stay on the test's bridge; the "metadata service" and t
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import secrets
 import subprocess
 from collections.abc import Iterator
 
 import pytest
 
-from .network_env import PY, Env, Sleeper, network_env, wait_ready
+from rexecd.runtime.network.firewall import Port, firewall_for
+
+from .network_env import PY, Env, Sleeper, network_env, unique_config, wait_ready
 
 # Writes argv[2:] frames of "dst src type payload" hex from eth0, three times each.
 INJECT = r"""
@@ -224,3 +227,20 @@ def flow_elements(env: Env) -> str:
         text=True,
         check=True,
     ).stdout
+
+
+def test_ports_of_tables_made_before_the_flow_cap_still_delete() -> None:
+    """Tables an older rexecd installed have no flows set: removing a port there (a
+    sweep, a detach before setup_host re-ran) must not fail on its flows element."""
+    cfg = unique_config()
+    fw = firewall_for(cfg)
+    old = "".join(line + "\n" for line in fw.render().splitlines() if "flows" not in line)
+    subprocess.run(["nft", "-f", "-"], input=old, text=True, check=True)
+    try:
+        ip = str(ipaddress.IPv4Network(cfg.subnet).network_address + 2)
+        port = Port("rx0123456789a", "02:00:00:00:00:02", ip)
+        fw.add_port(port, 0)
+        fw.delete(ports=[port], names=[port.ifname])
+        assert port not in fw.state().ports
+    finally:
+        fw.remove()

@@ -186,7 +186,7 @@ class Firewall:
             f"add rule bridge {t} forward iifname @names drop",
             # ---- inet family: routed traffic and the host itself ---------------------
             f"add table inet {t}",
-            f"add set inet {t} flows {{ type ipv4_addr; size 65535; flags dynamic; }}",
+            self._flows_set(),
             *(
                 f"add map inet {t} {p}_forwards {{ type inet_service : ipv4_addr . inet_service; }}"
                 for p in PROTOCOLS
@@ -265,6 +265,9 @@ class Firewall:
             f'bridge {t} ports {{ "{port.ifname}" . {port.mac} . {port.ip} }}',
         ]
 
+    def _flows_set(self) -> str:
+        return f"add set inet {self.table} flows {{ type ipv4_addr; size 65535; flags dynamic; }}"
+
     def _group_element(self, group: int) -> str:
         return f"bridge {self.table} groups {{ {group} . {group} }}"
 
@@ -292,6 +295,10 @@ class Firewall:
         elems.extend(f'bridge {self.table} names {{ "{n}" }}' for n in names)
         elems.extend(self._group_element(g) for g in groups if g)
         script = [f"add element {e}\ndelete element {e}\n" for e in elems]
+        if any(e.startswith(f"inet {self.table} flows ") for e in elems):
+            # Tables an older rexecd made have no flows set: made here (empty) so the
+            # element's add-then-delete holds there too.
+            script.insert(0, self._flows_set() + "\n")
         for proto, host_port in forwards:
             # A map element cannot be re-added blindly (its value is unknown), so map
             # entries are only deleted when they were just listed.
