@@ -163,6 +163,10 @@ class NetworkConfig(_Section):
     # own keeps forwards clear of the ephemeral ports (32768+) and of well-known ones.
     port_forward_min: int = Field(default=20000, ge=1, le=65535)
     port_forward_max: int = Field(default=29999, ge=1, le=65535)
+    # Connections (conntrack entries) one container may hold open through the host at
+    # once; new ones past it are dropped. The host's table is one for everyone (262144
+    # entries by default), and an unanswered UDP packet holds an entry for 30 s.
+    max_flows_per_container: int = Field(default=4096, ge=16)
 
     @field_validator("gateway_tcp_ports", "gateway_udp_ports")
     @classmethod
@@ -395,6 +399,9 @@ class ConcurrencyConfig(_Section):
     exec_per_user: PositiveInt = 16
     # Every file endpoint, a download counted until its last byte is sent.
     file_ops_per_user: PositiveInt = 4
+    # Open GET /api/containers/events sockets: each is a subscriber every event of the
+    # user is queued for (up to 1024), held in the daemon for as long as it is open.
+    event_streams_per_user: PositiveInt = 16
 
 
 class CatalogueImage(_Section):
@@ -573,6 +580,9 @@ class TerminalConfig(_Section):
     idle_timeout_s: PositiveInt = 600
     # API.md promises at least 64 KiB of scrollback on reconnect.
     scrollback_bytes: int = Field(default=262144, ge=65536)
+    # Live sessions per container: each holds a PTY master, a pidfd and its scrollback
+    # in the daemon, whose memory no container cgroup pays for.
+    max_sessions: int = Field(default=16, ge=1)
 
 
 class HttpConfig(_Section):

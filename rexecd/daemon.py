@@ -64,6 +64,7 @@ def _network(cfg: Config) -> tuple[ContainerNetwork | None, Forwarder | None]:
         nft_table=cfg.network.nft_table,
         gateway_tcp_ports=tuple(cfg.network.gateway_tcp_ports),
         gateway_udp_ports=tuple(cfg.network.gateway_udp_ports),
+        max_flows=cfg.network.max_flows_per_container,
     )
     return Network(net), PortForwarder(net)
 

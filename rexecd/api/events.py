@@ -12,10 +12,11 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from rexecd.api.auth import WS_PROTOCOLS, principal
 from rexecd.api.containers import COMMON_ERRORS
 from rexecd.api.endpoint import Endpoint
-from rexecd.api.keys import SERVICE, track_websocket
+from rexecd.api.keys import IN_FLIGHT, SERVICE, track_websocket
 from rexecd.api.wire import decode_json, respond
 from rexecd.errors import InvalidJson
 from rexecd.models import Event
+from rexecd.service.auth import Principal
 
 log = logging.getLogger("rexecd.api")
 
@@ -67,6 +68,16 @@ async def container_events(request: web.Request) -> web.StreamResponse:
     if not ws.can_prepare(request):
         # Not an upgrade: a plain GET of the container that happens to be named "events".
         return respond(await service.get_container(p, "events"))
+    # A 429 before the upgrade past the cap; the slot is held while the socket is open.
+    with request.app[IN_FLIGHT].hold(p.user_id, "events"):
+        return await _stream(request, p, ws)
+
+
+async def _stream(
+    request: web.Request, p: Principal, ws: web.WebSocketResponse
+) -> web.StreamResponse:
+    """The list frame, then ``p``'s events until the client or the service ends it."""
+    service = request.app[SERVICE]
     # The pump and the ping answers share the socket; one frame at a time.
     lock = asyncio.Lock()
 

@@ -119,6 +119,13 @@ def mount_root(k: Kernel, spec: ContainerSpec, userns_fd: int = -1) -> int:
     return k.open(r.target, os.O_PATH | os.O_DIRECTORY)
 
 
+# PTYs one container's devpts hands out. Every devpts instance but the host's draws on
+# one host-wide pool (kernel.pty.max - kernel.pty.reserve: 3072 by default); without a
+# max of its own, one container could take it all and leave every other tenant's
+# terminals without a PTY.
+DEVPTS_MAX = 128
+
+
 def mount_dev(k: Kernel, rootfd: int, id_base: int = 0) -> None:
     """/dev as a small tmpfs with the safe device nodes, its own devpts, shm and mqueue.
 
@@ -153,7 +160,7 @@ def mount_dev(k: Kernel, rootfd: int, id_base: int = 0) -> None:
                 _fdpath(fd),
                 "devpts",
                 n.MS_NOSUID | n.MS_NOEXEC,
-                f"newinstance,ptmxmode=0666,mode=0620,gid={id_base + 5}",
+                f"newinstance,ptmxmode=0666,mode=0620,gid={id_base + 5},max={DEVPTS_MAX}",
             )
         with _opened(k, k.openat2(dev, "shm", os.O_PATH, resolve=n.RESOLVE_BENEATH)) as fd:
             k.mount(

@@ -57,6 +57,22 @@ def _table(text: str) -> list[list[str]]:
     return [line.split(":") for line in text.splitlines() if line and not line.startswith("#")]
 
 
+# (uid_t)-1 is "leave unchanged" to setresuid/setresgid: asked for, it would keep
+# the process root instead of running it as that id.
+_MAX_ID = 0xFFFFFFFE
+
+
+def _is_number(text: str) -> bool:
+    return text.isascii() and text.isdigit()
+
+
+def _id(text: str, what: str) -> int:
+    """A uid or gid written as decimal: InvalidRequest when it is not one."""
+    if not _is_number(text) or int(text) > _MAX_ID:
+        raise InvalidRequest(f"{what} {text!r} is not a valid id (0-{_MAX_ID})")
+    return int(text)
+
+
 def resolve_user(spec: str, layers: list[Path]) -> Identity:
     """Resolve an OCI ``User`` value against the image. Empty means root."""
     spec = spec.strip()
@@ -68,34 +84,38 @@ def resolve_user(spec: str, layers: list[Path]) -> Identity:
     home = "/"
     entry = None
     for row in passwd:
-        if len(row) >= 7 and (row[0] == user or (user.isdigit() and row[2] == user)):
+        if len(row) >= 7 and (row[0] == user or (_is_number(user) and row[2] == user)):
             entry = row
             break
-    if user.isdigit():
-        uid = int(user)
+    if _is_number(user):
+        uid = _id(user, "uid")
         # A numeric uid absent from passwd runs with the same numeric gid, as runc does.
-        gid = int(entry[3]) if entry else uid
+        gid = _id(entry[3], "the image's gid") if entry else uid
     elif entry is not None:
-        uid = int(entry[2])
-        gid = int(entry[3])
+        uid = _id(entry[2], "the image's uid")
+        gid = _id(entry[3], "the image's gid")
     else:
         raise InvalidRequest(f"user {user!r} not found in the image's /etc/passwd")
     if entry is not None:
         home = entry[5] or "/"
     if group:
-        if group.isdigit():
-            gid = int(group)
+        if _is_number(group):
+            gid = _id(group, "gid")
         else:
             match = [row for row in groups if len(row) >= 3 and row[0] == group]
             if not match:
                 raise InvalidRequest(f"group {group!r} not found in the image's /etc/group")
-            gid = int(match[0][2])
+            gid = _id(match[0][2], "the image's gid")
     name = entry[0] if entry else None
     extra = sorted(
         {
             int(row[2])
             for row in groups
-            if name and len(row) >= 4 and name in row[3].split(",") and row[2].isdigit()
+            if name
+            and len(row) >= 4
+            and name in row[3].split(",")
+            and _is_number(row[2])
+            and int(row[2]) <= _MAX_ID
         }
         - {gid}
     )

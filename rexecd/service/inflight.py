@@ -17,8 +17,12 @@ from typing import Literal
 from rexecd.config import ConcurrencyConfig
 from rexecd.errors import ConcurrencyLimited
 
-InFlightKind = Literal["exec", "files"]
-_WHAT: dict[InFlightKind, str] = {"exec": "exec requests", "files": "file operations"}
+InFlightKind = Literal["exec", "files", "events"]
+_WHAT: dict[InFlightKind, str] = {
+    "exec": "exec requests",
+    "files": "file operations",
+    "events": "event streams",
+}
 # A slot frees when a request finishes, which is often at once: retry soon.
 RETRY_AFTER_S = 1
 
@@ -31,6 +35,7 @@ class InFlightLimiter:
         self._caps: dict[InFlightKind, int] = {
             "exec": caps.exec_per_user,
             "files": caps.file_ops_per_user,
+            "events": caps.event_streams_per_user,
         }
         self._count: dict[tuple[str, InFlightKind], int] = {}
 

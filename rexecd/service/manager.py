@@ -113,7 +113,9 @@ class ContainerManager:
         self.host = HostSide(cfg, store, runtime, net, self.homes, self.port_forwards)
         self.logs = ContainerLogs(cfg.state_dir, cfg.logs.max_bytes)
         self.terminals = TerminalRegistry(
-            cfg.terminal.scrollback_bytes, float(cfg.terminal.idle_timeout_s)
+            cfg.terminal.scrollback_bytes,
+            float(cfg.terminal.idle_timeout_s),
+            cfg.terminal.max_sessions,
         )
         # Exec and terminal processes are awaited on the loop, never in a worker thread.
         self.exits = ProcessExits(runtime)

@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from rexecd.errors import QuotaExceeded
 from rexecd.runtime.pty import set_size
 from rexecd.service.interface import TerminalProcess
 
@@ -296,9 +297,15 @@ class _Opening:
 class TerminalRegistry:
     """All live sessions, by (container db_id, session id)."""
 
-    def __init__(self, scrollback_bytes: int, idle_timeout_s: float) -> None:
+    def __init__(
+        self, scrollback_bytes: int, idle_timeout_s: float, max_sessions: int = 16
+    ) -> None:
         self.scrollback_bytes = scrollback_bytes
         self.idle_timeout_s = idle_timeout_s
+        # Per container: session ids are the client's choice and a detached session
+        # lives on (its PTY, pidfd and scrollback in the daemon) until idle_timeout_s.
+        self.max_sessions = max_sessions
+        self._starting: dict[str, int] = {}
         self._sessions: dict[tuple[str, str], TerminalSession] = {}
         # One lock per key being opened, with how many openers hold or await it: the
         # session id is the client's choice, so a lock kept per id ever asked for would
@@ -327,7 +334,18 @@ class TerminalRegistry:
                     return cur, False
                 if cur is not None:
                     cur.terminate("error", "replaced by a new session")
-                proc = await start()
+                else:
+                    self._check_room(db_id)
+                # Counted while the shell starts: other session ids open concurrently.
+                self._starting[db_id] = self._starting.get(db_id, 0) + 1
+                try:
+                    proc = await start()
+                finally:
+                    left = self._starting[db_id] - 1
+                    if left:
+                        self._starting[db_id] = left
+                    else:
+                        del self._starting[db_id]
                 s = TerminalSession(
                     key, proc, Scrollback(self.scrollback_bytes), self.idle_timeout_s, self._forget
                 )
@@ -338,6 +356,17 @@ class TerminalRegistry:
             opening.users -= 1
             if opening.users == 0:
                 del self._opening[key]
+
+    def _check_room(self, db_id: str) -> None:
+        live = sum(1 for s in self.sessions_of(db_id) if not s.ended)
+        live += self._starting.get(db_id, 0)
+        if live >= self.max_sessions:
+            raise QuotaExceeded(
+                f"terminal session limit reached: at most {self.max_sessions} per "
+                "container; reuse a session id or close one",
+                current=live,
+                limit=self.max_sessions,
+            )
 
     def _forget(self, s: TerminalSession) -> None:
         if self._sessions.get(s.key) is s:

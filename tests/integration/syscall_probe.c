@@ -5,13 +5,15 @@
  * argument names one attempt; one line per argument is printed: "NAME=OK" or
  * "NAME=<errno name>" (EPERM, ENOSYS, ...). It never stops at a failure.
  *
- *   keyctl add_key request_key bpf io_uring userfaultfd perf clone3 clone-newuser
+ *   keyctl add_key request_key bpf io_uring io_setup userfaultfd perf clone3 clone-newuser
  *   unshare-user unshare-net setns fsopen open_tree clock_settime
  *   tiocsti tiocsti-high tioclinux     on fd 0, which the test makes a terminal
  *   inject:TEXT                        TIOCSTI every byte of TEXT into fd 0
  *   setflags:FILE fssetxattr:FILE      set a file's flags / fsxattr to what they are
  *   vsock nr:N                         socket(AF_VSOCK), syscall number N
  *   exe:PID                            open /proc/PID/exe for writing
+ *   ptys:N                             open /dev/pts/ptmx up to N times, all kept open:
+ *                                      "ptys=<opened>" then the errno that stopped it
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -67,6 +69,7 @@ static const char *ename(int e) {
     case ENOKEY: return "ENOKEY";
     case EBADF: return "EBADF";
     case ELOOP: return "ELOOP";
+    case ENOSPC: return "ENOSPC";
     }
     snprintf(buf, sizeof buf, "E%d", e);
     return buf;
@@ -115,6 +118,13 @@ static void probe(const char *a) {
     } else if (!strcmp(a, "io_uring")) {
         char params[120] = {0};
         report(a, syscall(SYS_io_uring_setup, 1, params));
+    } else if (!strcmp(a, "io_setup")) {
+        /* One event: the test must not take the host's AIO contexts itself. */
+        unsigned long ctx = 0;
+        long rc = syscall(SYS_io_setup, 1, &ctx);
+        if (rc == 0)
+            syscall(SYS_io_destroy, ctx);
+        report(a, rc);
     } else if (!strcmp(a, "userfaultfd"))
         report(a, syscall(SYS_userfaultfd, O_CLOEXEC | UFFD_USER_MODE_ONLY));
     else if (!strcmp(a, "perf")) {
@@ -166,7 +176,13 @@ static void probe(const char *a) {
         report(a, socket(40 /* AF_VSOCK */, SOCK_STREAM, 0));
     else if (!strncmp(a, "nr:", 3))
         report("nr", syscall(atol(a + 3), 0, 0, 0, 0, 0, 0));
-    else if (!strncmp(a, "exe:", 4)) {
+    else if (!strncmp(a, "ptys:", 5)) {
+        long want = atol(a + 5), got = 0, rc = 0;
+        while (got < want && (rc = open("/dev/pts/ptmx", O_RDWR | O_NOCTTY | O_CLOEXEC)) >= 0)
+            got++;
+        printf("ptys=%ld\n", got);
+        report("ptys-next", got < want ? rc : 0);
+    } else if (!strncmp(a, "exe:", 4)) {
         char path[64];
         snprintf(path, sizeof path, "/proc/%s/exe", a + 4);
         report("exe", open(path, O_WRONLY));

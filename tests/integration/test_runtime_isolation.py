@@ -16,9 +16,12 @@ from rexecd.errors import ChildSetupError
 from rexecd.runtime.capabilities import DEFAULT_CAPS
 from rexecd.runtime.cgroups import CgroupLimits
 from rexecd.runtime.container import Runtime
+from rexecd.runtime.rootfs import DEVPTS_MAX
 from rexecd.runtime.spawner import Spawner
 from rexecd.runtime.spec import BindMount, ProcessSpec
 from tests.integration.conftest import Result, make_busybox_layer
+from tests.integration.probe import image as probe_image
+from tests.integration.probe import parse, probe_bin, probe_lower
 from tests.integration.runtime_helpers import (
     image,
     make_runtime,
@@ -27,7 +30,7 @@ from tests.integration.runtime_helpers import (
     symlinked_proc_is_refused,
 )
 
-__all__ = ["runtime"]  # a fixture used here
+__all__ = ["probe_bin", "probe_lower", "runtime"]  # fixtures used here
 
 
 def test_pid_namespace_shows_no_host_process(runtime: Runtime, busybox_layer: Path) -> None:
@@ -128,6 +131,18 @@ def test_dev_has_only_safe_nodes_and_own_devpts(runtime: Runtime, busybox_layer:
         "mqueue",
     }
     assert pts.split() == ["ptmx"]
+
+
+def test_devpts_hands_out_at_most_its_max(
+    runtime: Runtime, busybox_layer: Path, probe_lower: Path
+) -> None:
+    """Container devpts instances share one host-wide pool (kernel.pty.max less
+    kernel.pty.reserve, 3072 by default): one container holding them all would leave
+    every other tenant's terminals without a PTY."""
+    res = run(runtime, probe_image(busybox_layer, probe_lower), f"probe ptys:{DEVPTS_MAX + 8}")
+    got = parse(res.out)
+    assert got.get("ptys") == str(DEVPTS_MAX), res.out
+    assert got.get("ptys-next") == "ENOSPC", res.out
 
 
 def test_capabilities_are_docker_default(runtime: Runtime, busybox_layer: Path) -> None:

@@ -37,7 +37,9 @@ class Env:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     # The legacy ?token= is switched on to test it (off by default).
-    legacy = {"auth": {"ws_query_token": True}}
+    # Every test here opens sessions on one shared container and leaves them to the
+    # idle timeout: room for all of them (the cap has its own test).
+    legacy = {"auth": {"ws_query_token": True}, "terminal": {"max_sessions": 256}}
     with running_daemon(tmp_path_factory.mktemp("terminal"), legacy) as d:
         token = d.token("alice", tier="pro")
         c = create_running(d, token, "term")

@@ -11,7 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from rexecd.config import Config
-from rexecd.errors import Conflict
+from rexecd.errors import Conflict, QuotaExceeded
 from rexecd.models import ContainerRecord, ContainerResources
 from rexecd.runtime.storage import LoopStorage
 from rexecd.service.interface import TerminalProcess
@@ -59,23 +59,38 @@ def test_loop_storage_keeps_no_lock_per_volume_name(tmp_path: Path) -> None:
     assert len(storage._locks) == 0
 
 
-async def test_terminal_open_keeps_no_lock_per_session_id() -> None:
-    reg = TerminalRegistry(65536, 60.0)
+async def _open_all(reg: TerminalRegistry, ids: list[str]) -> list[object]:
+    """Open every id at once against a stopped container (each start fails once all
+    have begun); what each open raised."""
     gate = asyncio.Event()
 
     async def refused() -> TerminalProcess:
         await gate.wait()
         raise Conflict("container is not running")
 
-    # Session ids are the client's choice: a stream of new ids to a stopped container.
-    tasks = [
-        asyncio.ensure_future(reg.open("db", f"s{i % 50}", False, refused)) for i in range(100)
-    ]
+    tasks = [asyncio.ensure_future(reg.open("db", i, False, refused)) for i in ids]
     await asyncio.sleep(0)
     gate.set()
-    results = await asyncio.gather(*tasks, return_exceptions=True)
+    return list(await asyncio.gather(*tasks, return_exceptions=True))
+
+
+async def test_terminal_open_keeps_no_lock_per_session_id() -> None:
+    # Room for every opener: this is about the locks, not the session cap.
+    reg = TerminalRegistry(65536, 60.0, max_sessions=100)
+    # Session ids are the client's choice: a stream of new ids to a stopped container.
+    results = await _open_all(reg, [f"s{i % 50}" for i in range(100)])
     assert all(isinstance(r, Conflict) for r in results)
     assert reg._opening == {}
+    assert reg._starting == {}
+
+
+async def test_terminal_opens_past_the_cap_are_refused_while_others_start() -> None:
+    reg = TerminalRegistry(65536, 60.0, max_sessions=3)
+    results = await _open_all(reg, [f"s{i}" for i in range(10)])
+    # Three got as far as starting a shell; the rest were refused while those started.
+    assert sum(isinstance(r, Conflict) for r in results) == 3
+    assert sum(isinstance(r, QuotaExceeded) for r in results) == 7
+    assert reg._starting == {} and reg._opening == {}
 
 
 class _Cgroup:

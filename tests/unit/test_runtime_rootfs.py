@@ -103,7 +103,7 @@ def _default_mounts(id_base: int = 0, lower: str = "/layers/b:/layers/a") -> lis
             f"{ROOT}/dev/pts",
             "devpts",
             n.MS_NOSUID | n.MS_NOEXEC,
-            f"newinstance,ptmxmode=0666,mode=0620,gid={id_base + 5}",
+            f"newinstance,ptmxmode=0666,mode=0620,gid={id_base + 5},max={rootfs.DEVPTS_MAX}",
         ),
         Mount("shm", f"{ROOT}/dev/shm", "tmpfs", NSNDNE, f"mode=1777,size=65536k{owner}"),
         Mount("mqueue", f"{ROOT}/dev/mqueue", "mqueue", NSNDNE),

@@ -22,7 +22,8 @@ from rexecd.service.terminals import Scrollback
 
 def _spec() -> ContainerSpec:
     return ContainerSpec(
-        id="c1", hostname="h",
+        id="c1",
+        hostname="h",
         rootfs=RootfsSpec(lowerdirs=["/l"], upperdir="/u", workdir="/w", target="/t"),
         process=ProcessSpec(args=["sh"], env=["A=1"]),
     )
@@ -85,8 +86,11 @@ def _layer(tmp: Path, passwd: str, group: str = "") -> Path:
 
 
 def test_resolve_user_by_name_uid_and_group(tmp_path: Path) -> None:
-    layer = _layer(tmp_path, "root:x:0:0::/root:/bin/sh\nuser:x:1000:1001::/home/user:/bin/sh\n",
-                   "root:x:0:\nusers:x:1001:\nwheel:x:10:user\n")
+    layer = _layer(
+        tmp_path,
+        "root:x:0:0::/root:/bin/sh\nuser:x:1000:1001::/home/user:/bin/sh\n",
+        "root:x:0:\nusers:x:1001:\nwheel:x:10:user\n",
+    )
     u = resolve_user("user", [layer])
     assert (u.uid, u.gid, u.additional_gids, u.home) == (1000, 1001, [10], "/home/user")
     assert resolve_user("", [layer]).uid == 0
@@ -97,6 +101,12 @@ def test_resolve_user_by_name_uid_and_group(tmp_path: Path) -> None:
         resolve_user("nobody", [layer])
     with pytest.raises(InvalidRequest, match="group"):
         resolve_user("user:nogroup", [layer])
+    # (uid_t)-1 means "unchanged" to setresuid: it would leave the process root.
+    for spec in ("4294967295", "0:4294967295", "99999999999999999999"):
+        with pytest.raises(InvalidRequest, match="not a valid id"):
+            resolve_user(spec, [layer])
+    with pytest.raises(InvalidRequest, match="not found"):
+        resolve_user("\u00b2", [layer])  # a digit to str.isdigit, not to int()
 
 
 def test_resolve_user_upper_layer_wins_and_links_stay_in_layer(tmp_path: Path) -> None:
@@ -119,9 +129,12 @@ def test_scrollback_keeps_the_tail() -> None:
 
 
 def _event(user: str, n: int) -> tuple[str, Event]:
-    rec = ContainerRecord(user_id=user, name=f"c{n}", image="busybox",
-                          resources=ContainerResources(memory_mb=1, cpu_shares=1, disk_mb=1,
-                                                       network_mbps=1))
+    rec = ContainerRecord(
+        user_id=user,
+        name=f"c{n}",
+        image="busybox",
+        resources=ContainerResources(memory_mb=1, cpu_shares=1, disk_mb=1, network_mbps=1),
+    )
     return user, Event.model_validate({"type": "created", "container": rec.to_out()})
 
 

@@ -67,6 +67,20 @@ def ensure_bridge(nl: Netlink, name: str, gateway: ipaddress.IPv4Interface, mac:
     return idx
 
 
+def no_linklocal_learn(name: str) -> None:
+    """Stop the bridge learning source MACs from frames sent to the IEEE link-local group
+    addresses (01:80:c2:00:00:0X). The bridge learns those before (LLDP) or without
+    passing the nft prerouting hook that checks a port's MAC, so a container could move
+    a neighbour's MAC to its own port, and the traffic sent to it with it."""
+    path = f"/sys/class/net/{name}/bridge/no_linklocal_learn"
+    with translate("bridge no_linklocal_learn", path):
+        with open(path, encoding="ascii") as f:
+            if f.read().strip() == "1":
+                return
+        with open(path, "w", encoding="ascii") as f:
+            f.write("1")
+
+
 def delete_bridge(nl: Netlink, name: str) -> bool:
     return delete_link(nl, bridge_index(nl, name), name, "bridge del")
 

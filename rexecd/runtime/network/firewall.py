@@ -126,6 +126,7 @@ class Firewall:
         bridge_mac: str,
         gateway_tcp_ports: tuple[int, ...] = (),
         gateway_udp_ports: tuple[int, ...] = (),
+        max_flows: int = 4096,
     ) -> None:
         check_table(table)
         check_ifname(bridge)
@@ -135,6 +136,7 @@ class Firewall:
         self.gateway = gateway
         self.bridge_mac = bridge_mac
         self.gateway_ports = {"tcp": gateway_tcp_ports, "udp": gateway_udp_ports}
+        self.max_flows = max_flows
 
     # -- whole tables ---------------------------------------------------------------
 
@@ -142,6 +144,12 @@ class Firewall:
         """The base ruleset. ``add`` keeps existing sets and maps (and so the elements of
         running containers); chains are flushed and refilled, so re-running is idempotent."""
         t, br, net, gw = self.table, f'"{self.bridge}"', self.subnet, self.gateway
+        # The host's conntrack table is one for every container (and the host): past
+        # max_flows entries of its own, a container's new connections are dropped.
+        flow_cap = (
+            f"add rule inet {t} {{chain}} iifname {br} ct state new "
+            f"add @flows {{{{ ip saddr ct count over {self.max_flows} }}}} drop"
+        )
         allowed = [
             f"add rule inet {t} input iifname {br} ip daddr {gw} {proto} dport "
             f"{{ {', '.join(str(p) for p in sorted(ports))} }} accept"
@@ -163,6 +171,9 @@ class Firewall:
             "iifname . ether saddr . ip saddr != @ports drop",
             f"add rule bridge {t} prerouting iifname @names ether type arp "
             "iifname . ether saddr . arp saddr ip != @ports drop",
+            # The ARP sender MAC too: the host believes it over the frame's source.
+            f"add rule bridge {t} prerouting iifname @names ether type arp "
+            "iifname . arp saddr ether . arp saddr ip != @ports drop",
             # IPv4 only: no IPv6 (incl. link-local), no raw ethertypes between tenants.
             f"add rule bridge {t} prerouting iifname @names ether type != {{ ip, arp }} drop",
             f"add chain bridge {t} forward "
@@ -175,6 +186,7 @@ class Firewall:
             f"add rule bridge {t} forward iifname @names drop",
             # ---- inet family: routed traffic and the host itself ---------------------
             f"add table inet {t}",
+            self._flows_set(),
             *(
                 f"add map inet {t} {p}_forwards {{ type inet_service : ipv4_addr . inet_service; }}"
                 for p in PROTOCOLS
@@ -186,10 +198,14 @@ class Firewall:
             # container use it to reach the host's loopback services.
             f"add rule inet {t} prerouting iifname {br} ip daddr 127.0.0.0/8 drop",
             f"add rule inet {t} prerouting iifname {br} ip saddr != {net} drop",
+            # Link-local is never routed (RFC 3927); a host route to it is a cloud's
+            # metadata service handing out the host's credentials.
+            f"add rule inet {t} prerouting iifname {br} ip daddr 169.254.0.0/16 drop",
             f"add rule inet {t} prerouting iifname {br} meta nfproto ipv6 drop",
             f"add chain inet {t} input "
             "{ type filter hook input priority filter; policy accept; }",
             f"flush chain inet {t} input",
+            flow_cap.format(chain="input"),
             f"add rule inet {t} input iifname {br} ct state established,related accept",
             *allowed,
             f"add rule inet {t} input iifname {br} ip daddr {gw} icmp type echo-request accept",
@@ -199,6 +215,7 @@ class Firewall:
             f"add chain inet {t} forward "
             "{ type filter hook forward priority filter; policy accept; }",
             f"flush chain inet {t} forward",
+            flow_cap.format(chain="forward"),
             f"add rule inet {t} forward oifname {br} ct state established,related accept",
             # With br_netfilter on, frames bridged between two ports also pass here
             # (in and out = the bridge); the bridge table already judged them. Frames
@@ -248,6 +265,9 @@ class Firewall:
             f'bridge {t} ports {{ "{port.ifname}" . {port.mac} . {port.ip} }}',
         ]
 
+    def _flows_set(self) -> str:
+        return f"add set inet {self.table} flows {{ type ipv4_addr; size 65535; flags dynamic; }}"
+
     def _group_element(self, group: int) -> str:
         return f"bridge {self.table} groups {{ {group} . {group} }}"
 
@@ -269,9 +289,16 @@ class Firewall:
         elems: list[str] = []
         for port in ports:
             elems.extend(self._port_elements(port))
+            # The flow count of its address (made by the flow-cap rule): the next
+            # container given the address starts from its own connections.
+            elems.append(f"inet {self.table} flows {{ {port.ip} }}")
         elems.extend(f'bridge {self.table} names {{ "{n}" }}' for n in names)
         elems.extend(self._group_element(g) for g in groups if g)
         script = [f"add element {e}\ndelete element {e}\n" for e in elems]
+        if any(e.startswith(f"inet {self.table} flows ") for e in elems):
+            # Tables an older rexecd made have no flows set: made here (empty) so the
+            # element's add-then-delete holds there too.
+            script.insert(0, self._flows_set() + "\n")
         for proto, host_port in forwards:
             # A map element cannot be re-added blindly (its value is unknown), so map
             # entries are only deleted when they were just listed.
@@ -321,4 +348,5 @@ def firewall_for(cfg: NetworkConfig) -> Firewall:
         bridge_mac(cfg.bridge),
         gateway_tcp_ports=cfg.gateway_tcp_ports,
         gateway_udp_ports=cfg.gateway_udp_ports,
+        max_flows=cfg.max_flows,
     )

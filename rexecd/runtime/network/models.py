@@ -21,6 +21,8 @@ class NetworkConfig(BaseModel):
     # resolver the host happens to run must not be exposed to containers.
     gateway_tcp_ports: tuple[int, ...] = ()
     gateway_udp_ports: tuple[int, ...] = ()
+    # Connections (host conntrack entries) one container address may hold at once.
+    max_flows: int = 4096
 
     @field_validator("gateway_tcp_ports", "gateway_udp_ports")
     @classmethod

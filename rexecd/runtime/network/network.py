@@ -20,6 +20,7 @@ from .bridge import (
     ensure_bridge,
     get_link,
     list_links,
+    no_linklocal_learn,
     write_sysctl,
 )
 from .firewall import FirewallState, Port, check_table, firewall_for
@@ -97,6 +98,7 @@ class Network:
             # may rely on it, and it was most likely on before us anyway.
             write_sysctl("net/ipv4/ip_forward", "1")
             write_sysctl(f"net/ipv4/conf/{bridge}/route_localnet", "1")
+            no_linklocal_learn(bridge)
             if os.path.exists(f"/proc/sys/net/ipv6/conf/{bridge}"):
                 # Containers get IPv4 only; a link-local v6 address on the bridge would
                 # be one more host address to defend.
