@@ -173,6 +173,8 @@ class Runtime:
         else:
             argv = list(image.entrypoint or []) + (list(args) or list(image.cmd or []))
         ident = self.image_user(user if user is not None else image.user, image.layers)
+        if userns is not None:
+            ident.require_mapped(userns.size)
         proc_env = merge_env(
             image.env, [f"HOME={ident.home}", f"HOSTNAME={hostname}", *(env or [])]
         )

@@ -22,6 +22,19 @@ class Identity:
     additional_gids: list[int]
     home: str
 
+    def require_mapped(self, size: int) -> None:
+        """Raises InvalidRequest when an id lies outside a user namespace that maps
+        0..``size``-1: the kernel would refuse it only in the child, as a setup error."""
+        for what, v in (
+            ("uid", self.uid),
+            ("gid", self.gid),
+            *(("group", g) for g in self.additional_gids),
+        ):
+            if v >= size:
+                raise InvalidRequest(
+                    f"{what} {v} is outside the container's user namespace (ids 0-{size - 1})"
+                )
+
 
 def _read_from_layers(layers: list[Path], rel: str) -> str:
     """The file as the top-most layer that has it shows it (a lower copy is hidden)."""

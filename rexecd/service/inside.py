@@ -115,6 +115,8 @@ class Inside:
         assert rec.pid is not None
         # The container's /etc/passwd and /etc/group: its tenant's files.
         ident = await self.threads.run(rec.db_id, containerroot.identity, rec.pid, user)
+        if rec.spec.get("userns_base"):
+            ident.require_mapped(self.cfg.userns.size)
         return ident.uid, ident.gid, ident.additional_gids
 
     async def _exec_spec(self, rec: ContainerRecord, req: ExecRequest, tty: bool) -> ProcessSpec:

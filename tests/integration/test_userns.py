@@ -135,6 +135,11 @@ async def test_namespaces_refused_and_capabilities_scoped(daemon: Daemon) -> Non
         assert " /mnt/p " not in mounts
         # Host root's files (a sysctl in the container's read-only /proc/sys) are not root's.
         assert (await c.sh(ref, "stat -c %u /proc/sys/kernel/hostname")).strip() == "65534"
+        # An id the namespace does not map is the caller's mistake, said before any fork.
+        for user in ("70000", "0:70000", "65536"):
+            r = (await c.exec(ref, "id", user=user)).expect(400)
+            assert "outside the container's user namespace" in r["error"], r.body
+        assert (await c.exec(ref, "id -u", user="65535")).expect(200)["exit_code"] == 0
 
 
 async def test_two_containers_get_disjoint_ranges_and_keep_them_across_a_restart(

@@ -15,7 +15,7 @@ from rexecd.models import ContainerRecord, ContainerResources, Event
 from rexecd.runtime import sync
 from rexecd.runtime.container import merge_env
 from rexecd.runtime.spec import ContainerSpec, ExecSpec, ProcessSpec, RootfsSpec
-from rexecd.runtime.users import resolve_user
+from rexecd.runtime.users import Identity, resolve_user
 from rexecd.service.events import QUEUE_BOUND, EventBus
 from rexecd.service.terminals import Scrollback
 
@@ -269,3 +269,10 @@ def test_drop_bounding_keeps_exactly_the_named_caps(monkeypatch: pytest.MonkeyPa
     assert got == [((1 << 0) | (1 << 10) | (1 << 5), 40)]
     with pytest.raises(ValueError, match="unknown capability"):
         capabilities.drop_bounding(["nonsense"], 40)
+
+
+def test_an_id_outside_the_user_namespace_is_the_callers_mistake() -> None:
+    Identity(65535, 65535, [65535], "/").require_mapped(65536)
+    for uid, gid, groups in ((65536, 0, []), (0, 70000, []), (0, 0, [5, 1 << 20])):
+        with pytest.raises(InvalidRequest, match="outside the container's user namespace"):
+            Identity(uid, gid, groups, "/").require_mapped(65536)
