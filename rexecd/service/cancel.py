@@ -19,10 +19,9 @@ create either completes (and its undo runs) or never starts:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -70,15 +69,12 @@ class CancelToken:
                 aw.close()  # never started: no "never awaited" warning
             self.check()
         task = asyncio.ensure_future(aw)
-        waiter = asyncio.ensure_future(self._event.wait())
         try:
-            await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            await self._either(task)
         finally:
-            waiter.cancel()
             if not task.done():
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                await asyncio.wait({task})  # its own cleanup runs before we go on
         if task.cancelled():
             self.check()  # the token's doing, else an outer cancel: re-raised below
         return task.result()
@@ -95,12 +91,7 @@ class CancelToken:
         only after the last kill)."""
         task = asyncio.ensure_future(aw)
         try:
-            if not self.cancelled:
-                waiter = asyncio.ensure_future(self._event.wait())
-                try:
-                    await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    waiter.cancel()
+            await self._either(task)
             while not task.done():
                 await cut()
                 if again_s is None:
@@ -110,3 +101,14 @@ class CancelToken:
         except BaseException:
             task.cancel()  # the caller itself was cancelled: ``aw`` goes with it
             raise
+
+    async def _either(self, task: asyncio.Future[T]) -> None:
+        """Return once ``task`` is done or the token cancelled, whichever comes first."""
+        if self.cancelled:
+            return
+        waiter = asyncio.ensure_future(self._event.wait())
+        either: list[asyncio.Future[Any]] = [task, waiter]
+        try:
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()

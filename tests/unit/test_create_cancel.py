@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +16,13 @@ import pytest
 from rexecd.config import Config, RoleConfig
 from rexecd.errors import RuntimeFailure
 from rexecd.models import ContainerRecord
-from rexecd.runtime.images import ImageConfig, ImageRecord
+from rexecd.runtime.images import ImageRecord
 from rexecd.service.cancel import DELETED, CancelToken, CreateCancelled
 from rexecd.service.progress import Reporter
 from rexecd.service.roles import RoleBuilds
 from rexecd.service.states import State
 from tests.deadlines import scaled
+from tests.unit.fakes.images import base_image as base
 from tests.unit.fakes.lifecycle import world
 from tests.unit.fakes.store import RES
 
@@ -224,20 +224,6 @@ async def test_spawn_done_when_cancelled_completes_for_the_delete_to_halt(
 
 
 # --- the role build's waiters ---------------------------------------------------------
-
-
-def base(digest: str = "sha256:" + "1" * 64) -> ImageRecord:
-    now = datetime.now(UTC)
-    return ImageRecord(
-        name="debian",
-        tag="bookworm",
-        digest=digest,
-        size=1,
-        layers=["sha256:" + "2" * 64],
-        config=ImageConfig(),
-        created=now,
-        imported=now,
-    )
 
 
 def role() -> RoleConfig:
