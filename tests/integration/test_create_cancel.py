@@ -293,3 +293,27 @@ async def test_delete_during_a_launch_that_never_gets_ready_is_prompt(d: Daemon)
             nothing_left(d, obj, roles_before)
     finally:
         freeze.write_text("0")
+
+
+async def test_delete_racing_a_quick_create_leaves_nothing(d: Daemon) -> None:
+    """On any host (no freezer needed): a delete sent as soon as the record exists
+    meets the create at whatever step it is (validating, launching, or done), and
+    either way answers promptly and leaves nothing."""
+    roles_before = role_layers(d)
+    async with ApiClient(d, d.token(unique("race"))) as c, cleaning(c) as refs:
+        outcomes = []
+        for _ in range(5):
+            name = unique("racer")
+            refs.append(name)
+            stream = start_stream(c, {"image": "busybox", "name": name, **SIZES})
+            obj = await creating(c, name)
+            assert await delete_timed(c, name) < scaled(DELETE_BOUND_S)
+            frames = await asyncio.wait_for(stream, scaled(10))
+            last = frames[-1]
+            if last["stage"] == "ready":
+                outcomes.append("ready")  # the create won; the delete halted it
+            else:
+                assert_cancelled_stream(frames, obj["id"])
+                outcomes.append("cancelled")
+            nothing_left(d, obj, roles_before)
+        print(f"delete racing create: {outcomes}")
