@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 # The reason a delete gives; the create's stream says it in its error frame.
 DELETED = "container deleted while it was being created"
@@ -93,7 +95,10 @@ class CancelToken:
         try:
             await self._either(task)
             while not task.done():
-                await cut()
+                try:
+                    await cut()
+                except Exception:  # the step is still awaited: never left in its thread
+                    log.warning("cutting a cancelled create's step short failed", exc_info=True)
                 if again_s is None:
                     break
                 await asyncio.wait({task}, timeout=again_s)

@@ -115,6 +115,31 @@ async def test_cut_short_cuts_a_long_wait_once_and_returns_its_end() -> None:
     assert cuts == [1]
 
 
+async def test_cut_short_that_fails_still_waits_for_its_step() -> None:
+    """A step in a thread is never abandoned: a failing cut leaves it to end itself."""
+    token = CancelToken()
+    ended = asyncio.Event()
+
+    async def step() -> str:
+        await ended.wait()
+        return "undone by its owner"
+
+    cuts: list[int] = []
+
+    async def broken_kill() -> None:
+        cuts.append(1)
+        raise OSError("cgroup busy")
+
+    waiting = asyncio.ensure_future(token.cut_short(step(), broken_kill))
+    await asyncio.sleep(0)
+    token.cancel()
+    await _until(lambda: bool(cuts))
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    ended.set()
+    assert await asyncio.wait_for(waiting, scaled(5)) == "undone by its owner"
+
+
 async def test_cut_short_does_not_cut_a_wait_that_ended_first() -> None:
     token = CancelToken()
     cuts: list[int] = []
