@@ -24,6 +24,7 @@ from rexecd.models import (
 )
 from rexecd.runtime.images import ImageRecord, ImageStore
 from rexecd.service import catalog
+from rexecd.service.cancel import CancelToken
 from rexecd.service.progress import Reporter
 from rexecd.service.publisher import Publisher
 from rexecd.service.registry import Puller, PullProgress
@@ -161,10 +162,16 @@ class ImageOps:
     # ------------------------------------------------------------ pull on create
 
     async def pull_for(
-        self, rec: ContainerRecord, resolved: catalog.Resolved, report: Reporter
+        self,
+        rec: ContainerRecord,
+        resolved: catalog.Resolved,
+        report: Reporter,
+        token: CancelToken | None = None,
     ) -> ImageRecord:
         """Pull the image a create needs, reporting progress to the stream and as
-        ``progress`` events; concurrent creates of one image share one pull."""
+        ``progress`` events; concurrent creates of one image share one pull. A
+        cancelled ``token`` stops this create's wait at once (CreateCancelled); the
+        pull itself goes on for the others (and into the store)."""
         assert resolved.pull is not None
         latest: list[PullProgress] = []
         wake = asyncio.Event()
@@ -186,7 +193,9 @@ class ImageOps:
         await self._progress(rec, report, f"pulling {resolved.pull}", PULL_FROM)
         pumping = asyncio.ensure_future(pump())
         try:
-            res = await self.puller.pull(resolved.pull, resolved.local, on_progress)
+            pulling = self.puller.pull(resolved.pull, resolved.local, on_progress)
+            # The puller shields the shared pull: giving up the wait leaves it running.
+            res = await (token.race(pulling) if token is not None else pulling)
         finally:
             done = True
             wake.set()

@@ -18,6 +18,7 @@ from rexecd.runtime.container import KILL_WAIT_S, ContainerDirs, ImageView, Runt
 from rexecd.runtime.images import ImageRecord, ImageStore
 from rexecd.runtime.seccomp import DEFAULT as DEFAULT_SECCOMP
 from rexecd.runtime.spec import ContainerSpec, UsernsSpec
+from rexecd.service.cancel import CancelToken
 from rexecd.service.containerlogs import ContainerLogs
 from rexecd.service.hostside import HostSide
 from rexecd.service.limits import CgroupPolicy
@@ -33,6 +34,14 @@ from rexecd.service.terminals import TerminalRegistry
 from rexecd.service.watch import Watcher
 
 log = logging.getLogger(__name__)
+
+# A cancelled spawn: how often its cgroup is killed again while the start still runs
+# (its child may join the cgroup only after a kill).
+SPAWN_KILL_AGAIN_S = 0.5
+
+
+def _never() -> None:
+    """The check of a start nobody can cancel (start, restart, settings)."""
 
 
 @dataclass
@@ -64,9 +73,16 @@ class Lifecycle:
     terminals: TerminalRegistry
 
     async def launch(
-        self, rec: ContainerRecord, image: ImageRecord, report: Reporter | None = None
+        self,
+        rec: ContainerRecord,
+        image: ImageRecord,
+        report: Reporter | None = None,
+        token: CancelToken | None = None,
     ) -> ContainerRecord:
-        """Start ``rec``'s container; on failure undo every step and re-raise."""
+        """Start ``rec``'s container; on failure undo every step and re-raise. A
+        cancelled ``token`` stops it at its next step (CreateCancelled, or the error of
+        a spawn it cut short), with the same undo; an init already spawned stays for
+        the delete to halt."""
         self.policy.require()
         view = await asyncio.to_thread(image_view, self.images, image)
         st = Started()
@@ -81,6 +97,7 @@ class Lifecycle:
                     env=[f"{k}={v}" for k, v in rec.environment.items()] + ["TERM=xterm-256color"],
                     stdio=stdio,
                     report=report,
+                    token=token,
                 )
             finally:
                 for fd in set(stdio):
@@ -135,13 +152,20 @@ class Lifecycle:
         network: str | None = None,
         hostname: str | None = None,
         report: Reporter | None = None,
+        token: CancelToken | None = None,
     ) -> ContainerSpec:
         """Id range, storage, address, /etc files, cgroup limits and the spawn of
         ``rec``'s init, pushing each step's undo on ``st.undo`` as it goes: the caller
         runs it after any failure. ``args`` runs a command instead of an idle init;
-        ``home`` binds /home/user; ``network`` and ``hostname`` override the record's."""
+        ``home`` binds /home/user; ``network`` and ``hostname`` override the record's.
+        A cancelled ``token`` raises CreateCancelled between steps, never within one:
+        each step in a thread either completes (its undo pushed) or never starts; the
+        spawn, the one step that can wait on the container, is cut short by a kill."""
+        check = token.check if token is not None else _never
         hostname = hostname or rec.name
+        check()
         await self._lease_ids(rec, st)
+        check()
         # Pushed before their step, which may fail halfway (a volume mounted, the
         # mount point made; a cgroup made, the spawn refused): both undos are safe
         # to run on what was never made.
@@ -150,7 +174,9 @@ class Lifecycle:
         dirs, mounts = await asyncio.to_thread(self.host.prepare, rec, view, st.rng)
         st.dirs = dirs
         if self.cfg.network.enabled and (network or rec.network_mode) == "default":
+            check()
             await self._address(rec, st, dirs, hostname)
+        check()
         # The owner's tier: its seccomp profile stays the container's until it stops.
         tier = await asyncio.to_thread(self.policy.owner_tier, rec)
         st.seccomp = tier.seccomp
@@ -170,9 +196,21 @@ class Lifecycle:
             await report("starting", "starting the container", 60, container_id=rec.id)
         # After prepare: the volume the io throttle names is mounted by now.
         limits = await asyncio.to_thread(self.policy.limits, rec, rec.resources, tier)
-        st.pid = await asyncio.to_thread(
+        check()
+        starting = asyncio.to_thread(
             self.runtime.start, spec, limits, on_ready=self._attacher(rec, st), stdio=stdio
         )
+        if token is None:
+            st.pid = await starting
+        else:
+            # The thread is never left behind: a cancel kills the cgroup the child
+            # joins, so a start stuck before its init is ready fails now (undone by the
+            # runtime and by ``st.undo``); one that got through is the delete's to halt.
+            st.pid = await token.cut_short(
+                starting,
+                lambda: asyncio.to_thread(self.runtime.kill_cgroup, rec.id),
+                again_s=SPAWN_KILL_AGAIN_S,
+            )
         return spec
 
     async def _lease_ids(self, rec: ContainerRecord, st: Started) -> None:

@@ -26,6 +26,7 @@ from rexecd.runtime.container import Runtime
 from rexecd.runtime.images import ImageRecord, ImageStore
 from rexecd.service import quotas, states
 from rexecd.service.auth import Principal
+from rexecd.service.cancel import DELETED, CancelToken
 from rexecd.service.catalog import Resolved
 from rexecd.service.containerlogs import ContainerLogs
 from rexecd.service.homes import Homes
@@ -67,8 +68,9 @@ class ContainerOps:
     port_forwards: PortForwards
     threads: TenantThreads
     logs: ContainerLogs
-    # Creates whose background part still runs, by db id.
+    # Creates whose background part still runs, by db id, and the token that stops each.
     creating: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    cancels: dict[str, CancelToken] = field(default_factory=dict)
 
     # ------------------------------------------------------------ create
 
@@ -106,12 +108,15 @@ class ContainerOps:
         # quota, name taken) still reaches a stream client as a plain JSON error.
         await report("validating", "request validated", 5, container_id=rec.id)
         self.publisher.publish("created", rec)
-        task = asyncio.ensure_future(self._finish_create(rec, image, resolved, report))
+        token = CancelToken()
+        task = asyncio.ensure_future(self._finish_create(rec, image, resolved, report, token))
         self.creating[rec.db_id] = task
+        self.cancels[rec.db_id] = token
         db_id = rec.db_id
 
         def forget(_t: asyncio.Task[None]) -> None:
             self.creating.pop(db_id, None)
+            self.cancels.pop(db_id, None)
 
         task.add_done_callback(forget)
         return rec.to_out(async_=True)
@@ -134,41 +139,46 @@ class ContainerOps:
         image: ImageRecord | None,
         resolved: Resolved,
         report: Reporter,
+        token: CancelToken,
     ) -> None:
+        """The create's slow part, under the container's lock. A delete cancels
+        ``token``: each step then completes and is undone, or never starts (see
+        service/cancel.py); what stays (image lease, volume, a started init) is the
+        delete's to remove, once this has returned."""
         async with self.records.lock(rec.db_id):
             try:
                 if image is None:
-                    image = await self.imageops.pull_for(rec, resolved, report)
+                    image = await self.imageops.pull_for(rec, resolved, report, token)
                 else:
                     await report(
                         "pulling", f"image {image.ref} is present", 20, container_id=rec.id
                     )
+                token.check()
                 # From here on the container keeps this image's layers, whatever later
                 # happens to its name (re-pull, re-tag, removal).
                 await asyncio.to_thread(self.images.pin, rec.id, image)
                 await report(
                     "creating", "preparing the container's storage", 40, container_id=rec.id
                 )
-                with_role = await self.roles.with_role(rec, image, report)
+                with_role = await self.roles.with_role(rec, image, report, token)
+                token.check()
                 if with_role is not image:
                     # The role's layer too, for as long as the container exists.
                     await asyncio.to_thread(self.images.pin, rec.id, with_role)
-                rec = await self.lifecycle.launch(rec, with_role, report)
-            except Exception as exc:  # recorded and reported, never lost
-                if not isinstance(exc, RexecError):
-                    log.exception("create of %s failed", rec.id)
-                message = exc.message if isinstance(exc, RexecError) else "internal error"
-                rec = await self.records.move(
-                    rec.db_id, State.ERROR, error_message=message, pid=None, pid_start_time=None
-                )
-                self.publisher.publish("updated", rec)
+                rec = await self.lifecycle.launch(rec, with_role, report, token)
+                token.check()  # started meanwhile: the delete halts it
+            except Exception as exc:
+                if token.reason is None:
+                    await self._create_failed(rec, exc, report)
+                    return
+                # Cancelled (CreateCancelled, or the error of a step cut short): the
+                # record is the delete's to remove, so no state change or event here.
                 await report(
                     "starting",
-                    f"create failed: {message}",
+                    f"create cancelled: {token.reason}",
                     100,
-                    error=message,
+                    error=token.reason,
                     container_id=rec.id,
-                    container=rec.to_out(),
                 )
                 return
         await report(
@@ -176,6 +186,24 @@ class ContainerOps:
             "container is running",
             100,
             complete=True,
+            container_id=rec.id,
+            container=rec.to_out(),
+        )
+
+    async def _create_failed(self, rec: ContainerRecord, exc: Exception, report: Reporter) -> None:
+        """A create that failed: recorded (state ``error``) and reported, never lost."""
+        if not isinstance(exc, RexecError):
+            log.error("create of %s failed", rec.id, exc_info=exc)
+        message = exc.message if isinstance(exc, RexecError) else "internal error"
+        rec = await self.records.move(
+            rec.db_id, State.ERROR, error_message=message, pid=None, pid_start_time=None
+        )
+        self.publisher.publish("updated", rec)
+        await report(
+            "starting",
+            f"create failed: {message}",
+            100,
+            error=message,
             container_id=rec.id,
             container=rec.to_out(),
         )
@@ -242,8 +270,13 @@ class ContainerOps:
         rec = await self.records.find(p, ref)
         task = self.creating.get(rec.db_id)
         if task is not None:
+            # The create stops at its next step boundary, its long steps cut short,
+            # and undoes what it made; the rest (record, lease, volume) goes below.
+            token = self.cancels.get(rec.db_id)
+            if token is not None:
+                token.cancel(DELETED)
             with contextlib.suppress(Exception):
-                await task
+                await asyncio.shield(task)
         async with self.records.lock(rec.db_id):
             rec = await self.records.find(p, ref)
             if states.of(rec) is State.RUNNING:

@@ -39,6 +39,7 @@ from rexecd.models import ContainerRecord
 from rexecd.runtime.container import ImageView, Runtime
 from rexecd.runtime.images import ImageRecord, ImageStore
 from rexecd.runtime.images.diff import write_diff
+from rexecd.service.cancel import CancelToken
 from rexecd.service.exits import ProcessExits
 from rexecd.service.homes import Homes
 from rexecd.service.lifecycle import Lifecycle, Started
@@ -251,10 +252,20 @@ class RoleBuilds:
         return self.runtime.state_dir / "logs" / f"{cid}.log"
 
     async def with_role(
-        self, rec: ContainerRecord, base: ImageRecord, report: Reporter
+        self,
+        rec: ContainerRecord,
+        base: ImageRecord,
+        report: Reporter,
+        token: CancelToken | None = None,
     ) -> ImageRecord:
         """The image ``rec`` starts from: ``base`` with its role's layer, built now if
-        no earlier container of the pair built it (one build per pair at a time)."""
+        no earlier container of the pair built it (one build per pair at a time).
+
+        A cancelled ``token`` (the container deleted) stops the wait for another
+        create's build at once, and its own build by killing the build container's
+        processes: CreateCancelled, nothing of the build left. When the builder of a
+        pair is cancelled, the next create waiting for that pair builds instead."""
+        token = token or CancelToken()
         role = self._role_of(rec)
         if role is None or installs_nothing(role):
             return base
@@ -269,21 +280,31 @@ class RoleBuilds:
         lock, users = entry
         users[0] += 1
         try:
-            async with lock:
+            await token.race(lock.acquire())
+            try:
                 cached = await asyncio.to_thread(self.images.role_image, key)
                 if cached is not None:
                     await self._role_progress(
                         rec, report, f"role {role.id}: installed by another create", ROLE_TO
                     )
                     return cached
-                return await self._build(rec, base, role, key, report)
+                token.check()
+                return await self._build(rec, base, role, key, report, token)
+            finally:
+                lock.release()
         finally:
             users[0] -= 1
             if users[0] == 0:
                 self._builds.pop(key, None)
 
     async def _build(
-        self, rec: ContainerRecord, base: ImageRecord, role: RoleConfig, key: str, report: Reporter
+        self,
+        rec: ContainerRecord,
+        base: ImageRecord,
+        role: RoleConfig,
+        key: str,
+        report: Reporter,
+        token: CancelToken,
     ) -> ImageRecord:
         self.policy.require()
         rec = await self.records.move(rec.db_id, State.CONFIGURING)
@@ -298,7 +319,9 @@ class RoleBuilds:
         view = await asyncio.to_thread(image_view, self.images, base)
         st = Started()
         try:
-            status, tail = await self._run_build(rec, role, view, st, script, logs, report)
+            status, tail = await self._run_build(rec, role, view, st, script, logs, report, token)
+            # Before the status: a build killed for a delete is cancelled, not failed.
+            token.check()
             if status != 0:
                 why = "did not finish" if status is None else f"failed (exit status {status})"
                 raise RoleInstallFailed(
@@ -335,6 +358,7 @@ class RoleBuilds:
         script: str,
         logs: Path,
         report: Reporter,
+        token: CancelToken,
     ) -> tuple[int | None, str]:
         """Run the install script in ``rec``'s build container until it exits (status,
         None if it did not finish in time) with the tail of its output; everything of
@@ -354,11 +378,12 @@ class RoleBuilds:
                     home=False,
                     network="default",
                     hostname=BUILD_HOSTNAME,
+                    token=token,
                 )
             finally:
                 os.close(null)
                 os.close(wfd)
-            return await self._follow(rec, role, st.pid, rfd, logs, report)
+            return await self._follow(rec, role, st.pid, rfd, logs, report, token)
         finally:
             # Whatever the install left running (a daemon a package started) goes too.
             await asyncio.to_thread(self.runtime.kill_cgroup, rec.id)
@@ -375,9 +400,11 @@ class RoleBuilds:
         rfd: int,
         logs: Path,
         report: Reporter,
+        token: CancelToken,
     ) -> tuple[int | None, str]:
         """Copy the build's output to its log (appended, capped) and to ``configuring``
-        frames until it exits; its status (None: timed out) and the log's tail."""
+        frames until it exits; its status (None: timed out) and the log's tail. A
+        cancelled ``token`` kills the build's processes, so it exits at once."""
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=1 << 16, loop=loop)
         transport, _ = await loop.connect_read_pipe(
@@ -409,7 +436,10 @@ class RoleBuilds:
 
         pumping = asyncio.ensure_future(pump())
         try:
-            status = await self.exits.wait(pid, float(self.cfg.packages.install_timeout_s))
+            status = await token.cut_short(
+                self.exits.wait(pid, float(self.cfg.packages.install_timeout_s)),
+                lambda: asyncio.to_thread(self.runtime.kill_cgroup, rec.id),
+            )
             # Whatever the install left running holds the pipe open: stop it.
             await asyncio.to_thread(self.runtime.kill_cgroup, rec.id)
             with contextlib.suppress(TimeoutError):

@@ -24,6 +24,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tarfile
 import time
 import urllib.error
 import urllib.request
@@ -40,6 +41,7 @@ from aiohttp import web
 from rexecd.runtime.images.manifest import host_arch
 from tests.deadlines import scaled
 from tests.integration.daemon import free_port
+from tests.integration.daemon_fixtures import BUSYBOX_TAR
 
 REGISTRY_BIN = shutil.which("docker-registry")
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -50,6 +52,22 @@ def need_registry() -> str:
     if REGISTRY_BIN is None:
         pytest.skip("docker-registry is not installed (Debian package docker-registry)")
     return REGISTRY_BIN
+
+
+def busybox_rootfs() -> bytes:
+    """The uncompressed layer of the busybox test image (an OCI layout tarball)."""
+    if not BUSYBOX_TAR.exists():
+        pytest.skip(f"{BUSYBOX_TAR} missing: run ./scripts/setup (scripts/build-test-image)")
+    with tarfile.open(BUSYBOX_TAR) as tar:
+
+        def blob(digest: str) -> bytes:
+            f = tar.extractfile(f"blobs/sha256/{digest.partition(':')[2]}")
+            assert f is not None
+            return f.read()
+
+        index = json.loads(tar.extractfile("index.json").read())  # type: ignore[union-attr]
+        manifest = json.loads(blob(index["manifests"][0]["digest"]))
+        return gzip.decompress(blob(manifest["layers"][0]["digest"]))
 
 
 def sha256(data: bytes) -> str:

@@ -6,10 +6,8 @@ that is neither local nor pullable."""
 from __future__ import annotations
 
 import asyncio
-import gzip
 import json
 import os
-import tarfile
 from collections.abc import Iterator
 
 import pytest
@@ -17,7 +15,6 @@ import pytest
 from tests.deadlines import scaled
 from tests.integration.daemon import Daemon, free_port
 from tests.integration.daemon_fixtures import (
-    BUSYBOX_TAR,
     ApiClient,
     cleaning,
     running_daemon,
@@ -25,6 +22,7 @@ from tests.integration.daemon_fixtures import (
 )
 from tests.integration.registry import (
     Registry,
+    busybox_rootfs,
     mirror_of_hub,
     push_image,
     running_registry,
@@ -33,22 +31,6 @@ from tests.integration.registry import catalogue_entry as entry
 from tests.unit.fakes.images import layer, reg
 
 SIZES = {"memory_mb": 64, "disk_mb": 64, "cpu_shares": 250}
-
-
-def busybox_rootfs() -> bytes:
-    """The uncompressed layer of the busybox test image (an OCI layout tarball)."""
-    if not BUSYBOX_TAR.exists():
-        pytest.skip(f"{BUSYBOX_TAR} missing: run ./scripts/setup (scripts/build-test-image)")
-    with tarfile.open(BUSYBOX_TAR) as tar:
-
-        def blob(digest: str) -> bytes:
-            f = tar.extractfile(f"blobs/sha256/{digest.partition(':')[2]}")
-            assert f is not None
-            return f.read()
-
-        index = json.loads(tar.extractfile("index.json").read())  # type: ignore[union-attr]
-        manifest = json.loads(blob(index["manifests"][0]["digest"]))
-        return gzip.decompress(blob(manifest["layers"][0]["digest"]))
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import tarfile
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from pydantic import ValidationError
 
 from rexecd.config import Config, RoleConfig, load_config
 from rexecd.errors import ImageError, InvalidRequest
-from rexecd.runtime.images import ImageConfig, ImageRecord, ImageStore
+from rexecd.runtime.images import ImageStore
 from rexecd.runtime.images.diff import write_diff
 from rexecd.service.roles import (
     NO_MANAGER_STATUS,
@@ -25,24 +24,8 @@ from rexecd.service.roles import (
     installs_nothing,
     role_key,
 )
-from tests.unit.fakes.images import layer, oci_archive, reg
-
-BASE_DIGEST = "sha256:" + "1" * 64
-LAYER = "sha256:" + "2" * 64
-
-
-def base(digest: str = BASE_DIGEST, layers: tuple[str, ...] = (LAYER,)) -> ImageRecord:
-    now = datetime.now(UTC)
-    return ImageRecord(
-        name="debian",
-        tag="bookworm",
-        digest=digest,
-        size=1,
-        layers=list(layers),
-        config=ImageConfig(),
-        created=now,
-        imported=now,
-    )
+from tests.unit.fakes.images import LAYER, layer, oci_archive, reg
+from tests.unit.fakes.images import base_image as base
 
 
 def role(**kw: object) -> RoleConfig:

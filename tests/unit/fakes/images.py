@@ -10,10 +10,12 @@ import json
 import tarfile
 import zlib
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import zstandard
 
+from rexecd.runtime.images import ImageConfig, ImageRecord
 from rexecd.runtime.images.manifest import host_arch
 
 Member = tuple[tarfile.TarInfo, bytes | None]
@@ -262,3 +264,22 @@ class Bomb:
         while data := self.read(1 << 20):
             out.append(data)
         return b"".join(out)
+
+
+BASE_DIGEST = "sha256:" + "1" * 64
+LAYER = "sha256:" + "2" * 64
+
+
+def base_image(digest: str = BASE_DIGEST, layers: tuple[str, ...] = (LAYER,)) -> ImageRecord:
+    """The record of a base image (debian:bookworm) a role is installed on."""
+    now = datetime.now(UTC)
+    return ImageRecord(
+        name="debian",
+        tag="bookworm",
+        digest=digest,
+        size=1,
+        layers=list(layers),
+        config=ImageConfig(),
+        created=now,
+        imported=now,
+    )

@@ -121,6 +121,7 @@ class FakeRuntime:
 
     def __init__(self, journal: Journal) -> None:
         self.journal = journal
+        self.kills = 0
 
     def create_dirs(self, dirs: ContainerDirs, rng: UsernsSpec | None) -> None:
         pass
@@ -139,6 +140,9 @@ class FakeRuntime:
     def release(self, cid: str) -> None:
         # Cgroup and mount point: whatever of them exists.
         self.journal.undo("runtime")
+
+    def kill_cgroup(self, cid: str) -> None:
+        self.kills += 1
 
 
 class FakeNetwork:
