@@ -195,9 +195,14 @@ def join(userns_fd: int) -> None:
 
 
 def idmap_layers(paths: list[str], userns_fd: int) -> dict[str, int]:
-    """Detached read-only idmapped copies of the mounts at ``paths`` (O_PATH-like fds),
-    through which on-disk id N reads as N inside ``userns_fd``: one shared copy of each
-    image layer serves every container's range."""
+    """Read-only idmapped copies of the mounts at ``paths`` (O_PATH-like fds), through
+    which on-disk id N reads as N inside ``userns_fd``: one shared copy of each image
+    layer serves every container's range.
+
+    Each copy is idmapped while detached, then mounted over its own path: overlayfs
+    before Linux 6.15 refuses a detached mount as a layer (EINVAL: it must be in the
+    caller's mount namespace), which made every 5.19-6.14 kernel fall back. Call it in
+    a private mount namespace of one's own (the container child's, the probe's)."""
     fds: dict[str, int] = {}
     try:
         for path in paths:
@@ -208,6 +213,8 @@ def idmap_layers(paths: list[str], userns_fd: int) -> dict[str, int]:
             n.mount_setattr_idmap(
                 fd, userns_fd, n.MOUNT_ATTR_RDONLY | n.MOUNT_ATTR_NODEV | n.MOUNT_ATTR_NOSUID, path
             )
+            # MS_MOVE of an anonymous namespace's root attaches it (as move_mount does).
+            n.mount(f"/proc/self/fd/{fd}", path, None, n.MS_MOVE)
     except BaseException:
         for fd in fds.values():
             os.close(fd)
@@ -311,10 +318,18 @@ def probe(where: Path) -> str | None:
             if st.st_uid != 0x7FFF0000:
                 return f"{step}: the layer's root-owned file reads as uid {st.st_uid}"
         except OSError as exc:
-            what = "mount_setattr(MOUNT_ATTR_IDMAP)" if "mount_setattr" in str(exc) else step
+            what = step
+            if "mount_setattr" in str(exc):
+                what = "mount_setattr(MOUNT_ATTR_IDMAP)"
+            elif str(exc.strerror).startswith("mount:"):
+                what = "attach the idmapped layer (MS_MOVE)"
             return f"{what}: errno {exc.errno} ({os.strerror(exc.errno or 0)})"
         finally:
             fds.close()
+            # The idmapped copy over the lower dir, if it got that far: the temporary
+            # dir cannot be removed under it.
+            with contextlib.suppress(OSError):
+                n.umount2(str(t / "lower"), n.MNT_DETACH)
     return None
 
 

@@ -527,3 +527,47 @@ def test_auto_falls_back_with_the_failed_call_and_on_refuses(
     on_disk = Config.model_validate({"state_dir": str(disk), "userns": {"enabled": "auto"}})
     ranges = _userns(on_disk)
     assert ranges is not None and ranges.base == on_disk.userns.base
+
+
+_ATTACHED = """
+import os, sys
+from rexecd import _native as n
+from rexecd.runtime import userns
+from rexecd.runtime.spec import UsernsSpec
+n.unshare(n.CLONE_NEWNS)
+n.mount(None, "/", None, n.MS_REC | n.MS_PRIVATE)
+lower = sys.argv[1]
+fds, _ = userns.make_namespaces(UsernsSpec(base=3_100_000, size=65536))
+before = os.stat(os.path.join(lower, "f")).st_uid
+for fd in userns.idmap_layers([lower], fds.user).values():
+    os.close(fd)
+fds.close()
+print(before, os.stat(os.path.join(lower, "f")).st_uid)
+"""
+
+
+def test_idmapped_layers_are_attached_in_the_callers_mount_namespace(tmp_path: Path) -> None:
+    # overlayfs before Linux 6.15 (Debian 12's 6.1, Ubuntu 24.04's 6.8) refuses a
+    # detached mount as a layer with EINVAL: an idmapped copy left detached made every
+    # such kernel fall back to no user namespaces. Each copy is mounted over its own
+    # path, in the caller's (private) mount namespace only: the path itself then shows
+    # the mapped owner (a detached copy would leave it reading 0).
+    import subprocess
+    import sys
+
+    lower = tmp_path / "lower"
+    lower.mkdir()
+    (lower / "f").write_bytes(b"")
+    out = subprocess.run(
+        [sys.executable, "-c", _ATTACHED, str(lower)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2])),
+    )
+    if "mount_setattr" in out.stderr:
+        pytest.skip(f"no idmapped mounts on {tmp_path}: {out.stderr.strip()[-200:]}")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["0", "3100000"]
+    # Only in the child's namespace: the host's view of the layer is unchanged.
+    assert os.stat(lower / "f").st_uid == 0

@@ -23,7 +23,10 @@ DRIVER_SUITE = "tests/integration/test_cgroups_runtime.py"
 LIMITS_SUITE = "tests/integration/test_limits.py"
 # This host's kernel has no quota support; the guest's has: project quota runs there.
 PROJQUOTA_SUITE = "tests/integration/test_storage_projquota.py"
-SUITES = (DRIVER_SUITE, LIMITS_SUITE, PROJQUOTA_SUITE)
+# With user namespaces on (the daemons' default, and REXECD_TEST_USERNS=1 for the
+# runtime-level tests): the mapping itself and terminals.
+USERNS_SUITES = ("tests/integration/test_userns.py", "tests/integration/test_terminal.py")
+SUITES = (DRIVER_SUITE, LIMITS_SUITE, PROJQUOTA_SUITE, *USERNS_SUITES)
 SKIP_STATUS = 77
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(3600)]
@@ -36,6 +39,8 @@ class GuestRun:
     outcomes: dict[str, str] = field(default_factory=dict)  # test name -> outcome
     messages: dict[str, str] = field(default_factory=dict)
     modules: dict[str, set[str]] = field(default_factory=dict)  # module -> its test names
+    # What each daemon's user namespace probe decided ("user namespaces: on (...)").
+    userns: list[str] = field(default_factory=list)
 
 
 def _parse_junit(path: Path, run: GuestRun) -> None:
@@ -59,7 +64,7 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> GuestRun:
     if os.geteuid() != 0:
         pytest.skip("the guest runs as the host user, and the cgroup tests need root")
     out = tmp_path_factory.mktemp("vm")
-    env = dict(os.environ, VM_TEST_OUT=str(out))
+    env = dict(os.environ, VM_TEST_OUT=str(out), REXECD_TEST_USERNS="1")
     proc = subprocess.run(
         [str(ROOT / "scripts" / "vm-test"), *SUITES, "-v", "-s"],
         cwd=ROOT,
@@ -82,6 +87,9 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> GuestRun:
     junit = out / "junit.xml"
     if junit.exists():
         _parse_junit(junit, run)
+    decided = out / "userns.log"
+    if decided.exists():
+        run.userns = decided.read_text(errors="replace").splitlines()
     return run
 
 
@@ -141,3 +149,15 @@ def test_project_quota_ran_and_passed_in_the_guest(guest: GuestRun) -> None:
     assert all(o in ("passed", "skipped") for o in outcomes.values()), (
         f"{outcomes}\n{ {n: guest.messages.get(n) for n in names if n in guest.messages} }"
     )
+
+
+def test_daemons_ran_with_user_namespaces_on_in_the_guest(guest: GuestRun) -> None:
+    # Debian 12's 6.1 kernel idmaps ext4 (the guest's TMPDIR, where every daemon keeps
+    # its state) and takes an attached idmapped mount as an overlay layer: with
+    # userns.enabled auto, every daemon of the limit suites ran its containers in user
+    # namespaces. A fallback (say the probe failing again) must fail here, not pass
+    # the cgroup suites with container root as host root.
+    assert guest.userns, "no daemon logged its user namespace decision:\n" + guest.output[-3000:]
+    off = [line for line in guest.userns if not line.startswith("user namespaces: on")]
+    assert not off, f"daemons fell back in the guest: {sorted(set(off))}"
+    print(f"guest: {len(guest.userns)} daemons, all with user namespaces on")
