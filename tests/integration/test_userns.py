@@ -537,7 +537,7 @@ from rexecd.runtime.spec import UsernsSpec
 n.unshare(n.CLONE_NEWNS)
 n.mount(None, "/", None, n.MS_REC | n.MS_PRIVATE)
 lower = sys.argv[1]
-fds, _ = userns.make_namespaces(UsernsSpec(base=3_100_000, size=65536))
+fds = userns.make_namespaces(UsernsSpec(base=3_100_000, size=65536))
 before = os.stat(os.path.join(lower, "f")).st_uid
 for fd in userns.idmap_layers([lower], fds.user).values():
     os.close(fd)

@@ -24,8 +24,10 @@ LIMITS_SUITE = "tests/integration/test_limits.py"
 # This host's kernel has no quota support; the guest's has: project quota runs there.
 PROJQUOTA_SUITE = "tests/integration/test_storage_projquota.py"
 # With user namespaces on (the daemons' default, and REXECD_TEST_USERNS=1 for the
-# runtime-level tests): the mapping itself and terminals.
-USERNS_SUITES = ("tests/integration/test_userns.py", "tests/integration/test_terminal.py")
+# runtime-level tests): the mapping itself. The terminal suite passes there too (21
+# tests, shown once by hand) but adds about 7 minutes to every run; nothing in it
+# depends on the cgroup version.
+USERNS_SUITES = ("tests/integration/test_userns.py",)
 SUITES = (DRIVER_SUITE, LIMITS_SUITE, PROJQUOTA_SUITE, *USERNS_SUITES)
 SKIP_STATUS = 77
 
