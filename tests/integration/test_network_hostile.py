@@ -214,10 +214,14 @@ def test_a_container_holds_at_most_its_share_of_host_flows() -> None:
             answered = int(out.stdout)
             # Its first flows work; past the cap, new ones are dropped at the host.
             assert FLOW_CAP // 2 <= answered <= FLOW_CAP, answered
-        # Its address's count goes with it: the next container given it starts at 0.
-        assert env.ip(2) in flow_elements(env)
-        env.net.detach("flows")
-        assert env.ip(2) not in flow_elements(env)
+            # Its address's count goes with it: the next container given it starts at
+            # 0. Checked while the far end still routes: once its link is deleted the
+            # kernel may drop the count by itself (4 runs in a row failed so, cause not
+            # pinned down), and the
+            # detach would then prove nothing.
+            assert env.ip(2) in flow_elements(env)
+            env.net.detach("flows")
+            assert env.ip(2) not in flow_elements(env)
 
 
 def flow_elements(env: Env) -> str:
