@@ -136,17 +136,20 @@ def _cmd_image_pull(a: argparse.Namespace) -> int:
     return 0
 
 
-def _default_config() -> Path | None:
-    path = Path("/etc/rexecd/rexecd.yaml")
-    return path if path.exists() else None
+def _config_path(a: argparse.Namespace) -> Path | None:
+    """``--config`` (which must then exist), else the installed config when there is one;
+    None: the embedded default."""
+    if a.config:
+        return Path(a.config)
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None
 
 
 def _tool_config(a: argparse.Namespace) -> Config:
-    """The config an image command works under (``--config``, else the installed one),
-    loaded without the daemon's "which file" line: the command's output is its answer."""
+    """The config an image command works under, loaded without the daemon's "which
+    file" line: the command's output is its answer."""
     from rexecd.config import load_config
 
-    return load_config(Path(a.config) if a.config else _default_config(), announce=False)
+    return load_config(_config_path(a), announce=False)
 
 
 def _cmd_image_ls(a: argparse.Namespace) -> int:
@@ -195,9 +198,7 @@ def _cmd_serve(a: argparse.Namespace) -> int:
 
     if os.geteuid() != 0:
         raise RuntimeUnavailable("the daemon needs root (namespaces, mounts, cgroups, networking)")
-    # An explicit --config must exist; the default path is read when it is there.
-    path = Path(a.config) if a.config else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
-    cfg = load_config(path)
+    cfg = load_config(_config_path(a))
     cfg = apply_overrides(
         cfg,
         state_dir=a.state_dir,
