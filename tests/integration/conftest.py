@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.registry import Registry, running_registry
+
 BUSYBOX = Path("/bin/busybox")
 
 
@@ -83,3 +85,11 @@ def _sweep_dead_test_daemons() -> None:
     swept = sweep_dead_owners()
     if swept:
         print(f"\nswept {len(swept)} test daemon(s) of dead runs: {', '.join(swept)}")
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """A plain registry on loopback, one per test module (the pull and Debian image
+    modules define their own: per test, and holding the Debian image)."""
+    with running_registry(tmp_path_factory.mktemp("registry")) as r:
+        yield r

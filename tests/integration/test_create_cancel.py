@@ -43,7 +43,6 @@ from tests.integration.registry import (
     busybox_rootfs,
     mirror_of_hub,
     push_image,
-    running_registry,
 )
 from tests.integration.registry import catalogue_entry as entry
 from tests.unit.fakes.images import layer, reg
@@ -57,12 +56,6 @@ READ_TIMEOUT_S = 300
 # The role's setup step: an install that would run for an hour.
 SLEEP = "sleep 3529"
 EVENTS = "/api/containers/events"
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    with running_registry(tmp_path_factory.mktemp("registry")) as r:
-        yield r
 
 
 @pytest.fixture(scope="module")

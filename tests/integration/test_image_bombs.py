@@ -20,19 +20,12 @@ from tests.integration.registry import (
     catalogue_entry,
     mirror_of_hub,
     push_image,
-    running_registry,
 )
 from tests.unit.fakes.images import Bomb, layer, oci_archive, reg
 
 LIMIT_MB = 4
 SIZES = {"memory_mb": 64, "disk_mb": 64, "cpu_shares": 250}
 SMALL = layer(reg("etc/os-release", b"ID=tiny\n"))
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    with running_registry(tmp_path_factory.mktemp("registry")) as r:
-        yield r
 
 
 @pytest.fixture(scope="module")

@@ -25,18 +25,11 @@ from tests.integration.registry import (
     busybox_rootfs,
     mirror_of_hub,
     push_image,
-    running_registry,
 )
 from tests.integration.registry import catalogue_entry as entry
 from tests.unit.fakes.images import layer, reg
 
 SIZES = {"memory_mb": 64, "disk_mb": 64, "cpu_shares": 250}
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    with running_registry(tmp_path_factory.mktemp("registry")) as r:
-        yield r
 
 
 @pytest.fixture(scope="module")
